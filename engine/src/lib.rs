@@ -1,0 +1,34 @@
+//! intergroup-engine: the wire format, the sans-IO protocol core and the deterministic simulator.
+//!
+//! The protocol is pure state ([`proto::Member`]); drivers feed it datagrams and time and carry
+//! out what it asks. `docs/protocol.md` describes the frames and the recovery rules.
+#![deny(missing_docs)]
+#![deny(unsafe_code)]
+
+pub mod proto;
+pub mod sim;
+pub mod wire;
+
+pub use proto::{Counter, Counters, Delivery, Destination, Event, Member, MemberConfig, Transmit};
+
+/// Errors of the engine crate.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// A configuration value is out of range; the message names it.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A message is longer than `max_message_bytes`.
+    #[error("message of {len} bytes exceeds the maximum of {max}")]
+    MessageTooLarge {
+        /// Length of the rejected message.
+        len: usize,
+        /// The configured maximum.
+        max: usize,
+    },
+    /// The send queue is full; publish again after transmits drained it.
+    #[error("back-pressured: the send queue is full")]
+    BackPressured,
+    /// A datagram could not be decoded.
+    #[error("wire: {0}")]
+    Wire(#[from] wire::WireError),
+}

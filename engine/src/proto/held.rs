@@ -1,0 +1,89 @@
+//! Out-of-order frames of one sender, held in fixed slots until their turn (no allocation per frame).
+
+use super::reassembly::FrameInfo;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct SlotMeta {
+    /// Sequence held in the slot; meaningful only while `occupied`.
+    sequence: u64,
+    occupied: bool,
+    stream: u32,
+    epoch: u32,
+    timestamp: u64,
+    message_len: u32,
+    fragment_offset: u32,
+    len: usize,
+}
+
+/// A ring of `capacity` (a power of two, at least the receive window) slots indexed by
+/// `sequence % capacity`. Held sequences all lie within one window, so they never collide.
+#[derive(Debug)]
+pub(crate) struct HeldFrames {
+    /// `capacity * slot_len` bytes, zero-allocated on first use so untouched pages cost nothing.
+    bytes: Vec<u8>,
+    meta: Vec<SlotMeta>,
+    slot_len: usize,
+    mask: u64,
+}
+
+impl HeldFrames {
+    /// Slots for a window of `window` frames of up to `slot_len` payload bytes.
+    pub fn new(window: u32, slot_len: usize) -> Self {
+        let capacity = window.next_power_of_two() as usize;
+        Self {
+            bytes: Vec::new(),
+            meta: Vec::new(),
+            slot_len,
+            mask: capacity as u64 - 1,
+        }
+    }
+
+    /// Largest payload a slot holds.
+    pub fn slot_len(&self) -> usize {
+        self.slot_len
+    }
+
+    /// Stores a frame; its payload must fit [`Self::slot_len`].
+    pub fn hold(&mut self, f: &FrameInfo<'_>) {
+        debug_assert!(f.payload.len() <= self.slot_len);
+        if self.meta.is_empty() {
+            let capacity = self.mask as usize + 1;
+            self.meta = vec![SlotMeta::default(); capacity];
+            self.bytes = vec![0; capacity * self.slot_len];
+        }
+        let i = (f.sequence & self.mask) as usize;
+        debug_assert!(!self.meta[i].occupied, "held sequences span more than the window");
+        self.meta[i] = SlotMeta {
+            sequence: f.sequence,
+            occupied: true,
+            stream: f.stream,
+            epoch: f.epoch,
+            timestamp: f.timestamp,
+            message_len: f.message_len,
+            fragment_offset: f.fragment_offset,
+            len: f.payload.len(),
+        };
+        let start = i * self.slot_len;
+        self.bytes[start..start + f.payload.len()].copy_from_slice(f.payload);
+    }
+
+    /// Releases the frame of `sequence` and lends it out; `None` if it is not held.
+    pub fn take(&mut self, sequence: u64) -> Option<FrameInfo<'_>> {
+        let i = (sequence & self.mask) as usize;
+        let m = self.meta.get_mut(i)?;
+        if !m.occupied || m.sequence != sequence {
+            return None;
+        }
+        m.occupied = false;
+        let start = i * self.slot_len;
+        Some(FrameInfo {
+            sequence,
+            stream: m.stream,
+            epoch: m.epoch,
+            timestamp: m.timestamp,
+            message_len: m.message_len,
+            fragment_offset: m.fragment_offset,
+            payload: &self.bytes[start..start + m.len],
+        })
+    }
+}

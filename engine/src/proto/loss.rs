@@ -1,0 +1,370 @@
+//! Receiver-side loss detection for one sender: gaps and their NAK timers.
+//!
+//! A sequence in `[position, high)` that is in no gap has arrived and is held by the caller.
+
+use super::{NakBackoff, Nanos};
+use crate::wire::NakRange;
+use rand::Rng;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A maximal run of missing sequences `[first, end)` and when it is next NAKed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Gap {
+    end: u64,
+    deadline_ns: Nanos,
+}
+
+/// What became of an arriving frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    /// It is the next expected sequence: deliver it now, then drain [`LossDetector::next_in_order`].
+    InOrder,
+    /// It arrived out of order: the caller holds it until the gap before it fills.
+    Held,
+    /// Already delivered or held.
+    Duplicate,
+    /// Further ahead than the receive window; dropped.
+    BeyondWindow,
+}
+
+/// The next thing to hand on in sequence order.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The held frame of this sequence has its turn.
+    Ready(u64),
+    /// Sequences `[first, end)` the sender no longer holds: skipped, never delivered.
+    Lost {
+        /// First lost sequence.
+        first: u64,
+        /// One past the last lost sequence.
+        end: u64,
+    },
+}
+
+/// Gap tracking for one sender's sequence space.
+///
+/// Invariants: `next_expected <= high <= next_expected + window`; every sequence in
+/// `[next_expected, high)` is either held by the caller or in exactly one gap; gaps are disjoint
+/// and start at or after `next_expected`.
+#[derive(Debug)]
+pub struct LossDetector {
+    /// Every sequence below this was handed on (delivered or declared lost).
+    next_expected: u64,
+    /// One past the highest sequence tracked (received, or announced and within the window).
+    high: u64,
+    /// One past the highest sequence the sender announced.
+    announced: u64,
+    /// The sender's oldest retained sequence: anything missing below it is lost.
+    floor: u64,
+    window: u64,
+    gaps: BTreeMap<u64, Gap>,
+    /// `(deadline_ns, first)` of every gap: the NAK timers in deadline order.
+    timers: BTreeSet<(Nanos, u64)>,
+}
+
+impl LossDetector {
+    /// A detector expecting sequence `start` first, accepting `window` frames beyond its position.
+    pub fn new(start: u64, window: u32) -> Self {
+        Self {
+            next_expected: start,
+            high: start,
+            announced: start,
+            floor: 0,
+            window: u64::from(window),
+            gaps: BTreeMap::new(),
+            timers: BTreeSet::new(),
+        }
+    }
+
+    /// Every sequence below this is delivered or declared lost.
+    pub fn position(&self) -> u64 {
+        self.next_expected
+    }
+
+    /// One past the highest sequence tracked.
+    pub fn high(&self) -> u64 {
+        self.high
+    }
+
+    /// Number of missing sequences currently tracked.
+    pub fn missing_count(&self) -> u64 {
+        self.gaps.iter().map(|(first, g)| g.end - first).sum()
+    }
+
+    /// Records the arrival of `seq`.
+    pub fn on_frame(&mut self, now_ns: Nanos, seq: u64, backoff: &NakBackoff, rng: &mut impl Rng) -> Arrival {
+        if seq < self.next_expected || (seq < self.high && !self.in_gap(seq)) {
+            return Arrival::Duplicate;
+        }
+        if seq - self.next_expected >= self.window {
+            return Arrival::BeyondWindow;
+        }
+        if seq >= self.high {
+            if seq > self.high {
+                let deadline_ns = now_ns + backoff.delay_ns(rng);
+                self.insert_gap(self.high, seq, deadline_ns);
+            }
+            self.high = seq + 1;
+        } else {
+            self.remove_from_gaps(seq);
+        }
+        self.announced = self.announced.max(self.high);
+        if seq == self.next_expected {
+            self.next_expected += 1;
+            Arrival::InOrder
+        } else {
+            Arrival::Held
+        }
+    }
+
+    fn in_gap(&self, seq: u64) -> bool {
+        self.gaps
+            .range(..=seq)
+            .next_back()
+            .is_some_and(|(_, g)| g.end > seq)
+    }
+
+    /// Applies a sender's heartbeat: its next sequence (finds tail loss) and oldest retained one.
+    pub fn on_heartbeat(
+        &mut self,
+        now_ns: Nanos,
+        next_sequence: u64,
+        oldest: u64,
+        backoff: &NakBackoff,
+        rng: &mut impl Rng,
+    ) {
+        self.announced = self.announced.max(next_sequence);
+        self.floor = self.floor.max(oldest);
+        self.extend_tail(now_ns, backoff, rng);
+    }
+
+    /// The next held frame or lost run in sequence order, if its turn has come.
+    pub fn next_in_order(&mut self) -> Option<Step> {
+        let first = self.next_expected;
+        let gap_here = self.gaps.contains_key(&first);
+        if first < self.high && !gap_here {
+            self.next_expected += 1;
+            return Some(Step::Ready(first));
+        }
+        if first >= self.floor {
+            return None;
+        }
+        self.split_at(self.floor);
+        let end = match self.remove_gap(first) {
+            Some(gap) => gap.end,
+            None => self.floor,
+        };
+        self.next_expected = end;
+        self.high = self.high.max(end);
+        Some(Step::Lost { first, end })
+    }
+
+    /// Tracks the gap between what arrived and what the sender announced, within the window.
+    pub fn extend_tail(&mut self, now_ns: Nanos, backoff: &NakBackoff, rng: &mut impl Rng) {
+        let reach = self.announced.min(self.next_expected + self.window);
+        if reach > self.high {
+            let deadline_ns = now_ns + backoff.delay_ns(rng);
+            self.insert_gap(self.high, reach, deadline_ns);
+            self.high = reach;
+        }
+    }
+
+    /// The earliest NAK deadline of any gap.
+    pub fn next_deadline(&self) -> Option<Nanos> {
+        self.timers.first().map(|&(d, _)| d)
+    }
+
+    /// Appends the ranges of gaps due at `now_ns` to `out` (at most `max` of them) and re-arms
+    /// each for `retry_ns` plus a new back-off. Returns how many were appended.
+    pub fn collect_due(
+        &mut self,
+        now_ns: Nanos,
+        retry_ns: Nanos,
+        max: usize,
+        out: &mut Vec<NakRange>,
+        backoff: &NakBackoff,
+        rng: &mut impl Rng,
+    ) -> usize {
+        let mut n = 0;
+        while n < max {
+            let Some(&(deadline_ns, first)) = self.timers.first() else {
+                break;
+            };
+            if deadline_ns > now_ns {
+                break;
+            }
+            let end = self.gaps[&first].end;
+            let count = (end - first).min(u64::from(u32::MAX)) as u32;
+            out.push(NakRange {
+                first: first.into(),
+                count: count.into(),
+            });
+            self.set_deadline(first, now_ns + retry_ns + backoff.delay_ns(rng));
+            n += 1;
+        }
+        n
+    }
+
+    /// Holds back our NAKs for `[first, first + count)` because another member asked for them.
+    /// Returns whether any pending NAK of ours was held back.
+    pub fn suppress(
+        &mut self,
+        now_ns: Nanos,
+        first: u64,
+        count: u32,
+        retry_ns: Nanos,
+        backoff: &NakBackoff,
+        rng: &mut impl Rng,
+    ) -> bool {
+        let end = first.saturating_add(u64::from(count));
+        if end <= self.next_expected || first >= self.high {
+            return false;
+        }
+        self.split_at(first);
+        self.split_at(end);
+        let hold_until = now_ns + retry_ns + backoff.delay_ns(rng);
+        let held_back: Vec<u64> = self
+            .gaps
+            .range(first..end)
+            .filter(|(_, g)| g.deadline_ns > now_ns && g.deadline_ns < hold_until)
+            .map(|(&s, _)| s)
+            .collect();
+        for &s in &held_back {
+            self.set_deadline(s, hold_until);
+        }
+        !held_back.is_empty()
+    }
+
+    fn insert_gap(&mut self, first: u64, end: u64, deadline_ns: Nanos) {
+        debug_assert!(first < end);
+        self.gaps.insert(first, Gap { end, deadline_ns });
+        self.timers.insert((deadline_ns, first));
+    }
+
+    fn remove_gap(&mut self, first: u64) -> Option<Gap> {
+        let gap = self.gaps.remove(&first)?;
+        self.timers.remove(&(gap.deadline_ns, first));
+        Some(gap)
+    }
+
+    fn set_deadline(&mut self, first: u64, deadline_ns: Nanos) {
+        let gap = self.gaps.get_mut(&first).expect("gap exists");
+        self.timers.remove(&(gap.deadline_ns, first));
+        gap.deadline_ns = deadline_ns;
+        self.timers.insert((deadline_ns, first));
+    }
+
+    /// Removes the single sequence `seq`, which lies in a gap, from the gaps.
+    fn remove_from_gaps(&mut self, seq: u64) {
+        self.split_at(seq);
+        self.split_at(seq + 1);
+        let removed = self.remove_gap(seq);
+        debug_assert!(
+            removed.is_some(),
+            "sequence {seq} below high was neither held nor missing"
+        );
+    }
+
+    /// Makes `at` a gap boundary: a gap that strictly contains it is split in two.
+    fn split_at(&mut self, at: u64) {
+        let Some((&first, gap)) = self.gaps.range_mut(..at).next_back() else {
+            return;
+        };
+        if gap.end > at {
+            let (end, deadline_ns) = (gap.end, gap.deadline_ns);
+            gap.end = at;
+            debug_assert!(first < at);
+            self.insert_gap(at, end, deadline_ns);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn setup() -> (LossDetector, NakBackoff, rand_chacha::ChaCha8Rng) {
+        (
+            LossDetector::new(0, 16),
+            NakBackoff::new(100, 10),
+            rand_chacha::ChaCha8Rng::seed_from_u64(7),
+        )
+    }
+
+    #[test]
+    fn gap_is_found_naked_and_filled() {
+        let (mut d, b, mut r) = setup();
+        assert_eq!(d.on_frame(0, 0, &b, &mut r), Arrival::InOrder);
+        assert_eq!(d.on_frame(0, 3, &b, &mut r), Arrival::Held);
+        assert_eq!(d.on_frame(0, 3, &b, &mut r), Arrival::Duplicate);
+        assert_eq!(d.missing_count(), 2);
+        let deadline = d.next_deadline().unwrap();
+        assert!(deadline <= 100);
+        let mut out = Vec::new();
+        assert_eq!(d.collect_due(deadline, 1000, 8, &mut out, &b, &mut r), 1);
+        assert_eq!((out[0].first.get(), out[0].count.get()), (1, 2));
+        assert!(d.next_deadline().unwrap() >= deadline + 1000);
+        assert_eq!(d.on_frame(5, 2, &b, &mut r), Arrival::Held);
+        assert_eq!(d.on_frame(5, 1, &b, &mut r), Arrival::InOrder);
+        assert_eq!(d.next_in_order(), Some(Step::Ready(2)));
+        assert_eq!(d.next_in_order(), Some(Step::Ready(3)));
+        assert_eq!(d.next_in_order(), None);
+        assert_eq!(d.missing_count(), 0);
+        assert_eq!(d.next_deadline(), None);
+        assert_eq!(d.on_frame(6, 2, &b, &mut r), Arrival::Duplicate);
+        assert_eq!(d.on_frame(6, 4 + 16, &b, &mut r), Arrival::BeyondWindow);
+    }
+
+    #[test]
+    fn heartbeat_reveals_tail_loss_and_floor_declares_it_lost() {
+        let (mut d, b, mut r) = setup();
+        d.on_heartbeat(0, 5, 0, &b, &mut r);
+        assert_eq!(d.missing_count(), 5);
+        assert_eq!(d.on_frame(1, 3, &b, &mut r), Arrival::Held);
+        d.on_heartbeat(2, 5, 4, &b, &mut r);
+        assert_eq!(d.next_in_order(), Some(Step::Lost { first: 0, end: 3 }));
+        assert_eq!(d.next_in_order(), Some(Step::Ready(3)));
+        assert_eq!(d.next_in_order(), None);
+        assert_eq!(d.position(), 4);
+        assert_eq!(d.missing_count(), 1);
+        // A floor beyond everything tracked declares all of it lost, in contiguous runs.
+        d.on_heartbeat(3, 40, 30, &b, &mut r);
+        let mut covered = 4;
+        while let Some(step) = d.next_in_order() {
+            match step {
+                Step::Lost { first, end } if first == covered => covered = end,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(covered, 30);
+        d.extend_tail(3, &b, &mut r);
+        assert_eq!(d.missing_count(), 10);
+    }
+
+    #[test]
+    fn announced_tail_beyond_window_is_tracked_as_position_advances() {
+        let (mut d, b, mut r) = setup();
+        d.on_heartbeat(0, 100, 0, &b, &mut r);
+        assert_eq!(d.missing_count(), 16);
+        for s in 0..10 {
+            d.on_frame(1, s, &b, &mut r);
+        }
+        d.extend_tail(1, &b, &mut r);
+        assert_eq!(d.missing_count(), 16);
+    }
+
+    #[test]
+    fn suppression_pushes_only_the_covered_part() {
+        let (mut d, b, mut r) = setup();
+        d.on_frame(0, 10, &b, &mut r);
+        let first_deadline = d.next_deadline().unwrap();
+        assert!(d.suppress(0, 2, 3, 1000, &b, &mut r));
+        // [0,2) and [5,10) keep their deadline; [2,5) moved.
+        assert_eq!(d.next_deadline(), Some(first_deadline));
+        let mut out = Vec::new();
+        d.collect_due(first_deadline, 1000, 8, &mut out, &b, &mut r);
+        let got: Vec<_> = out.iter().map(|r| (r.first.get(), r.count.get())).collect();
+        assert_eq!(got, vec![(0, 2), (5, 5)]);
+    }
+}

@@ -1,0 +1,837 @@
+//! [`Member`]: one member of one group, as a sender and as a receiver of every other sender.
+
+use super::held::HeldFrames;
+use super::reassembly::{Assembled, FrameInfo, Reassembly};
+use super::{
+    Arrival, Counter, Counters, Delivery, DeliveryQueue, FlowControl, LossDetector, MemberConfig, NakBackoff,
+    Nanos, RetransmitBuffer, Step,
+};
+use crate::wire::{
+    self, DataFrame, DataHeader, DatagramWriter, Frame, HeartbeatBody, NakFrame, NakRange, StatusBody,
+};
+use crate::Error;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+
+/// Where a datagram goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// Every member of the group (multicast, or the driver's unicast fan-out).
+    Group,
+    /// One member, at the address its datagrams came from.
+    Unicast(SocketAddr),
+}
+
+/// A datagram that [`Member::poll_transmit`] wrote into the caller's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transmit {
+    /// Where to send it.
+    pub destination: Destination,
+    /// Its length in bytes, from the start of the buffer.
+    pub len: usize,
+    /// DATA frames in it that are sent for the first time.
+    pub new_data_frames: u32,
+}
+
+/// Why input was rejected; reported once per reason as an [`Event::Rejected`], counted always.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// The datagram header or a frame failed to decode.
+    Malformed,
+    /// The datagram belongs to another group.
+    WrongGroup,
+    /// A frame of another epoch.
+    WrongEpoch,
+    /// Data from more distinct senders than `max_senders`.
+    TooManySenders,
+    /// A message announced longer than `max_message_bytes`.
+    OversizedMessage,
+}
+
+/// Something the application should know about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// Frames `[first, first + count)` of `sender` are gone from its retransmit buffer: the
+    /// messages they carried will never be delivered here. Delivery goes on after them.
+    UnrecoverableLoss {
+        /// The sender whose frames were lost.
+        sender: u32,
+        /// First lost sequence.
+        first: u64,
+        /// Number of lost sequences.
+        count: u64,
+    },
+    /// The first input rejected for `reason`; later ones are only counted.
+    Rejected {
+        /// Why it was rejected.
+        reason: RejectReason,
+    },
+}
+
+/// What a receiver keeps about one remote sender.
+#[derive(Debug)]
+struct Peer {
+    loss: LossDetector,
+    held: HeldFrames,
+    reassembly: Reassembly,
+    /// Where the sender's own datagrams come from; STATUS goes there.
+    addr: SocketAddr,
+    /// Position in the last STATUS sent.
+    reported_position: u64,
+    status_queued: bool,
+    next_status_ns: Nanos,
+    last_heard_ns: Nanos,
+}
+
+/// A message waiting for flow control, its bytes in [`SendQueue::bytes`].
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    stream: u32,
+    len: usize,
+    /// Bytes already framed.
+    sent: usize,
+    timestamp: u64,
+}
+
+/// Published messages not yet framed, in one byte buffer.
+#[derive(Debug, Default)]
+struct SendQueue {
+    bytes: Vec<u8>,
+    /// Start of the first pending message's unsent bytes in `bytes`.
+    head: usize,
+    messages: VecDeque<Pending>,
+}
+
+impl SendQueue {
+    fn queued_bytes(&self) -> usize {
+        self.bytes.len() - self.head
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.head += n;
+        if self.head == self.bytes.len() {
+            self.bytes.clear();
+            self.head = 0;
+        } else if self.head > (1 << 20) && self.head * 2 > self.bytes.len() {
+            self.bytes.drain(..self.head);
+            self.head = 0;
+        }
+    }
+}
+
+/// What a member keeps as a sender; made on its first publish.
+#[derive(Debug)]
+struct SendState {
+    queue: SendQueue,
+    retransmit: RetransmitBuffer,
+    flow: FlowControl,
+    /// Sequences asked for by NAKs and not yet sent again.
+    retransmit_queue: VecDeque<u64>,
+    heartbeat_due: bool,
+    last_send_ns: Nanos,
+    next_expiry_ns: Nanos,
+    /// Flow control held data back and this was counted; reset when data moves again.
+    stalled: bool,
+}
+
+/// One member of one group: the sans-IO reliable multicast state machine.
+///
+/// Call order, for drivers: feed input with [`handle_datagram`](Self::handle_datagram),
+/// [`handle_timeout`](Self::handle_timeout) (when the deadline of
+/// [`poll_timeout`](Self::poll_timeout) has passed) and [`publish`](Self::publish); after each,
+/// call [`poll_transmit`](Self::poll_transmit) until it returns `None`, hand deliveries out with
+/// [`drain_deliveries`](Self::drain_deliveries), read [`poll_event`](Self::poll_event), and ask
+/// [`poll_timeout`](Self::poll_timeout) for the next deadline. Nothing happens between calls.
+#[derive(Debug)]
+pub struct Member {
+    cfg: MemberConfig,
+    rng: ChaCha8Rng,
+    backoff: NakBackoff,
+    /// Lamport clock: ticks on publish, and jumps to any larger timestamp heard.
+    clock: u64,
+    counters: Counters,
+    sender: Option<SendState>,
+    peers: HashMap<u32, Peer>,
+    status_due: VecDeque<u32>,
+    /// NAK ranges waiting for a datagram; `nak_frames` slices them per sender.
+    nak_ranges: Vec<NakRange>,
+    nak_frames: VecDeque<(u32, usize, usize)>,
+    deliveries: DeliveryQueue,
+    events: VecDeque<Event>,
+    /// Bit per [`RejectReason`] already reported as an event.
+    reported: u8,
+}
+
+impl Member {
+    /// A member with `cfg`, drawing NAK back-off from a generator seeded with `seed`.
+    pub fn new(cfg: MemberConfig, seed: u64) -> Result<Self, Error> {
+        cfg.validate()?;
+        Ok(Self {
+            backoff: NakBackoff::new(cfg.nak_max_backoff_ns, cfg.group_size_hint),
+            cfg,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            clock: 0,
+            counters: Counters::default(),
+            sender: None,
+            peers: HashMap::new(),
+            status_due: VecDeque::new(),
+            nak_ranges: Vec::new(),
+            nak_frames: VecDeque::new(),
+            deliveries: DeliveryQueue::default(),
+            events: VecDeque::new(),
+            reported: 0,
+        })
+    }
+
+    /// This member's id.
+    pub fn id(&self) -> u32 {
+        self.cfg.member_id
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &MemberConfig {
+        &self.cfg
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// The Lamport clock.
+    pub fn clock(&self) -> u64 {
+        self.clock
+    }
+
+    /// The next sequence this member will send, 0 before it published anything.
+    pub fn next_sequence(&self) -> u64 {
+        self.sender.as_ref().map_or(0, |s| s.retransmit.next())
+    }
+
+    /// Bytes published but not yet framed.
+    pub fn queued_bytes(&self) -> usize {
+        self.sender.as_ref().map_or(0, |s| s.queue.queued_bytes())
+    }
+
+    /// This member's contiguous position in `sender`'s stream, if it heard from `sender`.
+    pub fn position_of(&self, sender: u32) -> Option<u64> {
+        self.peers.get(&sender).map(|p| p.loss.position())
+    }
+
+    /// Queues `message` on `stream`. It is framed and sent as flow control allows.
+    pub fn publish(&mut self, stream: u32, message: &[u8]) -> Result<(), Error> {
+        if message.len() > self.cfg.max_message_bytes {
+            return Err(Error::MessageTooLarge {
+                len: message.len(),
+                max: self.cfg.max_message_bytes,
+            });
+        }
+        let cfg = &self.cfg;
+        let s = self.sender.get_or_insert_with(|| SendState {
+            queue: SendQueue::default(),
+            retransmit: RetransmitBuffer::new(cfg.retransmit_frames, cfg.mtu - wire::DATAGRAM_HEADER_LEN),
+            flow: FlowControl::new(u64::from(cfg.window_frames), u64::from(cfg.retransmit_frames)),
+            retransmit_queue: VecDeque::new(),
+            heartbeat_due: false,
+            last_send_ns: 0,
+            next_expiry_ns: 0,
+            stalled: false,
+        });
+        let queued = s.queue.queued_bytes();
+        if queued > 0 && queued + message.len() > cfg.send_queue_bytes {
+            self.counters.incr(Counter::PublishBackPressured);
+            return Err(Error::BackPressured);
+        }
+        self.clock += 1;
+        s.queue.bytes.extend_from_slice(message);
+        s.queue.messages.push_back(Pending {
+            stream,
+            len: message.len(),
+            sent: 0,
+            timestamp: self.clock,
+        });
+        Ok(())
+    }
+
+    /// Takes one received datagram that arrived at `now_ns` from `from`.
+    pub fn handle_datagram(&mut self, now_ns: Nanos, from: SocketAddr, bytes: &[u8]) {
+        let (header, frames) = match wire::decode_datagram(bytes) {
+            Ok(v) => v,
+            Err(_) => {
+                self.reject(Counter::RejectedMalformed, RejectReason::Malformed);
+                return;
+            }
+        };
+        if header.group.get() != self.cfg.group {
+            self.reject(Counter::RejectedWrongGroup, RejectReason::WrongGroup);
+            return;
+        }
+        let source = header.source.get();
+        if source == self.cfg.member_id {
+            self.counters.incr(Counter::OwnDatagramsIgnored);
+            return;
+        }
+        self.counters.incr(Counter::DatagramsReceived);
+        for frame in frames {
+            match frame {
+                Ok(Frame::Data(d)) => self.on_data(now_ns, source, from, d),
+                Ok(Frame::Nak(n)) => self.on_nak(now_ns, n),
+                Ok(Frame::Status(s)) => self.on_status(now_ns, source, s),
+                Ok(Frame::Heartbeat(hb)) => self.on_heartbeat(now_ns, source, from, hb),
+                Err(_) => self.reject(Counter::RejectedFrames, RejectReason::Malformed),
+            }
+        }
+    }
+
+    /// Runs the timers due at `now_ns`: NAKs, STATUS reports, heartbeats, receiver expiry.
+    pub fn handle_timeout(&mut self, now_ns: Nanos) {
+        let cfg = &self.cfg;
+        for (&id, peer) in self.peers.iter_mut() {
+            if peer.loss.next_deadline().is_some_and(|d| d <= now_ns) {
+                let start = self.nak_ranges.len();
+                let n = peer.loss.collect_due(
+                    now_ns,
+                    cfg.nak_retry_ns,
+                    cfg.max_nak_ranges,
+                    &mut self.nak_ranges,
+                    &self.backoff,
+                    &mut self.rng,
+                );
+                if n > 0 {
+                    self.nak_frames.push_back((id, start, start + n));
+                }
+            }
+            let sender_alive = now_ns < peer.last_heard_ns.saturating_add(cfg.receiver_timeout_ns);
+            if sender_alive && now_ns >= peer.next_status_ns && !peer.status_queued {
+                peer.status_queued = true;
+                self.status_due.push_back(id);
+            }
+        }
+        if let Some(s) = self.sender.as_mut() {
+            if now_ns >= s.last_send_ns.saturating_add(cfg.heartbeat_interval_ns) {
+                s.heartbeat_due = true;
+            }
+            if now_ns >= s.next_expiry_ns {
+                let expired = s.flow.expire(now_ns, cfg.receiver_timeout_ns);
+                self.counters.add(Counter::ReceiversTimedOut, expired as u64);
+                s.next_expiry_ns = now_ns + (cfg.receiver_timeout_ns / 4).max(1);
+            }
+        }
+    }
+
+    /// The next time [`handle_timeout`](Self::handle_timeout) has work, if any.
+    pub fn poll_timeout(&self) -> Option<Nanos> {
+        let timeout_ns = self.cfg.receiver_timeout_ns;
+        let mut next: Option<Nanos> = None;
+        let mut consider = |t: Nanos| next = Some(next.map_or(t, |n: Nanos| n.min(t)));
+        for peer in self.peers.values() {
+            if let Some(d) = peer.loss.next_deadline() {
+                consider(d);
+            }
+            if !peer.status_queued && peer.next_status_ns < peer.last_heard_ns.saturating_add(timeout_ns) {
+                consider(peer.next_status_ns);
+            }
+        }
+        if let Some(s) = &self.sender {
+            if !s.heartbeat_due {
+                consider(s.last_send_ns.saturating_add(self.cfg.heartbeat_interval_ns));
+            }
+            consider(s.next_expiry_ns);
+        }
+        next
+    }
+
+    /// Writes the next datagram to send into `buf` (at most `mtu` bytes of it are used).
+    ///
+    /// Order: a pending STATUS (unicast), then one group datagram packing NAKs, a heartbeat,
+    /// retransmissions and new data as flow control allows.
+    pub fn poll_transmit(&mut self, now_ns: Nanos, buf: &mut [u8]) -> Option<Transmit> {
+        let mtu = self.cfg.mtu.min(buf.len());
+        let buf = &mut buf[..mtu];
+        while let Some(id) = self.status_due.pop_front() {
+            if let Some(t) = self.write_status(now_ns, id, buf) {
+                return Some(t);
+            }
+        }
+        let mut w = DatagramWriter::new(buf, self.cfg.group, self.cfg.member_id)?;
+        self.write_naks(&mut w);
+        let mut new_data_frames = 0;
+        if let Some(s) = self.sender.as_mut() {
+            let mut sent_any = false;
+            if s.heartbeat_due {
+                let body = HeartbeatBody {
+                    sender: self.cfg.member_id.into(),
+                    epoch: self.cfg.epoch.into(),
+                    next_sequence: s.retransmit.next().into(),
+                    oldest_sequence: s.retransmit.oldest().into(),
+                    timestamp: self.clock.into(),
+                };
+                if w.push_heartbeat(&body) {
+                    s.heartbeat_due = false;
+                    sent_any = true;
+                    self.counters.incr(Counter::HeartbeatsSent);
+                }
+            }
+            while let Some(&seq) = s.retransmit_queue.front() {
+                match s.retransmit.get(seq) {
+                    None => {
+                        // Evicted since it was asked for: tell receivers where the buffer starts.
+                        s.retransmit_queue.pop_front();
+                        s.heartbeat_due = true;
+                    }
+                    Some(frame) => {
+                        if !w.push_retransmit(frame) {
+                            break;
+                        }
+                        s.retransmit_queue.pop_front();
+                        sent_any = true;
+                        self.counters.incr(Counter::Retransmissions);
+                    }
+                }
+            }
+            new_data_frames = frame_new_data(&self.cfg, s, &mut w, &mut self.counters);
+            if new_data_frames > 0 || sent_any {
+                s.last_send_ns = now_ns;
+            }
+        }
+        if w.is_empty() {
+            return None;
+        }
+        self.counters.incr(Counter::DatagramsSent);
+        Some(Transmit {
+            destination: Destination::Group,
+            len: w.len(),
+            new_data_frames,
+        })
+    }
+
+    /// Hands every delivered message to `f`, in delivery order.
+    pub fn drain_deliveries(&mut self, f: impl FnMut(Delivery<'_>)) {
+        self.deliveries.drain(f);
+    }
+
+    /// Number of messages waiting in [`drain_deliveries`](Self::drain_deliveries).
+    pub fn pending_deliveries(&self) -> usize {
+        self.deliveries.len()
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    fn reject(&mut self, counter: Counter, reason: RejectReason) {
+        self.counters.incr(counter);
+        report_once(&mut self.events, &mut self.reported, reason);
+    }
+
+    fn write_status(&mut self, now_ns: Nanos, id: u32, buf: &mut [u8]) -> Option<Transmit> {
+        let peer = self.peers.get_mut(&id)?;
+        peer.status_queued = false;
+        let position = peer.loss.position();
+        let mut w = DatagramWriter::new(buf, self.cfg.group, self.cfg.member_id)?;
+        let body = StatusBody {
+            sender: id.into(),
+            window: self.cfg.window_frames.into(),
+            position: position.into(),
+        };
+        if !w.push_status(&body) {
+            return None;
+        }
+        peer.reported_position = position;
+        peer.next_status_ns = now_ns + self.cfg.status_interval_ns;
+        self.counters.incr(Counter::StatusSent);
+        self.counters.incr(Counter::DatagramsSent);
+        Some(Transmit {
+            destination: Destination::Unicast(peer.addr),
+            len: w.len(),
+            new_data_frames: 0,
+        })
+    }
+
+    fn write_naks(&mut self, w: &mut DatagramWriter<'_>) {
+        while let Some(front) = self.nak_frames.front_mut() {
+            let (sender, start, end) = *front;
+            let n = w.push_nak(sender, &self.nak_ranges[start..end]);
+            if n == 0 {
+                break;
+            }
+            self.counters.incr(Counter::NaksSent);
+            if start + n < end {
+                front.1 = start + n;
+                break;
+            }
+            self.nak_frames.pop_front();
+        }
+        if self.nak_frames.is_empty() {
+            self.nak_ranges.clear();
+        }
+    }
+
+    /// The receive state of `sender`, made on first contact unless `max_senders` is reached.
+    fn peer(&mut self, now_ns: Nanos, sender: u32, addr: Option<SocketAddr>) -> Option<&mut Peer> {
+        if !self.peers.contains_key(&sender) {
+            if self.peers.len() >= self.cfg.max_senders {
+                self.reject(Counter::RejectedTooManySenders, RejectReason::TooManySenders);
+                return None;
+            }
+            // STATUS needs the sender's own address; a frame relayed by another member has none.
+            let addr = addr?;
+            self.status_due.push_back(sender);
+            self.peers.insert(
+                sender,
+                Peer {
+                    loss: LossDetector::new(0, self.cfg.window_frames),
+                    held: HeldFrames::new(self.cfg.window_frames, self.cfg.max_frame_payload()),
+                    reassembly: Reassembly::default(),
+                    addr,
+                    reported_position: 0,
+                    status_queued: true,
+                    next_status_ns: now_ns,
+                    last_heard_ns: now_ns,
+                },
+            );
+        }
+        let peer = self.peers.get_mut(&sender)?;
+        if let Some(addr) = addr {
+            peer.addr = addr;
+            peer.last_heard_ns = now_ns;
+        }
+        Some(peer)
+    }
+
+    /// Checks a frame's epoch and takes its clock; `false` if the frame must be dropped.
+    fn admit(&mut self, epoch: u32, timestamp: u64) -> bool {
+        if epoch != self.cfg.epoch {
+            self.reject(Counter::RejectedWrongEpoch, RejectReason::WrongEpoch);
+            return false;
+        }
+        self.clock = self.clock.max(timestamp);
+        true
+    }
+
+    /// The receive state of `sender` (made if new) beside the member state it works with.
+    fn split_peer(
+        &mut self,
+        now_ns: Nanos,
+        sender: u32,
+        addr: Option<SocketAddr>,
+    ) -> Option<(&mut Peer, PeerCx<'_>)> {
+        self.peer(now_ns, sender, addr)?;
+        let Self {
+            cfg,
+            rng,
+            backoff,
+            counters,
+            deliveries,
+            events,
+            peers,
+            status_due,
+            reported,
+            ..
+        } = self;
+        let peer = peers.get_mut(&sender)?;
+        let cx = PeerCx {
+            rng,
+            backoff,
+            status_due,
+            window_quarter: u64::from(cfg.window_frames / 4).max(1),
+            sink: Sink {
+                sender,
+                max_message_bytes: cfg.max_message_bytes,
+                counters,
+                deliveries,
+                events,
+                reported,
+            },
+        };
+        Some((peer, cx))
+    }
+
+    fn on_data(&mut self, now_ns: Nanos, source: u32, from: SocketAddr, d: DataFrame<'_>) {
+        let h = d.header;
+        let sender = h.sender.get();
+        if sender == self.cfg.member_id {
+            self.counters.incr(Counter::OwnDatagramsIgnored);
+            return;
+        }
+        if !self.admit(h.epoch.get(), h.timestamp.get()) {
+            return;
+        }
+        let addr = (source == sender).then_some(from);
+        let Some((peer, cx)) = self.split_peer(now_ns, sender, addr) else {
+            return;
+        };
+        let PeerCx {
+            rng,
+            backoff,
+            status_due,
+            window_quarter,
+            mut sink,
+        } = cx;
+        let info = FrameInfo {
+            sequence: h.sequence.get(),
+            stream: h.stream.get(),
+            epoch: h.epoch.get(),
+            timestamp: h.timestamp.get(),
+            message_len: h.message_len.get(),
+            fragment_offset: h.fragment_offset.get(),
+            payload: d.payload,
+        };
+        if info.payload.len() > peer.held.slot_len() {
+            // Larger than this member's MTU allows: members of a group must share one MTU.
+            sink.counters.incr(Counter::RejectedFrames);
+            return;
+        }
+        match peer.loss.on_frame(now_ns, info.sequence, backoff, rng) {
+            Arrival::Duplicate => sink.counters.incr(Counter::DuplicateFrames),
+            Arrival::BeyondWindow => sink.counters.incr(Counter::FramesBeyondWindow),
+            Arrival::Held => {
+                peer.held.hold(&info);
+                sink.counters.incr(Counter::FramesHeldOutOfOrder);
+            }
+            Arrival::InOrder => {
+                sink.hand_on(&mut peer.reassembly, &info);
+                drain_in_order(peer, &mut sink);
+                peer.loss.extend_tail(now_ns, backoff, rng);
+            }
+        }
+        if !peer.status_queued && peer.loss.position() >= peer.reported_position + window_quarter {
+            peer.status_queued = true;
+            status_due.push_back(sender);
+        }
+    }
+
+    fn on_nak(&mut self, now_ns: Nanos, nak: NakFrame<'_>) {
+        let about = nak.header.sender.get();
+        if about == self.cfg.member_id {
+            let Some(s) = self.sender.as_mut() else {
+                return;
+            };
+            self.counters.incr(Counter::NaksReceived);
+            self.counters
+                .add(Counter::NakRangesReceived, nak.ranges.len() as u64);
+            for r in nak.ranges {
+                let first = r.first.get();
+                let end = first + u64::from(r.count.get());
+                let (oldest, next) = (s.retransmit.oldest(), s.retransmit.next());
+                if first < oldest {
+                    self.counters
+                        .add(Counter::NaksForEvicted, end.min(oldest) - first);
+                    s.heartbeat_due = true;
+                }
+                for seq in first.max(oldest)..end.min(next) {
+                    if s.retransmit
+                        .claim_retransmit(seq, now_ns, self.cfg.retransmit_linger_ns)
+                    {
+                        s.retransmit_queue.push_back(seq);
+                    } else {
+                        self.counters.incr(Counter::RetransmitsLingered);
+                    }
+                }
+            }
+        } else if self.cfg.nak_suppression {
+            let Some(peer) = self.peers.get_mut(&about) else {
+                return;
+            };
+            for r in nak.ranges {
+                let held_back = peer.loss.suppress(
+                    now_ns,
+                    r.first.get(),
+                    r.count.get(),
+                    self.cfg.nak_retry_ns,
+                    &self.backoff,
+                    &mut self.rng,
+                );
+                if held_back {
+                    self.counters.incr(Counter::NaksSuppressed);
+                }
+            }
+        }
+    }
+
+    fn on_status(&mut self, now_ns: Nanos, source: u32, status: &StatusBody) {
+        match self.sender.as_mut() {
+            Some(s) if status.sender.get() == self.cfg.member_id => {
+                s.flow
+                    .on_status(now_ns, source, status.position.get(), status.window.get());
+                self.counters.incr(Counter::StatusReceived);
+            }
+            _ => self.reject(Counter::RejectedFrames, RejectReason::Malformed),
+        }
+    }
+
+    fn on_heartbeat(&mut self, now_ns: Nanos, source: u32, from: SocketAddr, hb: &HeartbeatBody) {
+        let sender = hb.sender.get();
+        if sender == self.cfg.member_id || sender != source {
+            self.reject(Counter::RejectedFrames, RejectReason::Malformed);
+            return;
+        }
+        if !self.admit(hb.epoch.get(), hb.timestamp.get()) {
+            return;
+        }
+        let Some((peer, cx)) = self.split_peer(now_ns, sender, Some(from)) else {
+            return;
+        };
+        let PeerCx {
+            rng,
+            backoff,
+            mut sink,
+            ..
+        } = cx;
+        peer.loss.on_heartbeat(
+            now_ns,
+            hb.next_sequence.get(),
+            hb.oldest_sequence.get(),
+            backoff,
+            rng,
+        );
+        drain_in_order(peer, &mut sink);
+        peer.loss.extend_tail(now_ns, backoff, rng);
+    }
+}
+
+/// Frames queued messages into `w` while flow control and space allow; returns frames written.
+fn frame_new_data(
+    cfg: &MemberConfig,
+    s: &mut SendState,
+    w: &mut DatagramWriter<'_>,
+    counters: &mut Counters,
+) -> u32 {
+    let mut frames = 0;
+    let limit = s.flow.limit();
+    while let Some(msg) = s.queue.messages.front_mut() {
+        let seq = s.retransmit.next();
+        if seq >= limit {
+            if !s.stalled {
+                s.stalled = true;
+                counters.incr(Counter::FlowControlStalls);
+            }
+            break;
+        }
+        s.stalled = false;
+        let left = msg.len - msg.sent;
+        let room = w.remaining().saturating_sub(wire::DATA_FRAME_OVERHEAD);
+        if left > room {
+            // Keep a message whole when a fresh datagram would hold it; fragment only what
+            // cannot fit in one, and never into a sliver.
+            let fits_fresh = msg.sent == 0 && left <= cfg.max_frame_payload();
+            if !w.is_empty() && (fits_fresh || room < 256.min(left)) {
+                break;
+            }
+        }
+        if (room == 0 && left > 0) || w.remaining() < wire::DATA_FRAME_OVERHEAD {
+            break;
+        }
+        let take = left.min(room);
+        let header = DataHeader {
+            stream: msg.stream.into(),
+            sender: cfg.member_id.into(),
+            epoch: cfg.epoch.into(),
+            sequence: seq.into(),
+            timestamp: msg.timestamp.into(),
+            message_len: (msg.len as u32).into(),
+            fragment_offset: (msg.sent as u32).into(),
+        };
+        let start = s.queue.head;
+        let payload = &s.queue.bytes[start..start + take];
+        let written = w.push_data(0, &header, payload);
+        debug_assert!(written, "room was checked");
+        s.retransmit
+            .push_with(|slot| wire::encode_data_frame(slot, &header, payload));
+        counters.incr(Counter::DataFramesSent);
+        frames += 1;
+        msg.sent += take;
+        let done = msg.sent == msg.len;
+        s.queue.consume(take);
+        if done {
+            s.queue.messages.pop_front();
+        }
+    }
+    frames
+}
+
+/// Hands frames of one sender on in sequence order until a gap stops it.
+fn drain_in_order(peer: &mut Peer, sink: &mut Sink<'_>) {
+    while let Some(step) = peer.loss.next_in_order() {
+        match step {
+            Step::Ready(sequence) => match peer.held.take(sequence) {
+                Some(info) => sink.hand_on(&mut peer.reassembly, &info),
+                None => debug_assert!(false, "loss detector and held frames disagree on {sequence}"),
+            },
+            Step::Lost { first, end } => {
+                if peer.reassembly.abandon() {
+                    sink.counters.incr(Counter::FragmentsDiscarded);
+                }
+                sink.counters.add(Counter::FramesUnrecoverable, end - first);
+                sink.events.push_back(Event::UnrecoverableLoss {
+                    sender: sink.sender,
+                    first,
+                    count: end - first,
+                });
+            }
+        }
+    }
+}
+
+/// The member state that work on one peer needs, borrowed beside the peer.
+struct PeerCx<'m> {
+    rng: &'m mut ChaCha8Rng,
+    backoff: &'m NakBackoff,
+    status_due: &'m mut VecDeque<u32>,
+    window_quarter: u64,
+    sink: Sink<'m>,
+}
+
+/// Where in-order frames of one sender end up.
+struct Sink<'m> {
+    sender: u32,
+    max_message_bytes: usize,
+    counters: &'m mut Counters,
+    deliveries: &'m mut DeliveryQueue,
+    events: &'m mut VecDeque<Event>,
+    reported: &'m mut u8,
+}
+
+/// Queues an [`Event::Rejected`] the first time `reason` happens.
+fn report_once(events: &mut VecDeque<Event>, reported: &mut u8, reason: RejectReason) {
+    let bit = 1u8 << (reason as u8);
+    if *reported & bit == 0 {
+        *reported |= bit;
+        events.push_back(Event::Rejected { reason });
+    }
+}
+
+impl Sink<'_> {
+    fn hand_on(&mut self, reassembly: &mut Reassembly, info: &FrameInfo<'_>) {
+        if info.fragment_offset == 0 && reassembly.building().is_some() {
+            self.counters.incr(Counter::FragmentsDiscarded);
+        }
+        match reassembly.accept(info, self.max_message_bytes) {
+            Assembled::Complete {
+                first_sequence,
+                payload,
+            } => {
+                self.counters.incr(Counter::MessagesDelivered);
+                self.counters.add(Counter::BytesDelivered, payload.len() as u64);
+                self.deliveries.push(Delivery {
+                    sender: self.sender,
+                    stream: info.stream,
+                    sequence: first_sequence,
+                    timestamp: info.timestamp,
+                    epoch: info.epoch,
+                    payload,
+                });
+                reassembly.finish();
+            }
+            Assembled::Partial => {}
+            Assembled::Discarded { .. } => self.counters.incr(Counter::FragmentsDiscarded),
+            Assembled::Oversized => {
+                self.counters.incr(Counter::RejectedOversizedMessage);
+                report_once(self.events, self.reported, RejectReason::OversizedMessage);
+            }
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! The sans-IO protocol core: reliable multicast for one member of one group.
+//!
+//! No sockets, clocks, threads or hidden randomness: see [`Member`] for the call order.
+
+mod backoff;
+mod counters;
+mod delivery;
+mod flow;
+mod held;
+mod loss;
+mod member;
+mod reassembly;
+mod retransmit;
+
+pub use backoff::NakBackoff;
+pub use counters::{Counter, Counters};
+pub use delivery::{Delivery, DeliveryQueue};
+pub use flow::FlowControl;
+pub use loss::{Arrival, LossDetector, Step};
+pub use member::{Destination, Event, Member, RejectReason, Transmit};
+pub use retransmit::RetransmitBuffer;
+
+use crate::wire;
+use crate::Error;
+
+/// Times are `u64` nanoseconds since an origin the driver picks (a monotonic clock's, or 0 in the
+/// simulator). 2^64 ns is 584 years, so they never wrap and plain comparison is correct.
+pub type Nanos = u64;
+
+/// Settings of one member of one group. Every field has a LAN-suited default.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemberConfig {
+    /// Group id carried in every datagram.
+    pub group: u32,
+    /// This member's id, unique within the group.
+    pub member_id: u32,
+    /// Membership/key epoch stamped on data; frames of another epoch are rejected.
+    pub epoch: u32,
+    /// Largest datagram this member sends, in bytes (UDP payload).
+    pub mtu: usize,
+    /// Frames a receiver accepts beyond its contiguous position, and advertises in STATUS.
+    pub window_frames: u32,
+    /// Frames a sender keeps for retransmission; a power of two, at least `window_frames`.
+    pub retransmit_frames: u32,
+    /// Bytes of published messages that may wait for flow control before `publish` pushes back.
+    pub send_queue_bytes: usize,
+    /// Largest message, in bytes, that is sent or reassembled.
+    pub max_message_bytes: usize,
+    /// Upper bound of the random delay before a receiver NAKs a gap.
+    pub nak_max_backoff_ns: Nanos,
+    /// Wait after a NAK was sent or heard before the same gap is NAKed again (plus a new back-off).
+    pub nak_retry_ns: Nanos,
+    /// Hold back a NAK when another member's NAK for the same sequences was heard.
+    pub nak_suppression: bool,
+    /// Estimated group size, which shapes the NAK back-off distribution (RFC 5401).
+    pub group_size_hint: u32,
+    /// A sequence is retransmitted at most once per this interval, however many NAKs ask.
+    pub retransmit_linger_ns: Nanos,
+    /// A sender that sent nothing for this long sends a HEARTBEAT.
+    pub heartbeat_interval_ns: Nanos,
+    /// A receiver reports its position at least this often while its sender is alive.
+    pub status_interval_ns: Nanos,
+    /// A receiver not heard from for this long no longer holds the sender back.
+    pub receiver_timeout_ns: Nanos,
+    /// Most remote senders tracked at once; data from further ones is rejected and counted.
+    pub max_senders: usize,
+    /// Most NAK ranges sent in one NAK frame.
+    pub max_nak_ranges: usize,
+}
+
+impl Default for MemberConfig {
+    fn default() -> Self {
+        Self {
+            group: 1,
+            member_id: 1,
+            epoch: 0,
+            mtu: 1472,
+            window_frames: 1024,
+            retransmit_frames: 4096,
+            send_queue_bytes: 4 << 20,
+            max_message_bytes: 64 << 20,
+            nak_max_backoff_ns: 2_000_000,
+            nak_retry_ns: 4_000_000,
+            nak_suppression: true,
+            group_size_hint: 16,
+            retransmit_linger_ns: 2_000_000,
+            heartbeat_interval_ns: 5_000_000,
+            status_interval_ns: 20_000_000,
+            receiver_timeout_ns: 2_000_000_000,
+            max_senders: 1024,
+            max_nak_ranges: 64,
+        }
+    }
+}
+
+impl MemberConfig {
+    /// Checks every field against the ranges the protocol needs.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |msg: String| Err(Error::Config(msg));
+        if !(wire::MIN_MTU..=wire::MAX_MTU).contains(&self.mtu) {
+            return bad(format!(
+                "mtu {} outside {}..={}",
+                self.mtu,
+                wire::MIN_MTU,
+                wire::MAX_MTU
+            ));
+        }
+        if self.window_frames == 0 {
+            return bad("window_frames must be at least 1".into());
+        }
+        if !self.retransmit_frames.is_power_of_two() || self.retransmit_frames < self.window_frames {
+            return bad(format!(
+                "retransmit_frames {} must be a power of two and at least window_frames {}",
+                self.retransmit_frames, self.window_frames
+            ));
+        }
+        if self.max_message_bytes == 0 || self.max_message_bytes > u32::MAX as usize {
+            return bad("max_message_bytes must be in 1..=4294967295".into());
+        }
+        if self.send_queue_bytes == 0 {
+            return bad("send_queue_bytes must be at least 1".into());
+        }
+        if self.max_nak_ranges == 0 {
+            return bad("max_nak_ranges must be at least 1".into());
+        }
+        if self.group_size_hint == 0 {
+            return bad("group_size_hint must be at least 1".into());
+        }
+        for (name, v) in [
+            ("heartbeat_interval_ns", self.heartbeat_interval_ns),
+            ("status_interval_ns", self.status_interval_ns),
+            ("receiver_timeout_ns", self.receiver_timeout_ns),
+            ("nak_retry_ns", self.nak_retry_ns),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} must be above zero"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Largest payload of one DATA frame in a datagram of this MTU.
+    pub fn max_frame_payload(&self) -> usize {
+        self.mtu - wire::DATAGRAM_HEADER_LEN - wire::DATA_FRAME_OVERHEAD
+    }
+}
