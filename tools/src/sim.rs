@@ -1,0 +1,149 @@
+//! `intergroup sim`: runs the simulator and prints a report or one JSON object.
+
+use clap::Args;
+use intergroup_engine::sim::{self, SimConfig, SimReport};
+use std::process::ExitCode;
+use std::time::Instant;
+
+/// Options of `intergroup sim`.
+#[derive(Debug, Args)]
+pub struct SimArgs {
+    /// Members in the group, senders included.
+    #[arg(long, default_value_t = 6)]
+    members: usize,
+    /// How many of the members publish.
+    #[arg(long, default_value_t = 1)]
+    senders: usize,
+    /// Messages each sender publishes.
+    #[arg(long, default_value_t = 10_000)]
+    messages: u64,
+    /// Bytes per message (at least 8).
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Probability that one receiver misses one datagram, independently per receiver.
+    #[arg(long, default_value_t = 0.0)]
+    loss: f64,
+    /// Probability that a datagram reaches a receiver twice.
+    #[arg(long, default_value_t = 0.0)]
+    dup: f64,
+    /// Probability that a datagram is held back behind later ones.
+    #[arg(long, default_value_t = 0.0)]
+    reorder: f64,
+    /// Seed of the network and of every member's NAK back-off; one seed is one exact run.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// One-way network latency in microseconds.
+    #[arg(long, default_value_t = 50)]
+    latency_us: u64,
+    /// Extra random delay per datagram, up to this many microseconds.
+    #[arg(long, default_value_t = 20)]
+    jitter_us: u64,
+    /// Largest datagram in bytes.
+    #[arg(long, default_value_t = 1472)]
+    mtu: usize,
+    /// Receive window in frames.
+    #[arg(long, default_value_t = 1024)]
+    window: u32,
+    /// Fail the run if it has not completed by this much virtual time.
+    #[arg(long, default_value_t = 600.0)]
+    max_virtual_seconds: f64,
+    /// Turn NAK suppression off, to see what it saves.
+    #[arg(long)]
+    no_suppression: bool,
+    /// Print one JSON object instead of the report.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs the simulation; exit code 0 when the checker accepts the run, 1 when it does not.
+pub fn run(args: SimArgs) -> Result<ExitCode, String> {
+    let mut cfg = SimConfig {
+        members: args.members,
+        senders: args.senders,
+        messages: args.messages,
+        size: args.size,
+        loss: args.loss,
+        dup: args.dup,
+        reorder: args.reorder,
+        seed: args.seed,
+        latency_ns: args.latency_us * 1000,
+        jitter_ns: args.jitter_us * 1000,
+        max_virtual_ns: (args.max_virtual_seconds.max(0.0) * 1e9) as u64,
+        ..SimConfig::default()
+    };
+    cfg.member.mtu = args.mtu;
+    cfg.member.window_frames = args.window;
+    cfg.member.retransmit_frames = (args.window.max(1) * 4).next_power_of_two();
+    cfg.member.nak_suppression = !args.no_suppression;
+    cfg.member.group_size_hint = u32::try_from(args.members).unwrap_or(u32::MAX);
+    let started = Instant::now();
+    let report = sim::run(cfg).map_err(|e| e.to_string())?;
+    let wall = started.elapsed().as_secs_f64();
+    if args.json {
+        let mut value = serde_json::to_value(&report).map_err(|e| e.to_string())?;
+        if let Some(obj) = value.as_object_mut() {
+            obj.insert("wall_seconds".into(), wall.into());
+            obj.insert("nak_ratio".into(), report.nak_ratio().into());
+            obj.insert(
+                "counters".into(),
+                report
+                    .counters
+                    .iter()
+                    .map(|(k, v)| (k.clone(), serde_json::Value::from(*v)))
+                    .collect::<serde_json::Map<_, _>>()
+                    .into(),
+            );
+        }
+        println!("{value}");
+    } else {
+        print_report(&report, wall);
+    }
+    Ok(if report.delivered_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn print_report(r: &SimReport, wall: f64) {
+    println!("intergroup sim: seed {}", r.seed);
+    println!(
+        "  group        {} members, {} sending {} messages of {} bytes each",
+        r.members, r.senders, r.messages, r.size
+    );
+    println!("  network      {:.1}% loss per receiver", r.loss * 100.0);
+    println!();
+    let verdict = if r.delivered_ok {
+        "OK: every message delivered exactly once, intact, in order, at every receiver"
+    } else {
+        "FAILED"
+    };
+    println!("  checker      {verdict}");
+    if let Some(f) = &r.failure {
+        println!("               {f}");
+    }
+    println!(
+        "  delivered    {} of {} messages ({} rule violations)",
+        r.delivered_messages, r.expected_messages, r.violations
+    );
+    println!();
+    println!("  datagrams sent                 {:>12}", r.sent_datagrams);
+    println!("  first-transmission packets lost {:>11}", r.lost_packets);
+    println!("  retransmissions                {:>12}", r.retransmissions);
+    println!("  NAKs sent by receivers         {:>12}", r.naks_sent);
+    println!(
+        "  NAKs that reached senders      {:>12}",
+        r.naks_received_by_senders
+    );
+    println!("  NAK ranges held back           {:>12}", r.naks_suppressed);
+    println!("  NAKs per lost packet           {:>12.2}", r.nak_ratio());
+    println!("  unrecoverable frames           {:>12}", r.unrecoverable_frames);
+    println!();
+    println!(
+        "  virtual time {:.3} s, wall time {:.2} s",
+        r.virtual_seconds, wall
+    );
+    if !r.delivered_ok {
+        println!("  replay this run with --seed {}", r.seed);
+    }
+}
