@@ -1,0 +1,69 @@
+//! Wire decoding and a member's receive path, each beside a copy-once ceiling in the same run.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use intergroup_benches::{copy_ceiling, sender_datagrams};
+use intergroup_engine::proto::{Member, MemberConfig};
+use intergroup_engine::wire::{self, Frame};
+use std::hint::black_box;
+use std::net::SocketAddr;
+
+fn receive_path(c: &mut Criterion) {
+    for size in [64usize, 1024] {
+        let cfg = MemberConfig {
+            member_id: 1,
+            ..MemberConfig::default()
+        };
+        let datagrams = sender_datagrams(&cfg, size, 1024);
+        let bytes: usize = datagrams.iter().map(Vec::len).sum();
+        let mut group = c.benchmark_group(format!("receive_{size}B"));
+        group.throughput(Throughput::Bytes(bytes as u64));
+        let mut scratch = vec![0u8; 65536];
+        group.bench_function("ceiling_copy", |b| {
+            b.iter(|| copy_ceiling(black_box(&datagrams), &mut scratch))
+        });
+        group.bench_function("decode", |b| {
+            b.iter(|| {
+                let mut payload = 0;
+                for d in &datagrams {
+                    let (_, frames) = wire::decode_datagram(black_box(d)).unwrap();
+                    for f in frames {
+                        if let Ok(Frame::Data(data)) = f {
+                            payload += data.payload.len();
+                        }
+                    }
+                }
+                payload
+            })
+        });
+        let from: SocketAddr = "127.0.0.1:9000".parse().unwrap();
+        group.bench_function("member_deliver", |b| {
+            b.iter_batched_ref(
+                || {
+                    Member::new(
+                        MemberConfig {
+                            member_id: 2,
+                            window_frames: 1 << 20,
+                            retransmit_frames: 1 << 20,
+                            ..MemberConfig::default()
+                        },
+                        2,
+                    )
+                    .unwrap()
+                },
+                |m| {
+                    for d in &datagrams {
+                        m.handle_datagram(0, from, black_box(d));
+                    }
+                    let mut n = 0;
+                    m.drain_deliveries(|d| n += d.payload.len());
+                    n
+                },
+                criterion::BatchSize::LargeInput,
+            )
+        });
+        group.finish();
+    }
+}
+
+criterion_group!(benches, receive_path);
+criterion_main!(benches);
