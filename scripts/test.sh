@@ -13,6 +13,10 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test --workspace"
 cargo test --workspace
 
+echo "== loom: ring memory orderings (bounded preemptions to fit CI time)"
+RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-3}" \
+  cargo test -p intergroup-ring --test loom --release --target-dir target/loom
+
 echo "== intergroup sim contract (6 members, 3 senders, 20000 messages, 30% loss)"
 cargo build --release -p intergroup-tools
 bin=target/release/intergroup

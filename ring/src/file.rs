@@ -65,8 +65,16 @@ pub struct FileHeader {
 #[derive(Debug)]
 pub struct SharedFile {
     map: MmapMut,
+    /// `map`'s start, taken once from `&mut` so writes through it are allowed.
+    base: *mut u8,
     header: FileHeader,
 }
+
+// SAFETY: `base` points into `map`, which the struct owns; the mapping is shared memory meant
+// for concurrent use, accessed through the ring protocols.
+unsafe impl Send for SharedFile {}
+// SAFETY: as above.
+unsafe impl Sync for SharedFile {}
 
 impl SharedFile {
     /// Creates (or truncates) the file at `path` for a ring of `kind` with a data area of
@@ -116,7 +124,8 @@ impl SharedFile {
         header
             .write_to_prefix(&mut map[..])
             .map_err(|_| bad("file shorter than its header".into()))?;
-        Ok(Self { map, header })
+        let base = map.as_mut_ptr();
+        Ok(Self { map, base, header })
     }
 
     /// Opens and checks an existing ring file that must hold a ring of `kind`.
@@ -134,14 +143,20 @@ impl SharedFile {
                 what: format!("{real_len} bytes is shorter than the {HEADER_LEN}-byte header"),
             });
         }
-        let map = map_file(&file).map_err(io)?;
+        let mut map = map_file(&file).map_err(io)?;
         let header = validate(&name, &map[..], real_len, kind)?;
-        Ok(Self { map, header })
+        let base = map.as_mut_ptr();
+        Ok(Self { map, base, header })
     }
 
     /// The checked header.
     pub fn header(&self) -> &FileHeader {
         &self.header
+    }
+
+    /// Start of the mapping, for the rings' atomics and in-place access.
+    pub(crate) fn base_ptr(&self) -> *mut u8 {
+        self.base
     }
 
     /// The data area, `capacity` bytes.
@@ -159,7 +174,6 @@ impl SharedFile {
 // memmap2 makes mapping `unsafe` because another process may change or truncate the file under
 // us. That is the point of a shared ring: every reader of the mapping treats its contents as
 // untrusted bytes, and the length was checked against the header before use.
-#[allow(unsafe_code)]
 fn map_file(file: &std::fs::File) -> std::io::Result<MmapMut> {
     // SAFETY: the mapping is only read through bounds-checked slices, and ring code validates
     // every value it reads from it; a concurrent truncation by a hostile process can at worst

@@ -1,13 +1,42 @@
 //! intergroup-ring: shared-memory files for the rings between clients and the engine.
 //!
-//! This part is the shared-file format: every ring file starts with a [`FileHeader`] that is
-//! checked before anything in the file is trusted. No networking, no protocol.
+//! Every ring file starts with a [`FileHeader`] that is checked before anything in the file is
+//! trusted. [`records`] is the many-to-one record ring. No networking, no protocol.
 #![deny(missing_docs)]
-#![deny(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod file;
+mod memory;
+mod primitive;
+pub mod records;
 
 pub use file::{FileHeader, RingKind, SharedFile};
+pub use records::{OfferError, RecordClaim, RecordConsumer, RecordProducer};
+
+#[cfg(loom)]
+#[doc(hidden)]
+pub mod loom_support {
+    //! The ring algorithm over loom-tracked memory, for `tests/loom.rs`.
+    pub use crate::memory::LoomMemory;
+    pub use crate::records::ConsumerStats;
+
+    /// A record ring over [`LoomMemory`]: the same producer and consumer code as the real one.
+    pub fn ring(capacity: usize) -> std::sync::Arc<LoomMemory> {
+        std::sync::Arc::new(LoomMemory::new(capacity))
+    }
+
+    /// Offers one record through the real producer code.
+    pub fn offer(mem: &LoomMemory, type_id: u32, payload: &[u8]) -> Result<(), crate::OfferError> {
+        crate::records::Producer { mem }.offer(type_id, payload)
+    }
+
+    /// Reads through the real consumer code; a fresh consumer each call (its state is only
+    /// the stall tracker, unused under loom).
+    pub fn read(mem: &LoomMemory, limit: usize, f: impl FnMut(u32, &[u8])) -> usize {
+        crate::records::Consumer::new(mem, std::time::Duration::from_secs(3600)).read(limit, f)
+    }
+}
 
 /// Errors of the ring crate; messages name what is wrong with the file.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,649 @@
+//! The many-producer, one-consumer record ring (clients to engine: commands and publications).
+//!
+//! ```text
+//! data area, capacity bytes (a power of two); positions grow forever, offset = position % capacity
+//!
+//!  head (consumer)                 tail (producers)
+//!  v                               v
+//!  +--------+---------+---------+--+------------------------------+--------+
+//!  | record | record  | claimed |  ... free (zeroed) ...           | PADDING|
+//!  +--------+---------+---------+---------------------------------+--------+
+//!
+//! record: | header: u64 = type_id << 32 | state as u32 | payload ... | to RECORD_ALIGN
+//!   state (i32):  0      free (zeroed by the consumer)
+//!                 -len   claimed, being written (len = 8 + payload length)
+//!                 +len   committed
+//! ```
+//!
+//! Memory ordering (the loom tests in `tests/loom.rs` check it):
+//! 1. A producer claims with one compare-exchange on `tail` (AcqRel). The range it claimed is
+//!    free: it loaded `head` (Acquire) and saw that the consumer released it, and the consumer
+//!    zeroed the range before its Release store of `head`.
+//! 2. The producer writes its header as "claimed" (Release), fills the payload with plain
+//!    writes, then stores the header as "committed" (Release).
+//! 3. The consumer loads the header (Acquire); a committed header makes the payload written
+//!    before it visible. It reads in place, zeroes what it read, and stores `head` (Release).
+//! 4. A claim that wraps first writes a committed PADDING record to the end of the area, so the
+//!    consumer never waits on bytes nobody will write.
+
+use crate::file::{RingKind, SharedFile};
+use crate::memory::{Mapped, Memory};
+use crate::primitive::{fence, AtomicU64, Ordering};
+use crate::Error;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Records start at multiples of this many bytes.
+pub const RECORD_ALIGN: usize = 8;
+/// Bytes of a record header.
+pub const HEADER_LEN: usize = 8;
+/// The type id of padding records; reserved.
+pub const PADDING_TYPE: u32 = u32::MAX;
+
+/// Why a claim or an offer did not happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum OfferError {
+    /// Not enough free space now; try again after the consumer catches up.
+    #[error("ring full")]
+    WouldBlock,
+    /// The record can never fit (larger than a quarter of the ring).
+    #[error("record of {len} bytes exceeds the maximum of {max}")]
+    TooLarge {
+        /// The record's payload length.
+        len: usize,
+        /// The largest payload this ring takes.
+        max: usize,
+    },
+    /// `PADDING_TYPE` is reserved.
+    #[error("type id {0:#x} is reserved")]
+    ReservedType(u32),
+    /// The consumer gave the claim up as abandoned before it was committed (it took longer
+    /// than the consumer's timeout); the record is lost.
+    #[error("claim abandoned by the consumer after its timeout")]
+    Abandoned,
+}
+
+fn align(n: usize) -> usize {
+    (n + RECORD_ALIGN - 1) & !(RECORD_ALIGN - 1)
+}
+
+fn header(type_id: u32, state: i32) -> u64 {
+    (u64::from(type_id) << 32) | u64::from(state as u32)
+}
+
+fn state_of(word: u64) -> i32 {
+    word as u32 as i32
+}
+
+fn type_of(word: u64) -> u32 {
+    (word >> 32) as u32
+}
+
+/// Largest data area of a record ring: record lengths are 31-bit.
+pub const MAX_RECORD_CAPACITY: u64 = 1 << 30;
+
+/// Largest payload a ring of `capacity` bytes takes.
+pub fn max_payload(capacity: usize) -> usize {
+    capacity / 4 - HEADER_LEN
+}
+
+/// The producer side; any number may exist, in any processes.
+#[derive(Debug)]
+pub(crate) struct Producer<M> {
+    pub(crate) mem: M,
+}
+
+/// A claimed range, returned by [`Producer::claim`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Claimed {
+    /// Offset of the record header in the data area.
+    pub offset: usize,
+    /// Record length, header included (unaligned).
+    pub record_len: usize,
+    pub type_id: u32,
+}
+
+impl<M: Memory> Producer<M> {
+    /// Claims space for a payload of `len` bytes and marks it "claimed" with `type_id`.
+    pub(crate) fn claim(&self, type_id: u32, len: usize) -> Result<Claimed, OfferError> {
+        if type_id == PADDING_TYPE {
+            return Err(OfferError::ReservedType(type_id));
+        }
+        let capacity = self.mem.capacity();
+        if len > max_payload(capacity) {
+            return Err(OfferError::TooLarge {
+                len,
+                max: max_payload(capacity),
+            });
+        }
+        let record_len = HEADER_LEN + len;
+        let aligned = align(record_len);
+        let mask = capacity - 1;
+        let mut head = self.mem.head_cache().load(Ordering::Relaxed);
+        let mut tail = self.mem.tail().load(Ordering::Acquire);
+        loop {
+            let offset = tail as usize & mask;
+            let to_end = capacity - offset;
+            let padding = if aligned > to_end { to_end } else { 0 };
+            let needed = (padding + aligned) as u64;
+            // `head` may be fresher than this `tail` snapshot; then the CAS below fails and retries.
+            if (tail + needed).saturating_sub(head) > capacity as u64 {
+                // Looks full: refresh the cached head once, then give up.
+                head = self.mem.head().load(Ordering::Acquire);
+                self.mem.head_cache().fetch_max(head, Ordering::Relaxed);
+                if (tail + needed).saturating_sub(head) > capacity as u64 {
+                    return Err(OfferError::WouldBlock);
+                }
+            }
+            match self.mem.tail().compare_exchange_weak(
+                tail,
+                tail + needed,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    let offset = if padding > 0 {
+                        self.mem
+                            .word(offset)
+                            .store(header(PADDING_TYPE, padding as i32), Ordering::Release);
+                        0
+                    } else {
+                        offset
+                    };
+                    self.mem
+                        .word(offset)
+                        .store(header(type_id, -(record_len as i32)), Ordering::Release);
+                    // Keep the header ahead of every payload write, so a consumer that scans
+                    // past a dead claim (see `unblock_if_abandoned`) meets headers, not payload.
+                    fence(Ordering::Release);
+                    return Ok(Claimed {
+                        offset,
+                        record_len,
+                        type_id,
+                    });
+                }
+                Err(actual) => tail = actual,
+            }
+        }
+    }
+
+    /// Publishes a filled claim to the consumer.
+    pub(crate) fn commit(&self, c: Claimed) -> Result<(), OfferError> {
+        self.finish(c, c.type_id)
+    }
+
+    /// Turns a claim into padding, so the consumer skips it.
+    pub(crate) fn abort(&self, c: Claimed) -> Result<(), OfferError> {
+        self.finish(c, PADDING_TYPE)
+    }
+
+    fn finish(&self, c: Claimed, type_id: u32) -> Result<(), OfferError> {
+        let claimed = header(c.type_id, -(c.record_len as i32));
+        let done = header(type_id, c.record_len as i32);
+        self.mem
+            .word(c.offset)
+            .compare_exchange(claimed, done, Ordering::Release, Ordering::Relaxed)
+            .map(|_| ())
+            .map_err(|_| OfferError::Abandoned)
+    }
+
+    /// Claims, copies `payload` in, and commits.
+    pub(crate) fn offer(&self, type_id: u32, payload: &[u8]) -> Result<(), OfferError> {
+        let c = self.claim(type_id, payload.len())?;
+        // SAFETY: the claim owns `offset + 8 .. offset + record_len` until it is committed.
+        unsafe { self.mem.write(c.offset + HEADER_LEN, payload) };
+        self.commit(c)
+    }
+}
+
+/// What the consumer counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConsumerStats {
+    /// Records handed to the handler.
+    pub records: u64,
+    /// Claims skipped because their producer did not commit within the timeout.
+    pub abandoned: u64,
+    /// Headers no producer could have written (corrupt shared memory); the rest of the lap
+    /// was skipped.
+    pub corrupt: u64,
+}
+
+/// The one consumer.
+#[derive(Debug)]
+pub(crate) struct Consumer<M> {
+    pub(crate) mem: M,
+    /// A claim at `head` that has not been committed: (position, first seen).
+    stall: Option<(u64, Instant)>,
+    pub(crate) abandon_timeout: Duration,
+    pub(crate) stats: ConsumerStats,
+}
+
+impl<M: Memory> Consumer<M> {
+    pub(crate) fn new(mem: M, abandon_timeout: Duration) -> Self {
+        Self {
+            mem,
+            stall: None,
+            abandon_timeout,
+            stats: ConsumerStats::default(),
+        }
+    }
+
+    /// Hands up to `limit` committed records to `f` in place, then releases them in one batch.
+    /// Returns how many records were handed over.
+    pub(crate) fn read(&mut self, limit: usize, mut f: impl FnMut(u32, &[u8])) -> usize {
+        let capacity = self.mem.capacity();
+        let mask = capacity - 1;
+        let head = self.mem.head().load(Ordering::Relaxed);
+        let mut pos = head;
+        let mut handed = 0;
+        // One batch covers at most one lap: its records are zeroed only at release, so going
+        // round would meet them again.
+        while handed < limit && pos - head < capacity as u64 {
+            let offset = pos as usize & mask;
+            let word = self.mem.word(offset).load(Ordering::Acquire);
+            let state = state_of(word);
+            if state <= 0 {
+                if self.unblock_if_abandoned(pos, word) {
+                    continue;
+                }
+                break;
+            }
+            let record_len = state as usize;
+            if record_len < HEADER_LEN || offset + record_len > capacity {
+                // Not a length any producer writes: the shared memory is corrupt. Treat the rest
+                // of the area as padding rather than read out of bounds.
+                pos += (capacity - offset) as u64;
+                self.stats.corrupt += 1;
+                continue;
+            }
+            let type_id = type_of(word);
+            if type_id != PADDING_TYPE {
+                // SAFETY: the record is committed (Acquire above) and stays untouched by
+                // producers until `head` moves past it.
+                unsafe {
+                    self.mem
+                        .read(offset + HEADER_LEN, record_len - HEADER_LEN, |p| f(type_id, p))
+                };
+                handed += 1;
+            }
+            pos += align(record_len) as u64;
+        }
+        if pos != head {
+            self.release(head, pos);
+        }
+        self.stats.records += handed as u64;
+        handed
+    }
+
+    fn release(&mut self, from: u64, to: u64) {
+        let capacity = self.mem.capacity();
+        let mut pos = from;
+        while pos < to {
+            let offset = pos as usize & (capacity - 1);
+            let n = ((to - pos) as usize).min(capacity - offset);
+            // SAFETY: these bytes were read by this consumer and are not yet released.
+            unsafe { self.mem.zero(offset, n) };
+            pos += n as u64;
+        }
+        self.mem.head().store(to, Ordering::Release);
+    }
+
+    /// At `pos` the header is `word` (free or claimed). If a producer claimed it and has not
+    /// committed for `abandon_timeout`, turn the claim into padding. Returns whether it did.
+    fn unblock_if_abandoned(&mut self, pos: u64, word: u64) -> bool {
+        let tail = self.mem.tail().load(Ordering::Acquire);
+        if tail <= pos {
+            self.stall = None;
+            return false;
+        }
+        match self.stall {
+            Some((p, since)) if p == pos => {
+                if since.elapsed() < self.abandon_timeout {
+                    return false;
+                }
+            }
+            _ => {
+                self.stall = Some((pos, Instant::now()));
+                return false;
+            }
+        }
+        self.stall = None;
+        let capacity = self.mem.capacity();
+        let offset = pos as usize & (capacity - 1);
+        let skip = if state_of(word) < 0 {
+            align((-state_of(word)) as usize)
+        } else {
+            // The producer died before writing its header: its claim runs to the next header
+            // anyone wrote, to the tail, or to the end of the area, whichever comes first.
+            let limit = ((tail - pos) as usize).min(capacity - offset);
+            let mut len = RECORD_ALIGN;
+            while len < limit && self.mem.word(offset + len).load(Ordering::Acquire) == 0 {
+                len += RECORD_ALIGN;
+            }
+            len
+        };
+        let padding = header(PADDING_TYPE, skip as i32);
+        let word_ref: &AtomicU64 = self.mem.word(offset);
+        if word_ref
+            .compare_exchange(word, padding, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            // The producer was alive after all and wrote meanwhile: read normally.
+            return true;
+        }
+        self.stats.abandoned += 1;
+        true
+    }
+}
+
+/// Offset in the file of the producers' claim position (its own 128-byte line pair).
+pub const TAIL_OFFSET: usize = 128;
+/// Offset of the producers' cached consumer position.
+pub const HEAD_CACHE_OFFSET: usize = 256;
+/// Offset of the consumer position.
+pub const HEAD_OFFSET: usize = 384;
+/// Offset of the data area: the header, then the three index lines.
+pub const DATA_OFFSET: usize = 512;
+
+fn mapped(file: &SharedFile) -> Mapped {
+    let h = file.header();
+    // SAFETY: `SharedFile::open`/`create` checked that the mapping holds `data_offset + capacity`
+    // bytes; DATA_OFFSET puts every index below the data area, 8-aligned; the mapping lives in
+    // `file`, which each handle keeps beside its `Mapped`.
+    unsafe {
+        Mapped::new(
+            file.base_ptr(),
+            h.data_offset.get() as usize,
+            h.capacity.get() as usize,
+            [TAIL_OFFSET, HEAD_OFFSET, HEAD_CACHE_OFFSET],
+        )
+    }
+}
+
+fn open_checked(path: &Path) -> Result<SharedFile, Error> {
+    let file = SharedFile::open(path, RingKind::Records)?;
+    let h = file.header();
+    if h.data_offset.get() as usize != DATA_OFFSET
+        || h.record_alignment.get() as usize != RECORD_ALIGN
+        || h.capacity.get() > MAX_RECORD_CAPACITY
+    {
+        return Err(Error::BadLayout {
+            path: path.display().to_string(),
+            what: "not the record-ring layout this build writes".into(),
+        });
+    }
+    Ok(file)
+}
+
+/// Creates a record-ring file at `path` with a data area of `capacity` bytes (a power of two,
+/// 64 B to 1 GiB). An existing file is replaced.
+pub fn create(path: &Path, capacity: u64) -> Result<(), Error> {
+    if capacity > MAX_RECORD_CAPACITY {
+        return Err(Error::BadLayout {
+            path: path.display().to_string(),
+            what: format!("capacity {capacity} exceeds {MAX_RECORD_CAPACITY}"),
+        });
+    }
+    SharedFile::create(
+        path,
+        RingKind::Records,
+        capacity,
+        RECORD_ALIGN as u32,
+        DATA_OFFSET - crate::file::HEADER_LEN,
+    )
+    .map(drop)
+}
+
+/// A producer of a record ring; many may exist at once, in any processes.
+#[derive(Debug)]
+pub struct RecordProducer {
+    inner: Producer<Mapped>,
+    _file: SharedFile,
+}
+
+impl RecordProducer {
+    /// Maps the record ring at `path`.
+    pub fn open(path: &Path) -> Result<Self, Error> {
+        let file = open_checked(path)?;
+        Ok(Self {
+            inner: Producer { mem: mapped(&file) },
+            _file: file,
+        })
+    }
+
+    /// Largest payload one record can carry.
+    pub fn max_payload(&self) -> usize {
+        max_payload(self.inner.mem.capacity())
+    }
+
+    /// Claims room for a record of `len` payload bytes, to be filled in place.
+    pub fn try_claim(&self, type_id: u32, len: usize) -> Result<RecordClaim<'_>, OfferError> {
+        let claimed = self.inner.claim(type_id, len)?;
+        Ok(RecordClaim {
+            producer: self,
+            claimed,
+            done: false,
+        })
+    }
+
+    /// Copies `payload` into a new record of `type_id`.
+    pub fn offer(&self, type_id: u32, payload: &[u8]) -> Result<(), OfferError> {
+        self.inner.offer(type_id, payload)
+    }
+}
+
+/// Room claimed in a record ring; fill [`Self::buf`], then [`Self::commit`]. Dropped without a
+/// commit, it becomes padding that the consumer skips.
+#[derive(Debug)]
+pub struct RecordClaim<'a> {
+    producer: &'a RecordProducer,
+    claimed: Claimed,
+    done: bool,
+}
+
+impl RecordClaim<'_> {
+    /// The payload bytes, in the shared mapping.
+    pub fn buf(&mut self) -> &mut [u8] {
+        let c = self.claimed;
+        // SAFETY: this claim owns its payload range until it is committed or aborted, and the
+        // returned borrow ends before either (both take `self`).
+        unsafe {
+            self.producer
+                .inner
+                .mem
+                .slice_mut(c.offset + HEADER_LEN, c.record_len - HEADER_LEN)
+        }
+    }
+
+    /// Publishes the record.
+    pub fn commit(mut self) -> Result<(), OfferError> {
+        self.done = true;
+        self.producer.inner.commit(self.claimed)
+    }
+
+    /// Gives the room back as padding.
+    pub fn abort(mut self) {
+        self.done = true;
+        // An abandoned claim is padding already; either way the consumer skips it.
+        let _ = self.producer.inner.abort(self.claimed);
+    }
+}
+
+impl Drop for RecordClaim<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.producer.inner.abort(self.claimed);
+        }
+    }
+}
+
+/// The one consumer of a record ring.
+#[derive(Debug)]
+pub struct RecordConsumer {
+    inner: Consumer<Mapped>,
+    _file: SharedFile,
+}
+
+impl RecordConsumer {
+    /// Maps the record ring at `path`. A claim not committed within `abandon_timeout` is
+    /// treated as the work of a dead producer and skipped.
+    pub fn open(path: &Path, abandon_timeout: Duration) -> Result<Self, Error> {
+        let file = open_checked(path)?;
+        Ok(Self {
+            inner: Consumer::new(mapped(&file), abandon_timeout),
+            _file: file,
+        })
+    }
+
+    /// Hands up to `limit` records to `f(type_id, payload)` in place and releases them.
+    pub fn read(&mut self, limit: usize, f: impl FnMut(u32, &[u8])) -> usize {
+        self.inner.read(limit, f)
+    }
+
+    /// What the consumer counted.
+    pub fn stats(&self) -> ConsumerStats {
+        self.inner.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::VecDeque;
+
+    fn ring(name: &str, capacity: u64) -> (std::path::PathBuf, RecordProducer, RecordConsumer) {
+        let dir = std::env::temp_dir().join(format!("intergroup-records-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        create(&path, capacity).unwrap();
+        let p = RecordProducer::open(&path).unwrap();
+        let c = RecordConsumer::open(&path, Duration::from_millis(50)).unwrap();
+        (path, p, c)
+    }
+
+    fn drain(c: &mut RecordConsumer) -> Vec<(u32, Vec<u8>)> {
+        let mut out = Vec::new();
+        c.read(usize::MAX, |t, p| out.push((t, p.to_vec())));
+        out
+    }
+
+    #[test]
+    fn offer_claim_and_read_in_place() {
+        let (_, p, mut c) = ring("basic", 1024);
+        p.offer(7, b"hello").unwrap();
+        let mut claim = p.try_claim(8, 3).unwrap();
+        claim.buf().copy_from_slice(b"abc");
+        claim.commit().unwrap();
+        p.try_claim(9, 4).unwrap().abort();
+        drop(p.try_claim(9, 4).unwrap());
+        p.offer(10, b"").unwrap();
+        assert_eq!(
+            drain(&mut c),
+            vec![(7, b"hello".to_vec()), (8, b"abc".to_vec()), (10, vec![])]
+        );
+        assert!(drain(&mut c).is_empty());
+    }
+
+    #[test]
+    fn full_too_large_and_reserved_are_typed() {
+        let (_, p, mut c) = ring("full", 256);
+        assert_eq!(p.max_payload(), 56);
+        assert!(matches!(p.offer(1, &[0; 57]), Err(OfferError::TooLarge { .. })));
+        assert_eq!(
+            p.offer(PADDING_TYPE, b"x"),
+            Err(OfferError::ReservedType(PADDING_TYPE))
+        );
+        let mut n = 0;
+        while p.offer(1, &[n as u8; 24]).is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, 8, "256 bytes hold eight 32-byte records");
+        assert_eq!(p.offer(1, &[0; 24]), Err(OfferError::WouldBlock));
+        assert_eq!(c.read(3, |_, _| {}), 3);
+        p.offer(1, &[0; 24]).unwrap();
+        assert_eq!(drain(&mut c).len(), 6);
+    }
+
+    #[test]
+    fn wrap_pads_to_the_end() {
+        let (_, p, mut c) = ring("wrap", 128);
+        for round in 0..50u8 {
+            p.offer(u32::from(round), &[round; 20]).unwrap();
+            p.offer(u32::from(round), &[round; 13]).unwrap();
+            let got = drain(&mut c);
+            assert_eq!(
+                got,
+                vec![
+                    (u32::from(round), vec![round; 20]),
+                    (u32::from(round), vec![round; 13])
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn an_abandoned_claim_is_skipped_after_the_timeout() {
+        let (_, p, mut c) = ring("abandon", 1024);
+        p.offer(1, b"before").unwrap();
+        let forgotten = p.try_claim(2, 16).unwrap();
+        std::mem::forget(forgotten);
+        p.offer(3, b"after").unwrap();
+        // This read meets the claim and starts the clock; within the timeout nothing moves.
+        assert_eq!(drain(&mut c), vec![(1, b"before".to_vec())]);
+        assert!(drain(&mut c).is_empty());
+        std::thread::sleep(Duration::from_millis(80));
+        assert_eq!(drain(&mut c), vec![(3, b"after".to_vec())]);
+        assert_eq!(c.stats().abandoned, 1);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Offer(usize),
+        Read(usize),
+    }
+
+    proptest! {
+        /// Random record sizes, including ones that exactly fill the area and straddle the wrap,
+        /// come out in order and intact.
+        #[test]
+        fn random_sizes_round_trip(ops in prop::collection::vec(
+            prop_oneof![3 => (0usize..=56).prop_map(Op::Offer), 1 => (1usize..6).prop_map(Op::Read)], 1..300)
+        ) {
+            let (path, p, mut c) = ring("prop", 256);
+            let mut expected: VecDeque<Vec<u8>> = VecDeque::new();
+            let mut counter = 0u8;
+            for op in ops {
+                match op {
+                    Op::Offer(len) => {
+                        counter = counter.wrapping_add(1);
+                        let payload = vec![counter; len];
+                        match p.offer(u32::from(counter), &payload) {
+                            Ok(()) => expected.push_back(payload),
+                            Err(OfferError::WouldBlock) => {
+                                // Refused only if it might truly not fit: the unread records, at
+                                // most one padding among them (< 64 bytes: they span at most one
+                                // wrap), this record, and the padding it may need (< its size).
+                                let used: usize = expected.iter().map(|e| align(8 + e.len())).sum();
+                                let need = align(8 + len);
+                                prop_assert!(used + 56 + need + (need - 8) > 256, "spurious WouldBlock: {used} used, {need} needed");
+                            }
+                            Err(e) => prop_assert!(false, "unexpected {e}"),
+                        }
+                    }
+                    Op::Read(n) => {
+                        let mut got = Vec::new();
+                        c.read(n, |_, b| got.push(b.to_vec()));
+                        for g in got {
+                            prop_assert_eq!(Some(g), expected.pop_front());
+                        }
+                    }
+                }
+            }
+            let mut got = Vec::new();
+            c.read(usize::MAX, |_, b| got.push(b.to_vec()));
+            prop_assert_eq!(got, Vec::from(expected));
+            drop(path);
+        }
+    }
+}
