@@ -1,0 +1,255 @@
+//! Separate processes (this test binary, spawned again as a child) share one ring file:
+//! 10 million checksummed records from several producers, and producers killed with SIGKILL
+//! between claim and commit.
+
+use intergroup_ring::records::{self, RecordConsumer, RecordProducer, TAIL_OFFSET};
+use intergroup_ring::OfferError;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ROLE: &str = "IG_RING_ROLE";
+const PATH: &str = "IG_RING_PATH";
+const ID: &str = "IG_RING_ID";
+const COUNT: &str = "IG_RING_COUNT";
+
+fn checksum(producer: u32, seq: u64) -> u64 {
+    let mut x = (u64::from(producer) << 48) ^ seq ^ 0x51_7cc1_b727_220a_95;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^ (x >> 33)
+}
+
+/// Record `seq` of `producer`: producer, seq, checksum, then `seq % 23` filler bytes.
+fn encode(producer: u32, seq: u64, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&producer.to_le_bytes());
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&checksum(producer, seq).to_le_bytes());
+    out.extend(std::iter::repeat_n(seq as u8, (seq % 23) as usize));
+}
+
+/// Checks one record; returns (producer, seq).
+fn decode(b: &[u8]) -> (u32, u64) {
+    assert!(b.len() >= 20, "short record: {} bytes", b.len());
+    let producer = u32::from_le_bytes(b[..4].try_into().unwrap());
+    let seq = u64::from_le_bytes(b[4..12].try_into().unwrap());
+    let sum = u64::from_le_bytes(b[12..20].try_into().unwrap());
+    assert_eq!(
+        sum,
+        checksum(producer, seq),
+        "corrupt record {seq} of producer {producer}"
+    );
+    assert_eq!(
+        b.len(),
+        20 + (seq % 23) as usize,
+        "record {seq} of producer {producer} has the wrong length"
+    );
+    assert!(
+        b[20..].iter().all(|&x| x == seq as u8),
+        "corrupt filler in record {seq}"
+    );
+    (producer, seq)
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// Produces `count` records as producer `id`, spinning while the ring is full.
+fn produce(path: &Path, id: u32, first: u64, count: u64) {
+    let p = RecordProducer::open(path).expect("child opens ring");
+    let mut buf = Vec::with_capacity(64);
+    for seq in first..first + count {
+        encode(id, seq, &mut buf);
+        loop {
+            match p.offer(1, &buf) {
+                Ok(()) => break,
+                Err(OfferError::WouldBlock) => std::thread::yield_now(),
+                Err(e) => panic!("offer failed: {e}"),
+            }
+        }
+    }
+}
+
+/// Runs this test binary again as a child in `role`, only the named test.
+fn spawn(test: &str, role: &str, path: &Path, id: u32, count: u64, stdout: bool) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(ROLE, role)
+        .env(PATH, path)
+        .env(ID, id.to_string())
+        .env(COUNT, count.to_string())
+        .stdout(if stdout { Stdio::piped() } else { Stdio::null() })
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn child")
+}
+
+fn ring_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("intergroup-xproc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// The child side of every test here; returns true when this process is a child.
+fn run_child() -> bool {
+    let Some(role) = env(ROLE) else {
+        return false;
+    };
+    let path = PathBuf::from(env(PATH).unwrap());
+    let id: u32 = env(ID).unwrap().parse().unwrap();
+    let count: u64 = env(COUNT).unwrap().parse().unwrap();
+    match role.as_str() {
+        "produce" => produce(&path, id, 0, count),
+        "claim-and-hang" => {
+            // Commits `count` records, then claims one more, half fills it, and waits to be
+            // killed between claim and commit.
+            produce(&path, id, 0, count);
+            let p = RecordProducer::open(&path).unwrap();
+            let mut claim = p.try_claim(1, 40).unwrap();
+            claim.buf()[..20].fill(0xee);
+            std::mem::forget(claim);
+            println!("CLAIMED");
+            std::io::stdout().flush().unwrap();
+            std::thread::sleep(Duration::from_secs(120));
+        }
+        "reserve-and-hang" => {
+            // Moves the tail like a claim and dies before writing the record header: the
+            // narrowest window a SIGKILL can hit.
+            produce(&path, id, 0, count);
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap();
+            // SAFETY: the test owns the file; the tail word is 8-aligned at TAIL_OFFSET in the
+            // layout the ring documents, and only ever accessed atomically.
+            let mut map = unsafe { memmap2::MmapMut::map_mut(&file).unwrap() };
+            // SAFETY: as above; the pointer is inside the mapping and 8-aligned.
+            let tail = unsafe {
+                &*map
+                    .as_mut_ptr()
+                    .add(TAIL_OFFSET)
+                    .cast::<std::sync::atomic::AtomicU64>()
+            };
+            tail.fetch_add(48, std::sync::atomic::Ordering::AcqRel);
+            println!("CLAIMED");
+            std::io::stdout().flush().unwrap();
+            std::thread::sleep(Duration::from_secs(120));
+        }
+        other => panic!("unknown role {other}"),
+    }
+    true
+}
+
+/// Reads until `total` records arrived or `deadline` passed; checks per-producer order.
+fn consume(c: &mut RecordConsumer, producers: usize, total: u64, deadline: Duration) -> Vec<u64> {
+    let mut next = vec![0u64; producers + 1];
+    let mut seen = 0u64;
+    let start = Instant::now();
+    while seen < total {
+        let n = c.read(4096, |_, b| {
+            let (p, seq) = decode(b);
+            let p = p as usize;
+            assert_eq!(seq, next[p], "producer {p}: record {seq} out of order");
+            next[p] += 1;
+        });
+        seen += n as u64;
+        if n == 0 {
+            assert!(
+                start.elapsed() < deadline,
+                "only {seen} of {total} records after {deadline:?}"
+            );
+            std::thread::yield_now();
+        }
+    }
+    next
+}
+
+#[test]
+fn ten_million_records_from_three_producer_processes() {
+    if run_child() {
+        return;
+    }
+    let path = ring_path("ten-million");
+    records::create(&path, 1 << 20).unwrap();
+    let mut c = RecordConsumer::open(&path, Duration::from_secs(5)).unwrap();
+    let per_producer = 10_000_000u64 / 3 + 1;
+    let mut children: Vec<Child> = (1..=3)
+        .map(|id| {
+            spawn(
+                "ten_million_records_from_three_producer_processes",
+                "produce",
+                &path,
+                id,
+                per_producer,
+                false,
+            )
+        })
+        .collect();
+    let next = consume(&mut c, 3, per_producer * 3, Duration::from_secs(300));
+    for ch in &mut children {
+        assert!(ch.wait().unwrap().success());
+    }
+    assert_eq!(&next[1..], &[per_producer; 3]);
+    assert_eq!(c.stats().abandoned, 0);
+    assert_eq!(
+        c.read(usize::MAX, |_, _| {}),
+        0,
+        "nothing beyond what was produced"
+    );
+}
+
+fn killed_mid_claim(test: &str, role: &str) {
+    let path = ring_path(role);
+    records::create(&path, 1 << 16).unwrap();
+    let mut c = RecordConsumer::open(&path, Duration::from_millis(200)).unwrap();
+    let mut victim = spawn(test, role, &path, 1, 100, true);
+    // The test harness in the child prints its own lines first.
+    let mut out = BufReader::new(victim.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.trim_end().ends_with("CLAIMED") {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "child exited before its claim"
+        );
+    }
+    victim.kill().unwrap(); // SIGKILL
+    victim.wait().unwrap();
+    drop(out);
+    let mut survivor = spawn(test, "produce", &path, 2, 1000, false);
+    assert!(survivor.wait().unwrap().success());
+    let next = consume(&mut c, 2, 1100, Duration::from_secs(30));
+    assert_eq!(next[1..], [100, 1000]);
+    assert_eq!(
+        c.stats().abandoned,
+        1,
+        "the dead claim is skipped once and counted"
+    );
+    assert_eq!(c.read(usize::MAX, |_, _| {}), 0);
+}
+
+#[test]
+fn a_producer_killed_between_claim_and_commit_does_not_wedge_the_consumer() {
+    if run_child() {
+        return;
+    }
+    killed_mid_claim(
+        "a_producer_killed_between_claim_and_commit_does_not_wedge_the_consumer",
+        "claim-and-hang",
+    );
+}
+
+#[test]
+fn a_producer_killed_before_writing_its_header_does_not_wedge_the_consumer() {
+    if run_child() {
+        return;
+    }
+    killed_mid_claim(
+        "a_producer_killed_before_writing_its_header_does_not_wedge_the_consumer",
+        "reserve-and-hang",
+    );
+}
