@@ -15,7 +15,7 @@ const ID: &str = "IG_RING_ID";
 const COUNT: &str = "IG_RING_COUNT";
 
 fn checksum(producer: u32, seq: u64) -> u64 {
-    let mut x = (u64::from(producer) << 48) ^ seq ^ 0x51_7cc1_b727_220a_95;
+    let mut x = (u64::from(producer) << 48) ^ seq ^ 0x517c_c1b7_2722_0a95;
     x ^= x >> 33;
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
     x ^ (x >> 33)
