@@ -1,16 +1,19 @@
 //! intergroup-ring: shared-memory files for the rings between clients and the engine.
 //!
 //! Every ring file starts with a [`FileHeader`] that is checked before anything in the file is
-//! trusted. [`records`] is the many-to-one record ring. No networking, no protocol.
+//! trusted. [`records`] is the many-to-one record ring, [`broadcast`] the one-to-many log.
+//! No networking, no protocol.
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod broadcast;
 pub mod file;
 mod memory;
 mod primitive;
 pub mod records;
 
+pub use broadcast::{BroadcastError, BroadcastProducer, BroadcastReader, Mode, ReadError};
 pub use file::{FileHeader, RingKind, SharedFile};
 pub use records::{OfferError, RecordClaim, RecordConsumer, RecordProducer};
 

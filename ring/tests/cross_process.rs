@@ -2,8 +2,9 @@
 //! 10 million checksummed records from several producers, and producers killed with SIGKILL
 //! between claim and commit.
 
+use intergroup_ring::broadcast::{self, BroadcastProducer, BroadcastReader, Mode, ReadError};
 use intergroup_ring::records::{self, RecordConsumer, RecordProducer, TAIL_OFFSET};
-use intergroup_ring::OfferError;
+use intergroup_ring::{BroadcastError, OfferError};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -139,9 +140,123 @@ fn run_child() -> bool {
             std::io::stdout().flush().unwrap();
             std::thread::sleep(Duration::from_secs(120));
         }
+        "broadcast-read" => {
+            // Joins, says so, then reads `count` records (reliable: all of them, in order;
+            // lossy: delivered plus missed must add up to `count`).
+            let mut r = BroadcastReader::open(&path).unwrap();
+            println!("JOINED");
+            std::io::stdout().flush().unwrap();
+            let (mut delivered, mut missed, mut next) = (0u64, 0u64, 0u64);
+            let start = Instant::now();
+            while delivered + missed < count {
+                let got = r.poll(4096, |_, b| {
+                    let (_, seq) = decode(b);
+                    assert!(seq >= next, "record {seq} after {next}: out of order");
+                    next = seq + 1;
+                    delivered += 1;
+                });
+                match got {
+                    Ok(0) => {
+                        assert!(
+                            start.elapsed() < Duration::from_secs(300),
+                            "reader stuck at {delivered}"
+                        );
+                        std::thread::yield_now();
+                    }
+                    Ok(_) => {}
+                    Err(ReadError::Lapped { missed: m }) => {
+                        assert_eq!(id, 2, "a reliable reader was lapped");
+                        missed += m;
+                    }
+                    Err(e) => panic!("reader: {e}"),
+                }
+            }
+            assert_eq!(delivered + missed, count);
+            if id == 1 {
+                assert_eq!(missed, 0);
+            }
+            println!("DELIVERED {delivered} MISSED {missed}");
+        }
         other => panic!("unknown role {other}"),
     }
     true
+}
+
+fn wait_for_line(child: &mut Child, word: &str) -> BufReader<std::process::ChildStdout> {
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.trim_end().ends_with(word) {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "child exited before {word}"
+        );
+    }
+    out
+}
+
+fn broadcast_to_two_reader_processes(test: &str, mode: Mode, total: u64) {
+    let name = if mode == Mode::Lossy {
+        "bcast-lossy"
+    } else {
+        "bcast-reliable"
+    };
+    let path = ring_path(name);
+    broadcast::create(&path, 1 << 20, 8, mode).unwrap();
+    let mut p = BroadcastProducer::open(&path, Duration::from_secs(30)).unwrap();
+    let role_id = if mode == Mode::Lossy { 2 } else { 1 };
+    let mut readers: Vec<Child> = (0..2)
+        .map(|_| spawn(test, "broadcast-read", &path, role_id, total, true))
+        .collect();
+    let mut outs: Vec<_> = readers.iter_mut().map(|r| wait_for_line(r, "JOINED")).collect();
+    let mut buf = Vec::with_capacity(64);
+    for seq in 0..total {
+        encode(0, seq, &mut buf);
+        loop {
+            match p.offer(1, &buf) {
+                Ok(()) => break,
+                Err(BroadcastError::WouldBlock) => std::thread::yield_now(),
+                Err(e) => panic!("offer: {e}"),
+            }
+        }
+    }
+    for (r, out) in readers.iter_mut().zip(outs.iter_mut()) {
+        let mut summary = String::new();
+        while !summary.contains("DELIVERED") {
+            summary.clear();
+            assert!(
+                out.read_line(&mut summary).unwrap() > 0,
+                "reader exited without a summary"
+            );
+        }
+        println!("{name}: {}", summary.trim());
+        assert!(r.wait().unwrap().success(), "a reader process failed");
+    }
+    assert_eq!(p.evicted(), 0);
+}
+
+#[test]
+fn ten_million_broadcast_records_reach_two_reader_processes() {
+    if run_child() {
+        return;
+    }
+    broadcast_to_two_reader_processes(
+        "ten_million_broadcast_records_reach_two_reader_processes",
+        Mode::Reliable,
+        10_000_000,
+    );
+}
+
+#[test]
+fn lossy_broadcast_readers_account_for_every_record() {
+    if run_child() {
+        return;
+    }
+    broadcast_to_two_reader_processes(
+        "lossy_broadcast_readers_account_for_every_record",
+        Mode::Lossy,
+        2_000_000,
+    );
 }
 
 /// Reads until `total` records arrived or `deadline` passed; checks per-producer order.
