@@ -33,6 +33,7 @@
 
 use crate::file::{RingKind, SharedFile};
 use crate::primitive::{fence, AtomicU64, Ordering};
+use crate::records::OfferError;
 use crate::Error;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -65,25 +66,6 @@ pub enum Mode {
     Reliable,
     /// Never wait; readers that fall a lap behind are told what they missed.
     Lossy,
-}
-
-/// Why an offer did not happen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum BroadcastError {
-    /// Reliable mode: the slowest reader has not released enough room yet.
-    #[error("log full: waiting for the slowest reader")]
-    WouldBlock,
-    /// The record can never fit (larger than a quarter of the area).
-    #[error("record of {len} bytes exceeds the maximum of {max}")]
-    TooLarge {
-        /// Payload length.
-        len: usize,
-        /// Largest payload.
-        max: usize,
-    },
-    /// `PADDING_TYPE` is reserved.
-    #[error("type id {0:#x} is reserved")]
-    ReservedType(u32),
 }
 
 /// What a poll found besides records.
@@ -287,13 +269,13 @@ impl BroadcastProducer {
     }
 
     /// Appends a record of `type_id` with `payload`.
-    pub fn offer(&mut self, type_id: u32, payload: &[u8]) -> Result<(), BroadcastError> {
+    pub fn offer(&mut self, type_id: u32, payload: &[u8]) -> Result<(), OfferError> {
         if type_id == PADDING_TYPE {
-            return Err(BroadcastError::ReservedType(type_id));
+            return Err(OfferError::ReservedType(type_id));
         }
         let capacity = self.log.capacity;
         if payload.len() > max_payload(capacity) {
-            return Err(BroadcastError::TooLarge {
+            return Err(OfferError::TooLarge {
                 len: payload.len(),
                 max: max_payload(capacity),
             });
@@ -309,7 +291,7 @@ impl BroadcastProducer {
             Mode::Reliable => {
                 if let Some(slowest) = self.slowest_reader() {
                     if end - slowest > capacity as u64 {
-                        return Err(BroadcastError::WouldBlock);
+                        return Err(OfferError::WouldBlock);
                     }
                 }
             }
@@ -643,11 +625,11 @@ mod tests {
             sent += 1;
         }
         assert_eq!(sent, 4, "256 bytes hold four 56-byte records");
-        assert_eq!(p.offer(1, &[0; 40]), Err(BroadcastError::WouldBlock));
+        assert_eq!(p.offer(1, &[0; 40]), Err(OfferError::WouldBlock));
         assert_eq!(read_all(&mut a).unwrap().len(), 4);
         assert_eq!(
             p.offer(1, &[0; 40]),
-            Err(BroadcastError::WouldBlock),
+            Err(OfferError::WouldBlock),
             "b still holds it back"
         );
         assert_eq!(
@@ -675,7 +657,7 @@ mod tests {
         for _ in 0..4 {
             p.offer(1, &[1; 40]).unwrap();
         }
-        assert_eq!(p.offer(1, &[1; 40]), Err(BroadcastError::WouldBlock));
+        assert_eq!(p.offer(1, &[1; 40]), Err(OfferError::WouldBlock));
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(p.offer(1, &[1; 40]), Ok(()));
         assert_eq!(p.evicted(), 1);
@@ -722,12 +704,9 @@ mod tests {
         assert_eq!(got, vec![(2, b"after".to_vec())]);
         assert_eq!(
             p.offer(PADDING_TYPE, b""),
-            Err(BroadcastError::ReservedType(PADDING_TYPE))
+            Err(OfferError::ReservedType(PADDING_TYPE))
         );
-        assert!(matches!(
-            p.offer(1, &[0; 300]),
-            Err(BroadcastError::TooLarge { .. })
-        ));
+        assert!(matches!(p.offer(1, &[0; 300]), Err(OfferError::TooLarge { .. })));
     }
 
     proptest! {
@@ -747,7 +726,7 @@ mod tests {
                         n = n.wrapping_add(1);
                         match p.offer(1, &vec![n; len]) {
                             Ok(()) => expected.push_back(vec![n; len]),
-                            Err(BroadcastError::WouldBlock) => prop_assert!(!expected.is_empty()),
+                            Err(OfferError::WouldBlock) => prop_assert!(!expected.is_empty()),
                             Err(e) => prop_assert!(false, "{e}"),
                         }
                     }

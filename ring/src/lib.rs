@@ -13,7 +13,7 @@ mod memory;
 mod primitive;
 pub mod records;
 
-pub use broadcast::{BroadcastError, BroadcastProducer, BroadcastReader, Mode, ReadError};
+pub use broadcast::{BroadcastProducer, BroadcastReader, Mode, ReadError};
 pub use file::{FileHeader, RingKind, SharedFile};
 pub use records::{OfferError, RecordClaim, RecordConsumer, RecordProducer};
 

@@ -43,7 +43,8 @@ pub const PADDING_TYPE: u32 = u32::MAX;
 /// Why a claim or an offer did not happen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum OfferError {
-    /// Not enough free space now; try again after the consumer catches up.
+    /// Not enough free space now; try again after the consumer (or, in a reliable broadcast
+    /// log, the slowest reader) catches up.
     #[error("ring full")]
     WouldBlock,
     /// The record can never fit (larger than a quarter of the ring).

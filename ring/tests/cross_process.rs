@@ -4,7 +4,7 @@
 
 use intergroup_ring::broadcast::{self, BroadcastProducer, BroadcastReader, Mode, ReadError};
 use intergroup_ring::records::{self, RecordConsumer, RecordProducer, TAIL_OFFSET};
-use intergroup_ring::{BroadcastError, OfferError};
+use intergroup_ring::OfferError;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -215,7 +215,7 @@ fn broadcast_to_two_reader_processes(test: &str, mode: Mode, total: u64) {
         loop {
             match p.offer(1, &buf) {
                 Ok(()) => break,
-                Err(BroadcastError::WouldBlock) => std::thread::yield_now(),
+                Err(OfferError::WouldBlock) => std::thread::yield_now(),
                 Err(e) => panic!("offer: {e}"),
             }
         }
