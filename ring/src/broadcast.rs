@@ -235,6 +235,9 @@ pub struct BroadcastProducer {
     reader_timeout: Duration,
     /// Readers evicted for silence.
     evicted: u64,
+    /// Reliable mode: the producer may write up to here without looking at the reader slots
+    /// again (see `offer`).
+    limit: u64,
 }
 
 impl BroadcastProducer {
@@ -255,6 +258,7 @@ impl BroadcastProducer {
             sequence,
             reader_timeout,
             evicted: 0,
+            limit: 0,
         })
     }
 
@@ -288,13 +292,20 @@ impl BroadcastProducer {
         let padding = if aligned > to_end { to_end } else { 0 };
         let end = tail + (padding + aligned) as u64;
         match self.mode {
-            Mode::Reliable => {
+            // Reader slots are scanned only when the cached limit is reached. The limit is never
+            // more than half a lap beyond the tail at the scan, so a reader that joined after the
+            // scan finds the tail moved by less than half a lap, or restarts its join (`join`).
+            Mode::Reliable if end > self.limit => {
+                let half = (capacity / 2) as u64;
+                self.limit = tail + half;
                 if let Some(slowest) = self.slowest_reader() {
-                    if end - slowest > capacity as u64 {
-                        return Err(OfferError::WouldBlock);
-                    }
+                    self.limit = self.limit.min(slowest + capacity as u64);
+                }
+                if end > self.limit {
+                    return Err(OfferError::WouldBlock);
                 }
             }
+            Mode::Reliable => {}
             Mode::Lossy => {
                 self.log.word(CLAIM_OFFSET).store(end, Ordering::SeqCst);
                 fence(Ordering::Release);

@@ -15,7 +15,9 @@ pub mod records;
 
 pub use broadcast::{BroadcastProducer, BroadcastReader, Mode, ReadError};
 pub use file::{FileHeader, RingKind, SharedFile};
-pub use records::{OfferError, RecordClaim, RecordConsumer, RecordProducer};
+pub use records::{
+    OfferError, Producers, RecordClaim, RecordConsumer, RecordProducer, SingleClaim, SingleProducer,
+};
 
 #[cfg(loom)]
 #[doc(hidden)]
@@ -38,6 +40,16 @@ pub mod loom_support {
     /// the stall tracker, unused under loom).
     pub fn read(mem: &LoomMemory, limit: usize, f: impl FnMut(u32, &[u8])) -> usize {
         crate::records::Consumer::new(mem, std::time::Duration::from_secs(3600)).read(limit, f)
+    }
+
+    /// Offers one record through the real single-producer code.
+    pub fn offer_single(mem: &LoomMemory, type_id: u32, payload: &[u8]) -> Result<(), crate::OfferError> {
+        crate::records::Producer { mem }.offer_single(type_id, payload)
+    }
+
+    /// Reads through the real single-producer consumer code.
+    pub fn read_single(mem: &LoomMemory, limit: usize, f: impl FnMut(u32, &[u8])) -> usize {
+        crate::records::Consumer::new(mem, std::time::Duration::from_secs(3600)).read_single(limit, f)
     }
 }
 
@@ -77,6 +89,14 @@ pub enum Error {
         found: u32,
         /// Kind code asked for.
         expected: u32,
+    },
+    /// A single-producer ring already has a live producer.
+    #[error("{path}: already has a producer (process {pid})")]
+    InUse {
+        /// The file.
+        path: String,
+        /// The producer's process id.
+        pid: u32,
     },
     /// The header's sizes contradict each other or the file's real length.
     #[error("{path}: {what}")]

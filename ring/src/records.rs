@@ -99,12 +99,83 @@ pub(crate) struct Producer<M> {
 pub(crate) struct Claimed {
     /// Offset of the record header in the data area.
     pub offset: usize,
+    /// The tail after this claim (padding included).
+    pub end: u64,
     /// Record length, header included (unaligned).
     pub record_len: usize,
     pub type_id: u32,
 }
 
 impl<M: Memory> Producer<M> {
+    /// Single-producer claim: the one producer owns the tail, so no compare-exchange and no
+    /// "claimed" state; the header is written final and `commit_single` publishes the tail.
+    pub(crate) fn claim_single(&self, type_id: u32, len: usize) -> Result<Claimed, OfferError> {
+        if type_id == PADDING_TYPE {
+            return Err(OfferError::ReservedType(type_id));
+        }
+        let capacity = self.mem.capacity();
+        if len > max_payload(capacity) {
+            return Err(OfferError::TooLarge {
+                len,
+                max: max_payload(capacity),
+            });
+        }
+        let record_len = HEADER_LEN + len;
+        let aligned = align(record_len);
+        let tail = self.mem.tail().load(Ordering::Relaxed);
+        let offset = tail as usize & (capacity - 1);
+        let to_end = capacity - offset;
+        let padding = if aligned > to_end { to_end } else { 0 };
+        let end = tail + (padding + aligned) as u64;
+        let mut head = self.mem.head_cache().load(Ordering::Relaxed);
+        if end - head > capacity as u64 {
+            head = self.mem.head().load(Ordering::Acquire);
+            self.mem.head_cache().store(head, Ordering::Relaxed);
+            if end - head > capacity as u64 {
+                return Err(OfferError::WouldBlock);
+            }
+        }
+        let offset = if padding > 0 {
+            self.mem
+                .word(offset)
+                .store(header(PADDING_TYPE, padding as i32), Ordering::Relaxed);
+            0
+        } else {
+            offset
+        };
+        self.mem
+            .word(offset)
+            .store(header(type_id, record_len as i32), Ordering::Relaxed);
+        Ok(Claimed {
+            offset,
+            end,
+            record_len,
+            type_id,
+        })
+    }
+
+    /// Publishes a single-producer claim (and any padding before it) to the consumer.
+    pub(crate) fn commit_single(&self, c: Claimed) {
+        self.mem.tail().store(c.end, Ordering::Release);
+    }
+
+    /// Publishes a single-producer claim as padding.
+    pub(crate) fn abort_single(&self, c: Claimed) {
+        self.mem
+            .word(c.offset)
+            .store(header(PADDING_TYPE, c.record_len as i32), Ordering::Relaxed);
+        self.mem.tail().store(c.end, Ordering::Release);
+    }
+
+    /// Single-producer claim, copy and commit.
+    pub(crate) fn offer_single(&self, type_id: u32, payload: &[u8]) -> Result<(), OfferError> {
+        let c = self.claim_single(type_id, payload.len())?;
+        // SAFETY: the claim owns its payload range until the tail is published.
+        unsafe { self.mem.write(c.offset + HEADER_LEN, payload) };
+        self.commit_single(c);
+        Ok(())
+    }
+
     /// Claims space for a payload of `len` bytes and marks it "claimed" with `type_id`.
     pub(crate) fn claim(&self, type_id: u32, len: usize) -> Result<Claimed, OfferError> {
         if type_id == PADDING_TYPE {
@@ -159,6 +230,7 @@ impl<M: Memory> Producer<M> {
                     fence(Ordering::Release);
                     return Ok(Claimed {
                         offset,
+                        end: tail + needed,
                         record_len,
                         type_id,
                     });
@@ -276,6 +348,45 @@ impl<M: Memory> Consumer<M> {
         handed
     }
 
+    /// Single-producer read: everything below the published tail is committed, so nothing is
+    /// zeroed and nothing can be abandoned (a killed producer never published its claim).
+    pub(crate) fn read_single(&mut self, limit: usize, mut f: impl FnMut(u32, &[u8])) -> usize {
+        let capacity = self.mem.capacity();
+        let mask = capacity - 1;
+        let head = self.mem.head().load(Ordering::Relaxed);
+        let tail = self.mem.tail().load(Ordering::Acquire);
+        let mut pos = head;
+        let mut handed = 0;
+        while handed < limit && pos < tail {
+            let offset = pos as usize & mask;
+            let word = self.mem.word(offset).load(Ordering::Relaxed);
+            let record_len = state_of(word);
+            if record_len < HEADER_LEN as i32 || offset + record_len as usize > capacity {
+                // No producer writes this below the tail: corrupt memory. Skip the lap's rest.
+                pos += (capacity - offset) as u64;
+                self.stats.corrupt += 1;
+                continue;
+            }
+            let record_len = record_len as usize;
+            let type_id = type_of(word);
+            if type_id != PADDING_TYPE {
+                // SAFETY: below the tail (Acquire), so written and published; the producer does
+                // not reuse it until `head` moves past it.
+                unsafe {
+                    self.mem
+                        .read(offset + HEADER_LEN, record_len - HEADER_LEN, |p| f(type_id, p))
+                };
+                handed += 1;
+            }
+            pos += align(record_len) as u64;
+        }
+        if pos != head {
+            self.mem.head().store(pos, Ordering::Release);
+        }
+        self.stats.records += handed as u64;
+        handed
+    }
+
     fn release(&mut self, from: u64, to: u64) {
         let capacity = self.mem.capacity();
         let mut pos = from;
@@ -343,8 +454,37 @@ pub const TAIL_OFFSET: usize = 128;
 pub const HEAD_CACHE_OFFSET: usize = 256;
 /// Offset of the consumer position.
 pub const HEAD_OFFSET: usize = 384;
-/// Offset of the data area: the header, then the three index lines.
+/// Offset of the producer mode word: 0 many producers, 1 a single producer.
+pub const PRODUCERS_OFFSET: usize = 448;
+/// Offset of the single producer's lock: the owning process id, 0 when free.
+pub const PRODUCER_LOCK_OFFSET: usize = 456;
+/// Offset of the data area: the header, then the index lines.
 pub const DATA_OFFSET: usize = 512;
+
+/// How many producers a record ring serves, chosen at creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Producers {
+    /// Any number, in any processes ([`RecordProducer`]).
+    Many,
+    /// Exactly one at a time ([`SingleProducer`]): no atomic read-modify-write per record, no
+    /// zeroing by the consumer, and nothing to abandon if it dies.
+    Single,
+}
+
+fn meta_word(file: &SharedFile, offset: usize) -> &AtomicU64 {
+    debug_assert!(offset % 8 == 0 && offset < DATA_OFFSET);
+    // SAFETY: `open_checked` made sure the data area starts at DATA_OFFSET, so `offset` is
+    // inside the mapping, 8-aligned, and only ever accessed atomically.
+    unsafe { &*file.base_ptr().add(offset).cast::<AtomicU64>() }
+}
+
+fn producers_of(file: &SharedFile) -> Producers {
+    if meta_word(file, PRODUCERS_OFFSET).load(Ordering::Acquire) == 1 {
+        Producers::Single
+    } else {
+        Producers::Many
+    }
+}
 
 fn mapped(file: &SharedFile) -> Mapped {
     let h = file.header();
@@ -379,20 +519,27 @@ fn open_checked(path: &Path) -> Result<SharedFile, Error> {
 /// Creates a record-ring file at `path` with a data area of `capacity` bytes (a power of two,
 /// 64 B to 1 GiB). An existing file is replaced.
 pub fn create(path: &Path, capacity: u64) -> Result<(), Error> {
+    create_with(path, capacity, Producers::Many)
+}
+
+/// Creates a record-ring file for `producers` producers; see [`create`].
+pub fn create_with(path: &Path, capacity: u64, producers: Producers) -> Result<(), Error> {
     if capacity > MAX_RECORD_CAPACITY {
         return Err(Error::BadLayout {
             path: path.display().to_string(),
             what: format!("capacity {capacity} exceeds {MAX_RECORD_CAPACITY}"),
         });
     }
-    SharedFile::create(
+    let file = SharedFile::create(
         path,
         RingKind::Records,
         capacity,
         RECORD_ALIGN as u32,
         DATA_OFFSET - crate::file::HEADER_LEN,
-    )
-    .map(drop)
+    )?;
+    let mode = u64::from(producers == Producers::Single);
+    meta_word(&file, PRODUCERS_OFFSET).store(mode, Ordering::Release);
+    Ok(())
 }
 
 /// A producer of a record ring; many may exist at once, in any processes.
@@ -406,6 +553,12 @@ impl RecordProducer {
     /// Maps the record ring at `path`.
     pub fn open(path: &Path) -> Result<Self, Error> {
         let file = open_checked(path)?;
+        if producers_of(&file) != Producers::Many {
+            return Err(Error::BadLayout {
+                path: path.display().to_string(),
+                what: "a single-producer ring: open it with SingleProducer".into(),
+            });
+        }
         Ok(Self {
             inner: Producer { mem: mapped(&file) },
             _file: file,
@@ -482,6 +635,7 @@ impl Drop for RecordClaim<'_> {
 #[derive(Debug)]
 pub struct RecordConsumer {
     inner: Consumer<Mapped>,
+    producers: Producers,
     _file: SharedFile,
 }
 
@@ -492,18 +646,144 @@ impl RecordConsumer {
         let file = open_checked(path)?;
         Ok(Self {
             inner: Consumer::new(mapped(&file), abandon_timeout),
+            producers: producers_of(&file),
             _file: file,
         })
     }
 
     /// Hands up to `limit` records to `f(type_id, payload)` in place and releases them.
     pub fn read(&mut self, limit: usize, f: impl FnMut(u32, &[u8])) -> usize {
-        self.inner.read(limit, f)
+        match self.producers {
+            Producers::Many => self.inner.read(limit, f),
+            Producers::Single => self.inner.read_single(limit, f),
+        }
     }
 
     /// What the consumer counted.
     pub fn stats(&self) -> ConsumerStats {
         self.inner.stats
+    }
+}
+
+/// The one producer of a single-producer record ring. Opening takes the ring's producer lock;
+/// a lock left by a process that no longer exists is taken over.
+#[derive(Debug)]
+pub struct SingleProducer {
+    inner: Producer<Mapped>,
+    file: SharedFile,
+}
+
+impl SingleProducer {
+    /// Maps the single-producer ring at `path` and takes its producer lock.
+    pub fn open(path: &Path) -> Result<Self, Error> {
+        let file = open_checked(path)?;
+        let name = path.display().to_string();
+        if producers_of(&file) != Producers::Single {
+            return Err(Error::BadLayout {
+                path: name,
+                what: "a many-producer ring: open it with RecordProducer".into(),
+            });
+        }
+        let me = u64::from(std::process::id());
+        let lock = meta_word(&file, PRODUCER_LOCK_OFFSET);
+        let mut owner = 0;
+        loop {
+            match lock.compare_exchange(owner, me, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(current) if current == me || !process_alive(current) => owner = current,
+                Err(current) => {
+                    return Err(Error::InUse {
+                        path: name,
+                        pid: current as u32,
+                    })
+                }
+            }
+        }
+        Ok(Self {
+            inner: Producer { mem: mapped(&file) },
+            file,
+        })
+    }
+
+    /// Largest payload one record can carry.
+    pub fn max_payload(&self) -> usize {
+        max_payload(self.inner.mem.capacity())
+    }
+
+    /// Claims room for a record of `len` payload bytes, to be filled in place.
+    pub fn try_claim(&mut self, type_id: u32, len: usize) -> Result<SingleClaim<'_>, OfferError> {
+        let claimed = self.inner.claim_single(type_id, len)?;
+        Ok(SingleClaim {
+            producer: self,
+            claimed,
+            done: false,
+        })
+    }
+
+    /// Copies `payload` into a new record of `type_id`.
+    pub fn offer(&mut self, type_id: u32, payload: &[u8]) -> Result<(), OfferError> {
+        self.inner.offer_single(type_id, payload)
+    }
+}
+
+impl Drop for SingleProducer {
+    fn drop(&mut self) {
+        let me = u64::from(std::process::id());
+        let _ = meta_word(&self.file, PRODUCER_LOCK_OFFSET).compare_exchange(
+            me,
+            0,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// Whether a process with this id exists (Linux: its /proc entry).
+fn process_alive(pid: u64) -> bool {
+    pid != 0 && Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Room claimed in a single-producer ring; fill [`Self::buf`], then [`Self::commit`].
+/// Dropped without a commit, it is published as padding.
+#[derive(Debug)]
+pub struct SingleClaim<'a> {
+    producer: &'a mut SingleProducer,
+    claimed: Claimed,
+    done: bool,
+}
+
+impl SingleClaim<'_> {
+    /// The payload bytes, in the shared mapping.
+    pub fn buf(&mut self) -> &mut [u8] {
+        let c = self.claimed;
+        // SAFETY: the claim owns its payload range until the tail is published, which needs
+        // `self` by value.
+        unsafe {
+            self.producer
+                .inner
+                .mem
+                .slice_mut(c.offset + HEADER_LEN, c.record_len - HEADER_LEN)
+        }
+    }
+
+    /// Publishes the record.
+    pub fn commit(mut self) {
+        self.done = true;
+        self.producer.inner.commit_single(self.claimed);
+    }
+
+    /// Publishes the room as padding.
+    pub fn abort(mut self) {
+        self.done = true;
+        self.producer.inner.abort_single(self.claimed);
+    }
+}
+
+impl Drop for SingleClaim<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.producer.inner.abort_single(self.claimed);
+        }
     }
 }
 
@@ -596,6 +876,41 @@ mod tests {
         std::thread::sleep(Duration::from_millis(80));
         assert_eq!(drain(&mut c), vec![(3, b"after".to_vec())]);
         assert_eq!(c.stats().abandoned, 1);
+    }
+
+    #[test]
+    fn single_producer_round_trip_wrap_and_lock() {
+        let dir = std::env::temp_dir().join(format!("intergroup-records-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("single");
+        create_with(&path, 256, Producers::Single).unwrap();
+        assert!(
+            RecordProducer::open(&path).is_err(),
+            "a single-producer ring refuses RecordProducer"
+        );
+        let mut p = SingleProducer::open(&path).unwrap();
+        let mut c = RecordConsumer::open(&path, Duration::from_millis(50)).unwrap();
+        for round in 0..100u8 {
+            p.offer(1, &[round; 20]).unwrap();
+            let mut claim = p.try_claim(2, 13).unwrap();
+            claim.buf().fill(round);
+            claim.commit();
+            drop(p.try_claim(3, 5).unwrap());
+            assert_eq!(drain(&mut c), vec![(1, vec![round; 20]), (2, vec![round; 13])]);
+        }
+        let mut n = 0;
+        while p.offer(1, &[0; 24]).is_ok() {
+            n += 1;
+        }
+        // 256 bytes hold eight 32-byte records, or seven when one needs padding at the wrap.
+        assert!(n == 7 || n == 8, "{n}");
+        drop(p);
+        let mut again = SingleProducer::open(&path).unwrap();
+        assert_eq!(again.offer(1, &[0; 24]), Err(OfferError::WouldBlock));
+        assert_eq!(drain(&mut c).len(), n);
+        again.offer(1, b"x").unwrap();
+        assert_eq!(drain(&mut c), vec![(1, b"x".to_vec())]);
+        assert_eq!(c.stats().abandoned, 0);
     }
 
     #[derive(Debug, Clone)]

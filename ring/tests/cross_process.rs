@@ -3,7 +3,9 @@
 //! between claim and commit.
 
 use intergroup_ring::broadcast::{self, BroadcastProducer, BroadcastReader, Mode, ReadError};
-use intergroup_ring::records::{self, RecordConsumer, RecordProducer, TAIL_OFFSET};
+use intergroup_ring::records::{
+    self, Producers, RecordConsumer, RecordProducer, SingleProducer, TAIL_OFFSET,
+};
 use intergroup_ring::OfferError;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -136,6 +138,31 @@ fn run_child() -> bool {
                     .cast::<std::sync::atomic::AtomicU64>()
             };
             tail.fetch_add(48, std::sync::atomic::Ordering::AcqRel);
+            println!("CLAIMED");
+            std::io::stdout().flush().unwrap();
+            std::thread::sleep(Duration::from_secs(120));
+        }
+        "produce-single" => {
+            let mut p = SingleProducer::open(&path).expect("child takes the producer lock");
+            let mut buf = Vec::with_capacity(64);
+            for seq in 0..count {
+                encode(id, seq, &mut buf);
+                while let Err(e) = p.offer(1, &buf) {
+                    assert_eq!(e, OfferError::WouldBlock);
+                    std::thread::yield_now();
+                }
+            }
+        }
+        "single-claim-and-hang" => {
+            let mut p = SingleProducer::open(&path).unwrap();
+            let mut buf = Vec::new();
+            for seq in 0..count {
+                encode(id, seq, &mut buf);
+                p.offer(1, &buf).unwrap();
+            }
+            let mut claim = p.try_claim(1, 40).unwrap();
+            claim.buf()[..20].fill(0xee);
+            std::mem::forget(claim);
             println!("CLAIMED");
             std::io::stdout().flush().unwrap();
             std::thread::sleep(Duration::from_secs(120));
@@ -367,4 +394,47 @@ fn a_producer_killed_before_writing_its_header_does_not_wedge_the_consumer() {
         "a_producer_killed_before_writing_its_header_does_not_wedge_the_consumer",
         "reserve-and-hang",
     );
+}
+
+#[test]
+fn ten_million_records_from_a_single_producer_process() {
+    if run_child() {
+        return;
+    }
+    let test = "ten_million_records_from_a_single_producer_process";
+    let path = ring_path("single-ten-million");
+    records::create_with(&path, 1 << 20, Producers::Single).unwrap();
+    let mut c = RecordConsumer::open(&path, Duration::from_secs(5)).unwrap();
+    let mut child = spawn(test, "produce-single", &path, 1, 10_000_000, false);
+    let next = consume(&mut c, 1, 10_000_000, Duration::from_secs(300));
+    assert!(child.wait().unwrap().success());
+    assert_eq!(next[1], 10_000_000);
+}
+
+#[test]
+fn a_single_producer_killed_mid_claim_leaves_nothing_behind_and_can_be_replaced() {
+    if run_child() {
+        return;
+    }
+    let test = "a_single_producer_killed_mid_claim_leaves_nothing_behind_and_can_be_replaced";
+    let path = ring_path("single-killed");
+    records::create_with(&path, 1 << 16, Producers::Single).unwrap();
+    let mut c = RecordConsumer::open(&path, Duration::from_millis(200)).unwrap();
+    let mut victim = spawn(test, "single-claim-and-hang", &path, 1, 100, true);
+    let out = wait_for_line(&mut victim, "CLAIMED");
+    // While it lives, nobody else may produce.
+    assert!(matches!(
+        SingleProducer::open(&path),
+        Err(intergroup_ring::Error::InUse { .. })
+    ));
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    drop(out);
+    // Its lock names a dead process, so a new producer takes over where the tail stands.
+    let mut successor = spawn(test, "produce-single", &path, 2, 1000, false);
+    assert!(successor.wait().unwrap().success());
+    let next = consume(&mut c, 2, 1100, Duration::from_secs(30));
+    assert_eq!(next[1..], [100, 1000]);
+    assert_eq!(c.stats().abandoned, 0, "an unpublished claim is not even seen");
+    assert_eq!(c.read(usize::MAX, |_, _| {}), 0);
 }

@@ -68,3 +68,41 @@ fn release_and_reclaim_across_the_wrap() {
         assert_eq!(got, want);
     });
 }
+
+/// Single-producer mode: the tail is the commit. A consumer thread reads while the producer
+/// publishes new records and wraps; it must see whole records only, and the producer must reuse
+/// only space the consumer released.
+#[test]
+fn single_producer_publishes_through_the_tail() {
+    use intergroup_ring::loom_support::{offer_single, read_single};
+    loom::model(|| {
+        let mem = ring(128);
+        for id in 1..=4u8 {
+            offer_single(&mem, u32::from(id), &[id; 16]).unwrap();
+        }
+        let consumer = {
+            let mem = mem.clone();
+            thread::spawn(move || {
+                let mut got = Vec::new();
+                for _ in 0..2 {
+                    read_single(&mem, 8, |t, p| got.push((t, p.to_vec())));
+                    thread::yield_now();
+                }
+                got
+            })
+        };
+        let mut sent = Vec::new();
+        for id in 5..=6u8 {
+            if offer_single(&mem, u32::from(id), &[id; 16]).is_ok() {
+                sent.push(id);
+            }
+        }
+        let mut got = consumer.join().unwrap();
+        read_single(&mem, 8, |t, p| got.push((t, p.to_vec())));
+        let want: Vec<(u32, Vec<u8>)> = (1..=4u8)
+            .chain(sent)
+            .map(|id| (u32::from(id), vec![id; 16]))
+            .collect();
+        assert_eq!(got, want);
+    });
+}
