@@ -107,9 +107,9 @@ pub(crate) struct Claimed {
 }
 
 impl<M: Memory> Producer<M> {
-    /// Single-producer claim: the one producer owns the tail, so no compare-exchange and no
-    /// "claimed" state; the header is written final and `commit_single` publishes the tail.
-    pub(crate) fn claim_single(&self, type_id: u32, len: usize) -> Result<Claimed, OfferError> {
+    /// Checks a record of `type_id` with a `len`-byte payload; returns the capacity, the record
+    /// length and its aligned length.
+    fn sizes(&self, type_id: u32, len: usize) -> Result<(usize, usize, usize), OfferError> {
         if type_id == PADDING_TYPE {
             return Err(OfferError::ReservedType(type_id));
         }
@@ -121,7 +121,13 @@ impl<M: Memory> Producer<M> {
             });
         }
         let record_len = HEADER_LEN + len;
-        let aligned = align(record_len);
+        Ok((capacity, record_len, align(record_len)))
+    }
+
+    /// Single-producer claim: the one producer owns the tail, so no compare-exchange and no
+    /// "claimed" state; the header is written final and `commit_single` publishes the tail.
+    pub(crate) fn claim_single(&self, type_id: u32, len: usize) -> Result<Claimed, OfferError> {
+        let (capacity, record_len, aligned) = self.sizes(type_id, len)?;
         let tail = self.mem.tail().load(Ordering::Relaxed);
         let offset = tail as usize & (capacity - 1);
         let to_end = capacity - offset;
@@ -178,18 +184,7 @@ impl<M: Memory> Producer<M> {
 
     /// Claims space for a payload of `len` bytes and marks it "claimed" with `type_id`.
     pub(crate) fn claim(&self, type_id: u32, len: usize) -> Result<Claimed, OfferError> {
-        if type_id == PADDING_TYPE {
-            return Err(OfferError::ReservedType(type_id));
-        }
-        let capacity = self.mem.capacity();
-        if len > max_payload(capacity) {
-            return Err(OfferError::TooLarge {
-                len,
-                max: max_payload(capacity),
-            });
-        }
-        let record_len = HEADER_LEN + len;
-        let aligned = align(record_len);
+        let (capacity, record_len, aligned) = self.sizes(type_id, len)?;
         let mask = capacity - 1;
         let mut head = self.mem.head_cache().load(Ordering::Relaxed);
         let mut tail = self.mem.tail().load(Ordering::Acquire);
@@ -486,6 +481,22 @@ fn producers_of(file: &SharedFile) -> Producers {
     }
 }
 
+impl Producer<Mapped> {
+    /// The payload bytes of claim `c`, in the mapping.
+    ///
+    /// # Safety
+    ///
+    /// `c` is a live claim of this producer that the caller owns for the slice's lifetime.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn payload_mut(&self, c: Claimed) -> &mut [u8] {
+        // SAFETY: the caller owns the claim, which lies inside the data area.
+        unsafe {
+            self.mem
+                .slice_mut(c.offset + HEADER_LEN, c.record_len - HEADER_LEN)
+        }
+    }
+}
+
 fn mapped(file: &SharedFile) -> Mapped {
     let h = file.header();
     // SAFETY: `SharedFile::open`/`create` checked that the mapping holds `data_offset + capacity`
@@ -598,15 +609,9 @@ pub struct RecordClaim<'a> {
 impl RecordClaim<'_> {
     /// The payload bytes, in the shared mapping.
     pub fn buf(&mut self) -> &mut [u8] {
-        let c = self.claimed;
         // SAFETY: this claim owns its payload range until it is committed or aborted, and the
         // returned borrow ends before either (both take `self`).
-        unsafe {
-            self.producer
-                .inner
-                .mem
-                .slice_mut(c.offset + HEADER_LEN, c.record_len - HEADER_LEN)
-        }
+        unsafe { self.producer.inner.payload_mut(self.claimed) }
     }
 
     /// Publishes the record.
@@ -755,15 +760,9 @@ pub struct SingleClaim<'a> {
 impl SingleClaim<'_> {
     /// The payload bytes, in the shared mapping.
     pub fn buf(&mut self) -> &mut [u8] {
-        let c = self.claimed;
         // SAFETY: the claim owns its payload range until the tail is published, which needs
         // `self` by value.
-        unsafe {
-            self.producer
-                .inner
-                .mem
-                .slice_mut(c.offset + HEADER_LEN, c.record_len - HEADER_LEN)
-        }
+        unsafe { self.producer.inner.payload_mut(self.claimed) }
     }
 
     /// Publishes the record.
