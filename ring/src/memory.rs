@@ -21,6 +21,9 @@ pub(crate) unsafe trait Memory {
     /// The 8-byte word at `offset` (8-aligned, `< capacity`) of the data area.
     fn word(&self, offset: usize) -> &AtomicU64;
 
+    /// Hints that the line at `offset` of the data area will be read soon. Never faults.
+    fn prefetch(&self, _offset: usize) {}
+
     /// Copies `src` to `offset` of the data area.
     ///
     /// # Safety
@@ -113,6 +116,18 @@ unsafe impl Memory for Mapped {
         debug_assert!(offset % 8 == 0 && offset < self.capacity);
         // SAFETY: `offset` is 8-aligned and inside the data area, which is 64-aligned.
         unsafe { &*self.data.add(offset).cast::<AtomicU64>() }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn prefetch(&self, offset: usize) {
+        debug_assert!(offset < self.capacity);
+        // SAFETY: a prefetch is only a hint: it never faults and has no effect on memory
+        // contents; the address is inside the mapping anyway.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                self.data.add(offset).cast::<i8>(),
+            )
+        }
     }
 
     unsafe fn write(&self, offset: usize, src: &[u8]) {
@@ -233,6 +248,9 @@ unsafe impl<T: Memory> Memory for &T {
     }
     fn word(&self, offset: usize) -> &AtomicU64 {
         (**self).word(offset)
+    }
+    fn prefetch(&self, offset: usize) {
+        (**self).prefetch(offset)
     }
     unsafe fn write(&self, offset: usize, src: &[u8]) {
         // SAFETY: the caller upholds `write`'s contract.

@@ -33,6 +33,11 @@ use crate::Error;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+/// How many records ahead the single-producer consumer prefetches...
+const PREFETCH_RECORDS: usize = 8;
+/// ...but never less than this many bytes (small records need a longer reach).
+const PREFETCH_MIN_BYTES: usize = 512;
+
 /// Records start at multiples of this many bytes.
 pub const RECORD_ALIGN: usize = 8;
 /// Bytes of a record header.
@@ -356,6 +361,10 @@ impl<M: Memory> Consumer<M> {
             let offset = pos as usize & mask;
             let word = self.mem.word(offset).load(Ordering::Relaxed);
             let record_len = state_of(word);
+            // The header a few records on, guessing they are this size: the consumer is bound
+            // by header loads, and the hardware prefetcher alone leaves them missing.
+            let ahead = (PREFETCH_RECORDS * align(record_len.max(8) as usize)).max(PREFETCH_MIN_BYTES);
+            self.mem.prefetch((offset + ahead) & mask);
             if record_len < HEADER_LEN as i32 || offset + record_len as usize > capacity {
                 // No producer writes this below the tail: corrupt memory. Skip the lap's rest.
                 pos += (capacity - offset) as u64;
