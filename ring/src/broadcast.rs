@@ -32,6 +32,7 @@
 //! unseen record cannot reach the joining position (see `join`).
 
 use crate::file::{RingKind, SharedFile};
+use crate::memory::{Mapped, Memory};
 use crate::primitive::{fence, AtomicU64, Ordering};
 use crate::records::OfferError;
 use crate::Error;
@@ -92,57 +93,18 @@ pub fn max_payload(capacity: usize) -> usize {
     capacity / 4 - HEADER_LEN
 }
 
-/// Raw access to a mapped broadcast file.
+/// A broadcast log over some memory: the mapped file, or loom's tracked cells.
 #[derive(Debug)]
-struct Log {
-    file: SharedFile,
-    data: *mut u8,
-    capacity: usize,
-    slots: usize,
+pub(crate) struct Log<M> {
+    pub(crate) mem: M,
+    pub(crate) capacity: usize,
+    pub(crate) slots: usize,
 }
 
-// SAFETY: the pointers address the shared mapping owned by `file`; cross-thread access goes
-// through atomics or through ranges the protocol described above makes safe to touch.
-unsafe impl Send for Log {}
-// SAFETY: as above.
-unsafe impl Sync for Log {}
-
-impl Log {
-    fn open(path: &Path) -> Result<Self, Error> {
-        let file = SharedFile::open(path, RingKind::Broadcast)?;
-        let h = file.header();
-        let data_offset = h.data_offset.get() as usize;
-        let capacity = h.capacity.get() as usize;
-        let slots = data_offset.saturating_sub(SLOTS_OFFSET) / SLOT_LEN;
-        if slots == 0 || h.record_alignment.get() as usize != RECORD_ALIGN || capacity > (1 << 30) {
-            return Err(Error::BadLayout {
-                path: path.display().to_string(),
-                what: "not the broadcast-log layout this build writes".into(),
-            });
-        }
-        // SAFETY: `SharedFile::open` checked the mapping holds `data_offset + capacity` bytes.
-        let data = unsafe { file.base_ptr().add(data_offset) };
-        let log = Self {
-            file,
-            data,
-            capacity,
-            slots,
-        };
-        let mode = log.word(MODE_OFFSET).load(Ordering::Acquire);
-        if mode != MODE_RELIABLE && mode != MODE_LOSSY {
-            return Err(Error::BadLayout {
-                path: path.display().to_string(),
-                what: format!("unknown broadcast mode {mode}"),
-            });
-        }
-        Ok(log)
-    }
-
+impl<M: Memory> Log<M> {
     /// The atomic word at `offset` of the file's metadata (8-aligned, below the data area).
     fn word(&self, offset: usize) -> &AtomicU64 {
-        debug_assert!(offset % 8 == 0 && offset < self.file.header().data_offset.get() as usize);
-        // SAFETY: 8-aligned, inside the mapping (below the data area), accessed only atomically.
-        unsafe { &*self.file.base_ptr().add(offset).cast::<AtomicU64>() }
+        self.mem.meta(offset)
     }
 
     fn slot_word(&self, slot: usize, field: usize) -> &AtomicU64 {
@@ -151,9 +113,7 @@ impl Log {
 
     /// The 8-byte word at `offset` of the data area.
     fn data_word(&self, offset: usize) -> &AtomicU64 {
-        debug_assert!(offset % 8 == 0 && offset + 8 <= self.capacity);
-        // SAFETY: 8-aligned, inside the data area.
-        unsafe { &*self.data.add(offset).cast::<AtomicU64>() }
+        self.mem.word(offset)
     }
 
     /// `(tail, sequence of the record that starts there)`, read together.
@@ -180,6 +140,42 @@ impl Log {
             Mode::Reliable
         }
     }
+
+    /// Sets the mode of a new log.
+    pub(crate) fn set_mode(&self, mode: Mode) {
+        let m = if mode == Mode::Lossy {
+            MODE_LOSSY
+        } else {
+            MODE_RELIABLE
+        };
+        self.word(MODE_OFFSET).store(m, Ordering::Release);
+    }
+}
+
+/// Maps the broadcast log at `path` and checks its layout and mode.
+fn open_log(path: &Path, check_mode: bool) -> Result<(SharedFile, Log<Mapped>), Error> {
+    let file = SharedFile::open(path, RingKind::Broadcast)?;
+    let h = file.header();
+    let data_offset = h.data_offset.get() as usize;
+    let capacity = h.capacity.get() as usize;
+    let slots = data_offset.saturating_sub(SLOTS_OFFSET) / SLOT_LEN;
+    let bad = |what: String| Error::BadLayout {
+        path: path.display().to_string(),
+        what,
+    };
+    if slots == 0 || h.record_alignment.get() as usize != RECORD_ALIGN || capacity > (1 << 30) {
+        return Err(bad("not the broadcast-log layout this build writes".into()));
+    }
+    // SAFETY: `SharedFile::open` checked that the mapping holds `data_offset + capacity` bytes;
+    // every metadata offset used here is 8-aligned and below `data_offset` (checked above via
+    // `slots`), and the mapping lives in `file`, which each handle keeps beside its `Log`.
+    let mem = unsafe { Mapped::new(file.base_ptr(), data_offset, capacity, [TAIL_OFFSET; 3]) };
+    let log = Log { mem, capacity, slots };
+    let mode = log.word(MODE_OFFSET).load(Ordering::Acquire);
+    if check_mode && mode != MODE_RELIABLE && mode != MODE_LOSSY {
+        return Err(bad(format!("unknown broadcast mode {mode}")));
+    }
+    Ok((file, log))
 }
 
 /// Creates a broadcast log at `path`: `capacity` bytes of data (a power of two, 64 B to
@@ -197,36 +193,15 @@ pub fn create(path: &Path, capacity: u64, max_readers: usize, mode: Mode) -> Res
     }
     let metadata = SLOTS_OFFSET + max_readers * SLOT_LEN - crate::file::HEADER_LEN;
     SharedFile::create(path, RingKind::Broadcast, capacity, RECORD_ALIGN as u32, metadata)?;
-    let log = Log::open_unchecked(path)?;
-    let m = if mode == Mode::Lossy {
-        MODE_LOSSY
-    } else {
-        MODE_RELIABLE
-    };
-    log.word(MODE_OFFSET).store(m, Ordering::Release);
+    let (_file, log) = open_log(path, false)?;
+    log.set_mode(mode);
     Ok(())
 }
 
-impl Log {
-    fn open_unchecked(path: &Path) -> Result<Self, Error> {
-        let file = SharedFile::open(path, RingKind::Broadcast)?;
-        let h = file.header();
-        let data_offset = h.data_offset.get() as usize;
-        // SAFETY: checked by `SharedFile::open`.
-        let data = unsafe { file.base_ptr().add(data_offset) };
-        Ok(Self {
-            capacity: h.capacity.get() as usize,
-            slots: (data_offset - SLOTS_OFFSET) / SLOT_LEN,
-            file,
-            data,
-        })
-    }
-}
-
-/// The one producer of a broadcast log.
+/// The producer logic, over any memory.
 #[derive(Debug)]
-pub struct BroadcastProducer {
-    log: Log,
+pub(crate) struct ProducerCore<M> {
+    log: Log<M>,
     mode: Mode,
     /// Next record sequence.
     sequence: u64,
@@ -240,18 +215,13 @@ pub struct BroadcastProducer {
     limit: u64,
 }
 
-impl BroadcastProducer {
-    /// Maps the log at `path` as its producer. In reliable mode a reader whose heartbeat does
-    /// not move for `reader_timeout` is evicted.
-    ///
-    /// There must be one producer per log; the file does not enforce it.
-    pub fn open(path: &Path, reader_timeout: Duration) -> Result<Self, Error> {
-        let log = Log::open(path)?;
+impl<M: Memory> ProducerCore<M> {
+    pub(crate) fn new(log: Log<M>, reader_timeout: Duration) -> Self {
         let now = Instant::now();
         let mode = log.mode();
         // Continue the sequence of whatever is in the log.
         let sequence = log.word(SEQUENCE_OFFSET).load(Ordering::Acquire);
-        Ok(Self {
+        Self {
             liveness: vec![(0, now); log.slots],
             log,
             mode,
@@ -259,21 +229,11 @@ impl BroadcastProducer {
             reader_timeout,
             evicted: 0,
             limit: 0,
-        })
-    }
-
-    /// Largest payload one record can carry.
-    pub fn max_payload(&self) -> usize {
-        max_payload(self.log.capacity)
-    }
-
-    /// Readers evicted so far for silence.
-    pub fn evicted(&self) -> u64 {
-        self.evicted
+        }
     }
 
     /// Appends a record of `type_id` with `payload`.
-    pub fn offer(&mut self, type_id: u32, payload: &[u8]) -> Result<(), OfferError> {
+    pub(crate) fn offer(&mut self, type_id: u32, payload: &[u8]) -> Result<(), OfferError> {
         if type_id == PADDING_TYPE {
             return Err(OfferError::ReservedType(type_id));
         }
@@ -322,13 +282,7 @@ impl BroadcastProducer {
         }
         // SAFETY: `at .. at + aligned` is inside the data area and, by the checks above, holds
         // nothing a reader may still read (reliable) or was announced in `claim` (lossy).
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                payload.as_ptr(),
-                self.log.data.add(at + HEADER_LEN),
-                payload.len(),
-            );
-        }
+        unsafe { self.log.mem.write(at + HEADER_LEN, payload) };
         self.log.data_word(at + 8).store(self.sequence, Ordering::Relaxed);
         self.log
             .data_word(at)
@@ -398,10 +352,10 @@ impl BroadcastProducer {
     }
 }
 
-/// A reader of a broadcast log, at its own position.
+/// The reader logic, over any memory.
 #[derive(Debug)]
-pub struct BroadcastReader {
-    log: Log,
+pub(crate) struct ReaderCore<M: Memory> {
+    log: Log<M>,
     mode: Mode,
     slot: Option<usize>,
     /// Written into the slot's owner field; a slot re-taken by another reader is not ours.
@@ -413,11 +367,9 @@ pub struct BroadcastReader {
     heartbeat: u64,
 }
 
-impl BroadcastReader {
-    /// Maps the log at `path` and joins it at its current tail: it reads what is offered from
-    /// now on. In reliable mode it takes a reader slot, or fails if all are taken.
-    pub fn open(path: &Path) -> Result<Self, Error> {
-        let log = Log::open(path)?;
+impl<M: Memory> ReaderCore<M> {
+    /// Joins `log` at its current tail; `None` when every reader slot is taken.
+    pub(crate) fn new(log: Log<M>) -> Option<Self> {
         let mode = log.mode();
         let mut r = Self {
             log,
@@ -433,24 +385,19 @@ impl BroadcastReader {
         r.position = tail;
         r.next_sequence = Some(sequence);
         if mode == Mode::Reliable {
-            r.join(path)?;
+            r.join()?;
         }
-        Ok(r)
+        Some(r)
     }
 
     /// Takes a free slot and publishes the position, re-checking the tail (see module docs).
-    fn join(&mut self, path: &Path) -> Result<(), Error> {
-        let slot = (0..self.log.slots)
-            .find(|&s| {
-                self.log
-                    .slot_word(s, 0)
-                    .compare_exchange(SLOT_FREE, SLOT_JOINING, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok()
-            })
-            .ok_or_else(|| Error::BadLayout {
-                path: path.display().to_string(),
-                what: format!("all {} reader slots are taken", self.log.slots),
-            })?;
+    fn join(&mut self) -> Option<()> {
+        let slot = (0..self.log.slots).find(|&s| {
+            self.log
+                .slot_word(s, 0)
+                .compare_exchange(SLOT_FREE, SLOT_JOINING, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        })?;
         // A joining slot is reserved; the producer ignores it until it is active.
         self.log.slot_word(slot, 3).store(self.owner, Ordering::Relaxed);
         let half = (self.log.capacity / 2) as u64;
@@ -465,14 +412,14 @@ impl BroadcastReader {
             if t2 - t < half {
                 self.position = t;
                 self.slot = Some(slot);
-                return Ok(());
+                return Some(());
             }
             self.log.slot_word(slot, 0).store(SLOT_JOINING, Ordering::SeqCst);
         }
     }
 
     /// Marks this reader alive without reading (reliable mode).
-    pub fn keep_alive(&mut self) {
+    pub(crate) fn keep_alive(&mut self) {
         if let Some(s) = self.slot {
             self.heartbeat = self.heartbeat.wrapping_add(1);
             self.log.slot_word(s, 2).store(self.heartbeat, Ordering::Relaxed);
@@ -481,7 +428,7 @@ impl BroadcastReader {
 
     /// Hands up to `limit` records to `f(type_id, payload)`: in place (reliable) or from a copy
     /// checked after the read (lossy). Returns how many, or what happened instead.
-    pub fn poll(&mut self, limit: usize, mut f: impl FnMut(u32, &[u8])) -> Result<usize, ReadError> {
+    pub(crate) fn poll(&mut self, limit: usize, mut f: impl FnMut(u32, &[u8])) -> Result<usize, ReadError> {
         self.keep_alive();
         if let Some(s) = self.slot {
             let ours = self.log.slot_word(s, 0).load(Ordering::Acquire) == SLOT_ACTIVE
@@ -510,11 +457,14 @@ impl BroadcastReader {
                 // Copy first, then check that none of it was being overwritten (seqlock).
                 self.copy.clear();
                 if fits && !padding {
+                    let copy = &mut self.copy;
                     // SAFETY: in bounds; the bytes may be overwritten concurrently, which the
                     // claim check below detects before they are used.
-                    self.copy.extend_from_slice(unsafe {
-                        std::slice::from_raw_parts(self.log.data.add(offset + HEADER_LEN), len - HEADER_LEN)
-                    });
+                    unsafe {
+                        self.log.mem.read(offset + HEADER_LEN, len - HEADER_LEN, |p| {
+                            copy.extend_from_slice(p)
+                        })
+                    };
                 }
                 fence(Ordering::Acquire);
                 if self.lapped() {
@@ -534,10 +484,11 @@ impl BroadcastReader {
                 Mode::Reliable => {
                     // SAFETY: below `tail` (Acquire) and not overwritten while this reader's
                     // published position is at or before it.
-                    let payload = unsafe {
-                        std::slice::from_raw_parts(self.log.data.add(offset + HEADER_LEN), len - HEADER_LEN)
+                    unsafe {
+                        self.log
+                            .mem
+                            .read(offset + HEADER_LEN, len - HEADER_LEN, |p| f(type_id, p))
                     };
-                    f(type_id, payload);
                 }
                 Mode::Lossy => f(type_id, &self.copy),
             }
@@ -584,13 +535,81 @@ impl BroadcastReader {
     }
 }
 
+/// The one producer of a broadcast log.
+#[derive(Debug)]
+pub struct BroadcastProducer {
+    core: ProducerCore<Mapped>,
+    _file: SharedFile,
+}
+
+impl BroadcastProducer {
+    /// Maps the log at `path` as its producer. In reliable mode a reader whose heartbeat does
+    /// not move for `reader_timeout` is evicted.
+    ///
+    /// There must be one producer per log; the file does not enforce it.
+    pub fn open(path: &Path, reader_timeout: Duration) -> Result<Self, Error> {
+        let (file, log) = open_log(path, true)?;
+        Ok(Self {
+            core: ProducerCore::new(log, reader_timeout),
+            _file: file,
+        })
+    }
+
+    /// Largest payload one record can carry.
+    pub fn max_payload(&self) -> usize {
+        max_payload(self.core.log.capacity)
+    }
+
+    /// Readers evicted so far for silence.
+    pub fn evicted(&self) -> u64 {
+        self.core.evicted
+    }
+
+    /// Appends a record of `type_id` with `payload`.
+    pub fn offer(&mut self, type_id: u32, payload: &[u8]) -> Result<(), OfferError> {
+        self.core.offer(type_id, payload)
+    }
+}
+
+/// A reader of a broadcast log, at its own position.
+#[derive(Debug)]
+pub struct BroadcastReader {
+    core: ReaderCore<Mapped>,
+    _file: SharedFile,
+}
+
+impl BroadcastReader {
+    /// Maps the log at `path` and joins it at its current tail: it reads what is offered from
+    /// now on. In reliable mode it takes a reader slot, or fails if all are taken.
+    pub fn open(path: &Path) -> Result<Self, Error> {
+        let (file, log) = open_log(path, true)?;
+        let slots = log.slots;
+        let core = ReaderCore::new(log).ok_or_else(|| Error::BadLayout {
+            path: path.display().to_string(),
+            what: format!("all {slots} reader slots are taken"),
+        })?;
+        Ok(Self { core, _file: file })
+    }
+
+    /// Marks this reader alive without reading (reliable mode).
+    pub fn keep_alive(&mut self) {
+        self.core.keep_alive();
+    }
+
+    /// Hands up to `limit` records to `f(type_id, payload)`: in place (reliable) or from a copy
+    /// checked after the read (lossy). Returns how many, or what happened instead.
+    pub fn poll(&mut self, limit: usize, f: impl FnMut(u32, &[u8])) -> Result<usize, ReadError> {
+        self.core.poll(limit, f)
+    }
+}
+
 /// A value no other live reader holds: process id and a per-process counter.
 fn owner_token() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     (u64::from(std::process::id()) << 32) | NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
-impl Drop for BroadcastReader {
+impl<M: Memory> Drop for ReaderCore<M> {
     fn drop(&mut self) {
         if let Some(s) = self
             .slot

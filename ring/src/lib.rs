@@ -25,6 +25,7 @@ pub mod loom_support {
     //! The ring algorithm over loom-tracked memory, for `tests/loom.rs`.
     pub use crate::memory::LoomMemory;
     pub use crate::records::ConsumerStats;
+    use std::sync::Arc;
 
     /// A record ring over [`LoomMemory`]: the same producer and consumer code as the real one.
     pub fn ring(capacity: usize) -> std::sync::Arc<LoomMemory> {
@@ -45,6 +46,52 @@ pub mod loom_support {
     /// Offers one record through the real single-producer code.
     pub fn offer_single(mem: &LoomMemory, type_id: u32, payload: &[u8]) -> Result<(), crate::OfferError> {
         crate::records::Producer { mem }.offer_single(type_id, payload)
+    }
+
+    /// A reliable broadcast log over loom memory with `slots` reader slots, and its producer.
+    pub fn broadcast_producer(mem: &Arc<LoomMemory>, capacity: usize, slots: usize) -> BroadcastProducerCore {
+        let log = crate::broadcast::Log {
+            mem: mem.clone(),
+            capacity,
+            slots,
+        };
+        log.set_mode(crate::Mode::Reliable);
+        BroadcastProducerCore(crate::broadcast::ProducerCore::new(
+            log,
+            std::time::Duration::from_secs(3600),
+        ))
+    }
+
+    /// A reader joined to the log in `mem` at its tail (the real join code).
+    pub fn broadcast_reader(mem: &Arc<LoomMemory>, capacity: usize, slots: usize) -> BroadcastReaderCore {
+        let log = crate::broadcast::Log {
+            mem: mem.clone(),
+            capacity,
+            slots,
+        };
+        BroadcastReaderCore(crate::broadcast::ReaderCore::new(log).expect("a free slot"))
+    }
+
+    /// The real broadcast producer over loom memory.
+    #[derive(Debug)]
+    pub struct BroadcastProducerCore(crate::broadcast::ProducerCore<Arc<LoomMemory>>);
+
+    impl BroadcastProducerCore {
+        /// Offers one record.
+        pub fn offer(&mut self, type_id: u32, payload: &[u8]) -> Result<(), crate::OfferError> {
+            self.0.offer(type_id, payload)
+        }
+    }
+
+    /// The real broadcast reader over loom memory.
+    #[derive(Debug)]
+    pub struct BroadcastReaderCore(crate::broadcast::ReaderCore<Arc<LoomMemory>>);
+
+    impl BroadcastReaderCore {
+        /// Polls up to `limit` records.
+        pub fn poll(&mut self, limit: usize, f: impl FnMut(u32, &[u8])) -> Result<usize, crate::ReadError> {
+            self.0.poll(limit, f)
+        }
     }
 
     /// Reads through the real single-producer consumer code.

@@ -20,6 +20,8 @@ pub(crate) unsafe trait Memory {
     fn head_cache(&self) -> &AtomicU64;
     /// The 8-byte word at `offset` (8-aligned, `< capacity`) of the data area.
     fn word(&self, offset: usize) -> &AtomicU64;
+    /// The 8-byte word at `offset` of the file, in the metadata before the data area.
+    fn meta(&self, offset: usize) -> &AtomicU64;
 
     /// Hints that the line at `offset` of the data area will be read soon. Never faults.
     fn prefetch(&self, _offset: usize) {}
@@ -49,6 +51,9 @@ pub(crate) unsafe trait Memory {
 /// A ring's memory inside a mapped file.
 #[derive(Debug)]
 pub(crate) struct Mapped {
+    /// Start of the mapping; the metadata words are at 8-aligned offsets below `data_offset`.
+    base: *mut u8,
+    data_offset: usize,
     /// Start of the data area. Non-null, 64-aligned, valid for `capacity` bytes while the
     /// mapping in the owning [`crate::SharedFile`] lives.
     data: *mut u8,
@@ -80,6 +85,8 @@ impl Mapped {
         // SAFETY: the caller guarantees every offset lies inside the mapping and is aligned.
         unsafe {
             Self {
+                base,
+                data_offset,
                 data: base.add(data_offset),
                 capacity,
                 tail: base.add(indices[0]).cast(),
@@ -116,6 +123,12 @@ unsafe impl Memory for Mapped {
         debug_assert!(offset % 8 == 0 && offset < self.capacity);
         // SAFETY: `offset` is 8-aligned and inside the data area, which is 64-aligned.
         unsafe { &*self.data.add(offset).cast::<AtomicU64>() }
+    }
+
+    fn meta(&self, offset: usize) -> &AtomicU64 {
+        debug_assert!(offset % 8 == 0 && offset + 8 <= self.data_offset);
+        // SAFETY: 8-aligned, inside the mapping below the data area, only accessed atomically.
+        unsafe { &*self.base.add(offset).cast::<AtomicU64>() }
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -163,6 +176,10 @@ impl Mapped {
     }
 }
 
+/// Metadata words of a [`LoomMemory`]: 1 KiB, room for a broadcast log with nine reader slots.
+#[cfg(loom)]
+pub const LOOM_META_WORDS: usize = 128;
+
 /// Heap memory whose every payload byte is a loom cell, so loom reports unsynchronised access.
 #[cfg(loom)]
 #[derive(Debug)]
@@ -172,6 +189,8 @@ pub struct LoomMemory {
     head_cache: AtomicU64,
     /// One atomic per 8-byte word: the record headers.
     words: Vec<AtomicU64>,
+    /// The metadata words of a file, by offset / 8.
+    meta: Vec<AtomicU64>,
     /// Payload bytes. Header words are the atomics above, so a record's first 8 bytes are
     /// never touched through these cells.
     bytes: Vec<loom::cell::UnsafeCell<u8>>,
@@ -185,6 +204,7 @@ impl LoomMemory {
             head: AtomicU64::new(0),
             head_cache: AtomicU64::new(0),
             words: (0..capacity / 8).map(|_| AtomicU64::new(0)).collect(),
+            meta: (0..LOOM_META_WORDS).map(|_| AtomicU64::new(0)).collect(),
             bytes: (0..capacity).map(|_| loom::cell::UnsafeCell::new(0)).collect(),
         }
     }
@@ -208,6 +228,9 @@ unsafe impl Memory for LoomMemory {
     }
     fn word(&self, offset: usize) -> &AtomicU64 {
         &self.words[offset / 8]
+    }
+    fn meta(&self, offset: usize) -> &AtomicU64 {
+        &self.meta[offset / 8]
     }
     unsafe fn write(&self, offset: usize, src: &[u8]) {
         for (i, &b) in src.iter().enumerate() {
@@ -249,8 +272,46 @@ unsafe impl<T: Memory> Memory for &T {
     fn word(&self, offset: usize) -> &AtomicU64 {
         (**self).word(offset)
     }
+    fn meta(&self, offset: usize) -> &AtomicU64 {
+        (**self).meta(offset)
+    }
     fn prefetch(&self, offset: usize) {
         (**self).prefetch(offset)
+    }
+    unsafe fn write(&self, offset: usize, src: &[u8]) {
+        // SAFETY: the caller upholds `write`'s contract.
+        unsafe { (**self).write(offset, src) }
+    }
+    unsafe fn read<R>(&self, offset: usize, len: usize, f: impl FnOnce(&[u8]) -> R) -> R {
+        // SAFETY: the caller upholds `read`'s contract.
+        unsafe { (**self).read(offset, len, f) }
+    }
+    unsafe fn zero(&self, offset: usize, len: usize) {
+        // SAFETY: the caller upholds `zero`'s contract.
+        unsafe { (**self).zero(offset, len) }
+    }
+}
+
+// SAFETY: forwards to `T`, which upholds the contract.
+#[cfg(loom)]
+unsafe impl<T: Memory> Memory for std::sync::Arc<T> {
+    fn capacity(&self) -> usize {
+        (**self).capacity()
+    }
+    fn tail(&self) -> &AtomicU64 {
+        (**self).tail()
+    }
+    fn head(&self) -> &AtomicU64 {
+        (**self).head()
+    }
+    fn head_cache(&self) -> &AtomicU64 {
+        (**self).head_cache()
+    }
+    fn word(&self, offset: usize) -> &AtomicU64 {
+        (**self).word(offset)
+    }
+    fn meta(&self, offset: usize) -> &AtomicU64 {
+        (**self).meta(offset)
     }
     unsafe fn write(&self, offset: usize, src: &[u8]) {
         // SAFETY: the caller upholds `write`'s contract.
