@@ -255,74 +255,51 @@ unsafe impl Memory for LoomMemory {
     }
 }
 
-// SAFETY: forwards to `T`, which upholds the contract.
-unsafe impl<T: Memory> Memory for &T {
-    fn capacity(&self) -> usize {
-        (**self).capacity()
-    }
-    fn tail(&self) -> &AtomicU64 {
-        (**self).tail()
-    }
-    fn head(&self) -> &AtomicU64 {
-        (**self).head()
-    }
-    fn head_cache(&self) -> &AtomicU64 {
-        (**self).head_cache()
-    }
-    fn word(&self, offset: usize) -> &AtomicU64 {
-        (**self).word(offset)
-    }
-    fn meta(&self, offset: usize) -> &AtomicU64 {
-        (**self).meta(offset)
-    }
-    fn prefetch(&self, offset: usize) {
-        (**self).prefetch(offset)
-    }
-    unsafe fn write(&self, offset: usize, src: &[u8]) {
-        // SAFETY: the caller upholds `write`'s contract.
-        unsafe { (**self).write(offset, src) }
-    }
-    unsafe fn read<R>(&self, offset: usize, len: usize, f: impl FnOnce(&[u8]) -> R) -> R {
-        // SAFETY: the caller upholds `read`'s contract.
-        unsafe { (**self).read(offset, len, f) }
-    }
-    unsafe fn zero(&self, offset: usize, len: usize) {
-        // SAFETY: the caller upholds `zero`'s contract.
-        unsafe { (**self).zero(offset, len) }
-    }
+/// Implements [`Memory`] for a pointer to a `Memory` by forwarding every call.
+macro_rules! forward_memory {
+    ($($(#[$attr:meta])* $ptr:ty;)*) => {$(
+        $(#[$attr])*
+        // SAFETY: forwards to `T`, which upholds the contract.
+        unsafe impl<T: Memory> Memory for $ptr {
+            fn capacity(&self) -> usize {
+                (**self).capacity()
+            }
+            fn tail(&self) -> &AtomicU64 {
+                (**self).tail()
+            }
+            fn head(&self) -> &AtomicU64 {
+                (**self).head()
+            }
+            fn head_cache(&self) -> &AtomicU64 {
+                (**self).head_cache()
+            }
+            fn word(&self, offset: usize) -> &AtomicU64 {
+                (**self).word(offset)
+            }
+            fn meta(&self, offset: usize) -> &AtomicU64 {
+                (**self).meta(offset)
+            }
+            fn prefetch(&self, offset: usize) {
+                (**self).prefetch(offset)
+            }
+            unsafe fn write(&self, offset: usize, src: &[u8]) {
+                // SAFETY: the caller upholds `write`'s contract.
+                unsafe { (**self).write(offset, src) }
+            }
+            unsafe fn read<R>(&self, offset: usize, len: usize, f: impl FnOnce(&[u8]) -> R) -> R {
+                // SAFETY: the caller upholds `read`'s contract.
+                unsafe { (**self).read(offset, len, f) }
+            }
+            unsafe fn zero(&self, offset: usize, len: usize) {
+                // SAFETY: the caller upholds `zero`'s contract.
+                unsafe { (**self).zero(offset, len) }
+            }
+        }
+    )*};
 }
 
-// SAFETY: forwards to `T`, which upholds the contract.
-#[cfg(loom)]
-unsafe impl<T: Memory> Memory for std::sync::Arc<T> {
-    fn capacity(&self) -> usize {
-        (**self).capacity()
-    }
-    fn tail(&self) -> &AtomicU64 {
-        (**self).tail()
-    }
-    fn head(&self) -> &AtomicU64 {
-        (**self).head()
-    }
-    fn head_cache(&self) -> &AtomicU64 {
-        (**self).head_cache()
-    }
-    fn word(&self, offset: usize) -> &AtomicU64 {
-        (**self).word(offset)
-    }
-    fn meta(&self, offset: usize) -> &AtomicU64 {
-        (**self).meta(offset)
-    }
-    unsafe fn write(&self, offset: usize, src: &[u8]) {
-        // SAFETY: the caller upholds `write`'s contract.
-        unsafe { (**self).write(offset, src) }
-    }
-    unsafe fn read<R>(&self, offset: usize, len: usize, f: impl FnOnce(&[u8]) -> R) -> R {
-        // SAFETY: the caller upholds `read`'s contract.
-        unsafe { (**self).read(offset, len, f) }
-    }
-    unsafe fn zero(&self, offset: usize, len: usize) {
-        // SAFETY: the caller upholds `zero`'s contract.
-        unsafe { (**self).zero(offset, len) }
-    }
+forward_memory! {
+    &T;
+    #[cfg(loom)]
+    std::sync::Arc<T>;
 }
