@@ -28,7 +28,4 @@ pub enum Error {
     /// The send queue is full; publish again after transmits drained it.
     #[error("back-pressured: the send queue is full")]
     BackPressured,
-    /// A datagram could not be decoded.
-    #[error("wire: {0}")]
-    Wire(#[from] wire::WireError),
 }

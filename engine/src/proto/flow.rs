@@ -63,16 +63,6 @@ impl FlowControl {
         }
     }
 
-    /// The lowest position any live receiver reported, if any reported.
-    pub fn slowest_position(&self) -> Option<u64> {
-        self.receivers.values().map(|r| r.position).min()
-    }
-
-    /// Number of live receivers.
-    pub fn receiver_count(&self) -> usize {
-        self.receivers.len()
-    }
-
     /// Drops receivers silent for `timeout_ns`; returns how many were dropped.
     pub fn expire(&mut self, now_ns: Nanos, timeout_ns: Nanos) -> usize {
         let before = self.receivers.len();

@@ -81,11 +81,6 @@ impl LossDetector {
         self.next_expected
     }
 
-    /// One past the highest sequence tracked.
-    pub fn high(&self) -> u64 {
-        self.high
-    }
-
     /// Number of missing sequences currently tracked.
     pub fn missing_count(&self) -> u64 {
         self.gaps.iter().map(|(first, g)| g.end - first).sum()
