@@ -1,0 +1,317 @@
+//! UDP for the protocol core: sockets, a seeded loss decorator, and a member driven over them.
+//!
+//! Each member has two sockets: one bound to the group address that receives the group's
+//! multicast, and one unicast socket on the interface that it sends everything from, so replies
+//! addressed to a member (STATUS) reach exactly it. The default interface is 127.0.0.1 with
+//! multicast TTL 0: a default configuration sends nothing off the host.
+
+use crate::proto::{Delivery, Destination, Event, Member, Nanos};
+use crate::Error;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use socket2::{Domain, Protocol, Socket, Type};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+/// Where and how a member talks UDP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpConfig {
+    /// Interface address for multicast and for the unicast socket. Default 127.0.0.1.
+    pub interface: Ipv4Addr,
+    /// The group's multicast address and port.
+    pub group: SocketAddrV4,
+    /// Multicast TTL. Default 0: never leaves the host.
+    pub ttl: u32,
+    /// Deliver our own multicast to sockets on this host (other members here need it).
+    pub loopback: bool,
+    /// Requested send and receive buffer size of each socket, in bytes.
+    pub socket_buffer_bytes: usize,
+    /// Unicast peers: when not empty, group traffic goes to each of them instead of multicast
+    /// (for networks without multicast), and no group socket is opened.
+    pub peers: Vec<SocketAddr>,
+}
+
+impl Default for UdpConfig {
+    fn default() -> Self {
+        Self {
+            interface: Ipv4Addr::LOCALHOST,
+            group: SocketAddrV4::new(Ipv4Addr::new(239, 255, 77, 1), 40_123),
+            ttl: 0,
+            loopback: true,
+            socket_buffer_bytes: 8 << 20,
+            peers: Vec::new(),
+        }
+    }
+}
+
+/// What the sockets counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransportStats {
+    /// Datagrams sent (each unicast copy of a fan-out counts).
+    pub sent: u64,
+    /// Datagrams received.
+    pub received: u64,
+    /// Sends the kernel refused (the datagram is lost; NAK repair takes over).
+    pub send_errors: u64,
+    /// Datagrams dropped on purpose by the loss decorator.
+    pub dropped_by_decorator: u64,
+}
+
+/// A member's two UDP sockets.
+#[derive(Debug)]
+pub struct UdpTransport {
+    group_socket: Option<UdpSocket>,
+    unicast: UdpSocket,
+    group: SocketAddr,
+    peers: Vec<SocketAddr>,
+    stats: TransportStats,
+}
+
+/// Sets a buffer size, with the FORCE variant (which ignores the system maximum) when the
+/// process may use it, falling back quietly to the plain one.
+fn set_buffer(socket: &Socket, bytes: usize, receive: bool) {
+    let value = bytes.min(i32::MAX as usize) as libc::c_int;
+    let (force, plain) = if receive {
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF)
+    } else {
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)
+    };
+    for option in [force, plain] {
+        // SAFETY: `value` is a live c_int and its size is passed; the fd is a valid socket.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&value as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return;
+        }
+    }
+}
+
+impl UdpTransport {
+    /// Opens the sockets of `cfg`.
+    pub fn open(cfg: &UdpConfig) -> io::Result<Self> {
+        let unicast = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+        set_buffer(&unicast, cfg.socket_buffer_bytes, true);
+        set_buffer(&unicast, cfg.socket_buffer_bytes, false);
+        unicast.set_multicast_if_v4(&cfg.interface)?;
+        unicast.set_multicast_ttl_v4(cfg.ttl)?;
+        unicast.set_multicast_loop_v4(cfg.loopback)?;
+        unicast.bind(&SocketAddrV4::new(cfg.interface, 0).into())?;
+        unicast.set_nonblocking(true)?;
+        let group_socket = if cfg.peers.is_empty() {
+            let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+            s.set_reuse_address(true)?;
+            set_buffer(&s, cfg.socket_buffer_bytes, true);
+            // Bound to the group address itself: only this group's datagrams arrive here.
+            s.bind(&SocketAddr::V4(cfg.group).into())?;
+            s.join_multicast_v4(cfg.group.ip(), &cfg.interface)?;
+            s.set_nonblocking(true)?;
+            Some(s.into())
+        } else {
+            None
+        };
+        Ok(Self {
+            group_socket,
+            unicast: unicast.into(),
+            group: SocketAddr::V4(cfg.group),
+            peers: cfg.peers.clone(),
+            stats: TransportStats::default(),
+        })
+    }
+
+    /// The unicast address this member sends from.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.unicast.local_addr()
+    }
+
+    /// What the sockets counted.
+    pub fn stats(&self) -> TransportStats {
+        self.stats
+    }
+
+    /// Sends `bytes` to `destination`. A refused send is counted, not returned: the protocol
+    /// repairs lost datagrams, and the data path never stops on a failed syscall.
+    pub fn send(&mut self, destination: Destination, bytes: &[u8]) {
+        match destination {
+            Destination::Unicast(addr) => self.send_one(addr, bytes),
+            Destination::Group if self.peers.is_empty() => self.send_one(self.group, bytes),
+            Destination::Group => {
+                for i in 0..self.peers.len() {
+                    self.send_one(self.peers[i], bytes);
+                }
+            }
+        }
+    }
+
+    fn send_one(&mut self, to: SocketAddr, bytes: &[u8]) {
+        match self.unicast.send_to(bytes, to) {
+            Ok(_) => self.stats.sent += 1,
+            Err(_) => self.stats.send_errors += 1,
+        }
+    }
+
+    /// Receives one datagram from either socket if one is waiting.
+    pub fn try_recv(&mut self, buf: &mut [u8]) -> io::Result<Option<(usize, SocketAddr)>> {
+        for socket in self.group_socket.iter().chain(std::iter::once(&self.unicast)) {
+            match socket.recv_from(buf) {
+                Ok((n, from)) => {
+                    self.stats.received += 1;
+                    return Ok(Some((n, from)));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Blocks until a socket is readable or `timeout` passes.
+    pub fn wait(&self, timeout: Duration) -> io::Result<()> {
+        let mut fds: Vec<libc::pollfd> = self
+            .group_socket
+            .iter()
+            .chain(std::iter::once(&self.unicast))
+            .map(|s| libc::pollfd {
+                fd: s.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: `fds` is a live array of `fds.len()` pollfd structs for the call's duration.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Drops received datagrams with a seeded probability, so recovery can be tested over real
+/// sockets without touching the protocol (the way Aeron's loss decorator does).
+#[derive(Debug)]
+pub struct ReceiveLoss {
+    rng: ChaCha8Rng,
+    probability: f64,
+}
+
+impl ReceiveLoss {
+    /// Drops each datagram with `probability` (0 to 1), from a generator seeded with `seed`.
+    pub fn new(probability: f64, seed: u64) -> Self {
+        Self {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            probability: probability.clamp(0.0, 1.0),
+        }
+    }
+
+    fn drop_next(&mut self) -> bool {
+        self.probability > 0.0 && self.rng.random_bool(self.probability)
+    }
+}
+
+/// A [`Member`] on real UDP sockets and a monotonic clock, driven by the caller's thread.
+///
+/// This is the blocking, single-member driver the runtime's workers will generalise; it is
+/// what the real-socket tests use.
+#[derive(Debug)]
+pub struct UdpMember {
+    member: Member,
+    transport: UdpTransport,
+    loss: Option<ReceiveLoss>,
+    epoch: Instant,
+    rx: Vec<u8>,
+    tx: Vec<u8>,
+}
+
+impl UdpMember {
+    /// Opens the sockets of `udp` for `member`; `loss` drops received datagrams on purpose.
+    pub fn new(member: Member, udp: &UdpConfig, loss: Option<ReceiveLoss>) -> io::Result<Self> {
+        let mtu = member.config().mtu;
+        Ok(Self {
+            member,
+            transport: UdpTransport::open(udp)?,
+            loss,
+            epoch: Instant::now(),
+            rx: vec![0; 65_536],
+            tx: vec![0; mtu],
+        })
+    }
+
+    /// The protocol state.
+    pub fn member(&self) -> &Member {
+        &self.member
+    }
+
+    /// What the sockets counted.
+    pub fn transport_stats(&self) -> TransportStats {
+        self.transport.stats()
+    }
+
+    fn now_ns(&self) -> Nanos {
+        self.epoch.elapsed().as_nanos() as Nanos
+    }
+
+    /// Queues a message; see [`Member::publish`].
+    pub fn publish(&mut self, stream: u32, message: &[u8]) -> Result<(), Error> {
+        self.member.publish(stream, message)
+    }
+
+    /// One turn: sends what is due, waits up to `max_wait` for datagrams or the next protocol
+    /// deadline, takes every datagram waiting, runs due timers, sends again, and hands out
+    /// deliveries and events.
+    pub fn turn(
+        &mut self,
+        max_wait: Duration,
+        mut deliver: impl FnMut(Delivery<'_>),
+        mut event: impl FnMut(Event),
+    ) -> io::Result<()> {
+        self.flush();
+        let now = self.now_ns();
+        let wait = match self.member.poll_timeout() {
+            Some(deadline) if deadline <= now => Duration::ZERO,
+            Some(deadline) => max_wait.min(Duration::from_nanos(deadline - now)),
+            None => max_wait,
+        };
+        if !wait.is_zero() {
+            self.transport.wait(wait)?;
+        }
+        while let Some((n, from)) = self.transport.try_recv(&mut self.rx)? {
+            if let Some(loss) = self.loss.as_mut() {
+                if loss.drop_next() {
+                    self.transport.stats.dropped_by_decorator += 1;
+                    continue;
+                }
+            }
+            let now = self.now_ns();
+            self.member.handle_datagram(now, from, &self.rx[..n]);
+        }
+        let now = self.now_ns();
+        if self.member.poll_timeout().is_some_and(|d| d <= now) {
+            self.member.handle_timeout(now);
+        }
+        self.flush();
+        self.member.drain_deliveries(&mut deliver);
+        while let Some(e) = self.member.poll_event() {
+            event(e);
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) {
+        let now = self.now_ns();
+        while let Some(t) = self.member.poll_transmit(now, &mut self.tx) {
+            self.transport.send(t.destination, &self.tx[..t.len]);
+        }
+    }
+}
