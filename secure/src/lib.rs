@@ -1,12 +1,14 @@
 //! intergroup-secure: identities, group policy, MLS group state and data-plane protection.
 //!
-//! Pure functions and state, no sockets. This first part is the anti-replay window that the
-//! AEAD data plane checks each opened packet against.
+//! Pure functions and state, no sockets. So far: the data-plane AEAD ([`aead`]) and the
+//! anti-replay window ([`replay`]) each opened packet is checked against.
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
+pub mod aead;
 pub mod replay;
 
+pub use aead::{EpochSecret, SenderKey};
 pub use replay::ReplayWindow;
 
 /// Errors of the secure crate.
@@ -18,4 +20,13 @@ pub enum Error {
     /// The packet number is older than the replay window reaches.
     #[error("packet older than the replay window")]
     TooOld,
+    /// A packet did not authenticate; deliberately says nothing about why.
+    #[error("decryption failed")]
+    BadTag,
+    /// A seal would reuse a packet number (and so a nonce) under this key.
+    #[error("packet number already used with this key")]
+    PacketNumberReused,
+    /// The key reached its seal limit: rekey.
+    #[error("key exhausted: rekey before sealing more")]
+    KeyExhausted,
 }
