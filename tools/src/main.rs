@@ -7,7 +7,12 @@ use std::process::ExitCode;
 
 /// intergroup: reliable, ordered, secure group communication.
 #[derive(Debug, Parser)]
-#[command(name = "intergroup", version, about, long_about = None)]
+#[command(
+    name = "intergroup",
+    version,
+    about = "intergroup: reliable, ordered and secure group communication",
+    long_about = None
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
