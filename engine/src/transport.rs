@@ -28,6 +28,9 @@ pub struct UdpConfig {
     pub loopback: bool,
     /// Requested send and receive buffer size of each socket, in bytes.
     pub socket_buffer_bytes: usize,
+    /// Port of the unicast socket on `interface`; 0 lets the kernel pick one. Members reached
+    /// through `peers` need a fixed one.
+    pub unicast_port: u16,
     /// Unicast peers: when not empty, group traffic goes to each of them instead of multicast
     /// (for networks without multicast), and no group socket is opened.
     pub peers: Vec<SocketAddr>,
@@ -41,6 +44,7 @@ impl Default for UdpConfig {
             ttl: 0,
             loopback: true,
             socket_buffer_bytes: 8 << 20,
+            unicast_port: 0,
             peers: Vec::new(),
         }
     }
@@ -104,7 +108,7 @@ impl UdpTransport {
         unicast.set_multicast_if_v4(&cfg.interface)?;
         unicast.set_multicast_ttl_v4(cfg.ttl)?;
         unicast.set_multicast_loop_v4(cfg.loopback)?;
-        unicast.bind(&SocketAddrV4::new(cfg.interface, 0).into())?;
+        unicast.bind(&SocketAddrV4::new(cfg.interface, cfg.unicast_port).into())?;
         unicast.set_nonblocking(true)?;
         let group_socket = if cfg.peers.is_empty() {
             let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;

@@ -115,3 +115,62 @@ fn a_million_messages_to_two_receivers_over_loopback_multicast() {
 fn two_hundred_thousand_messages_with_five_percent_receive_loss() {
     exchange(40_202, 200_000, 0.05, 7);
 }
+
+/// Without multicast: each member lists the others' unicast addresses and fans group traffic out.
+#[test]
+fn unicast_fan_out_without_multicast() {
+    let addr = |port: u16| std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let ports = [40_311u16, 40_312, 40_313];
+    let udp = |me: usize| UdpConfig {
+        unicast_port: ports[me],
+        peers: ports
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != me)
+            .map(|(_, &p)| addr(p))
+            .collect(),
+        ..UdpConfig::default()
+    };
+    let messages = 100_000u64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = Arc::new(AtomicUsize::new(0));
+    let receivers: Vec<_> = (1..=2usize)
+        .map(|i| {
+            let mut r = UdpMember::new(member(i as u32 + 1), &udp(i), None).unwrap();
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut next = 0u64;
+                let mut ok = true;
+                while next < messages {
+                    assert!(Instant::now() < deadline, "receiver {i} has {next} of {messages}");
+                    r.turn(
+                        Duration::from_millis(5),
+                        |d| {
+                            ok &= d.payload == payload(next);
+                            next += 1;
+                        },
+                        |_| {},
+                    )
+                    .unwrap();
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+                ok
+            })
+        })
+        .collect();
+    let mut sender = UdpMember::new(member(1), &udp(0), None).unwrap();
+    let mut published = 0u64;
+    while done.load(Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "sender stalled at {published}");
+        while published < messages && sender.publish(1, &payload(published)).is_ok() {
+            published += 1;
+        }
+        sender.turn(Duration::from_millis(1), |_| {}, |_| {}).unwrap();
+    }
+    for r in receivers {
+        assert!(
+            r.join().unwrap(),
+            "a receiver got a wrong or out-of-order message"
+        );
+    }
+}
