@@ -3,6 +3,8 @@
 # Usage: scripts/test.sh            (from anywhere in the repository)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
@@ -11,11 +13,11 @@ echo "== cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets -- -D warnings
 
 echo "== cargo test --workspace"
-cargo test --workspace
+cargo test --workspace 2>&1 | tee -a "$log"
 
 echo "== loom: ring memory orderings (bounded preemptions to fit CI time)"
 RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-3}" \
-  cargo test -p intergroup-ring --test loom --release --target-dir target/loom
+  cargo test -p intergroup-ring --test loom --release --target-dir target/loom 2>&1 | tee -a "$log"
 
 echo "== intergroup sim contract (6 members, 3 senders, 20000 messages, 30% loss)"
 cargo build --release -p intergroup-tools
@@ -39,3 +41,4 @@ if "$bin" sim --members 3 --messages 10 --loss 0.999999 --seed 1 --max-virtual-s
   exit 1
 fi
 echo "== all tests passed"
+awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"
