@@ -19,7 +19,7 @@ const UDP_SEGMENT: libc::c_int = 103;
 const UDP_GRO: libc::c_int = 104;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Send {
+enum SendPath {
     Plain,
     Mmsg,
     Gso,
@@ -71,7 +71,7 @@ fn sender() -> Socket {
 }
 
 /// Datagrams sent and received per second in one run of `path` for `seconds`.
-fn run(path: Send, gro: bool, size: usize, seconds: f64) -> (f64, f64) {
+fn run(path: SendPath, gro: bool, size: usize, seconds: f64) -> (f64, f64) {
     let rx = receiver(gro);
     let tx = sender();
     let stop = Arc::new(AtomicBool::new(false));
@@ -96,7 +96,7 @@ fn run(path: Send, gro: bool, size: usize, seconds: f64) -> (f64, f64) {
     let fd = tx.as_raw_fd();
     let segments = (65_000 / size).clamp(1, BATCH);
     let payload = vec![0x5au8; size * segments.max(BATCH)];
-    if path == Send::Gso {
+    if path == SendPath::Gso {
         setsockopt_int(fd, SOL_UDP, UDP_SEGMENT, size as libc::c_int).expect("UDP_SEGMENT");
     }
     let mut iov: Vec<libc::iovec> = (0..BATCH)
@@ -119,13 +119,13 @@ fn run(path: Send, gro: bool, size: usize, seconds: f64) -> (f64, f64) {
     let mut sent = 0u64;
     while start.elapsed().as_secs_f64() < seconds {
         match path {
-            Send::Plain => {
+            SendPath::Plain => {
                 // SAFETY: `payload` holds at least `size` bytes; `fd` is a connected socket.
                 if unsafe { libc::send(fd, payload.as_ptr().cast(), size, 0) } > 0 {
                     sent += 1;
                 }
             }
-            Send::Mmsg => {
+            SendPath::Mmsg => {
                 // SAFETY: `msgs` holds BATCH headers whose iovecs point into `payload`, alive
                 // for the call.
                 let n = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), BATCH as u32, 0) };
@@ -133,7 +133,7 @@ fn run(path: Send, gro: bool, size: usize, seconds: f64) -> (f64, f64) {
                     sent += n as u64;
                 }
             }
-            Send::Gso => {
+            SendPath::Gso => {
                 // SAFETY: `payload` holds `segments * size` bytes; the kernel cuts them into
                 // `size`-byte datagrams (UDP_SEGMENT).
                 if unsafe { libc::send(fd, payload.as_ptr().cast(), segments * size, 0) } > 0 {
@@ -168,10 +168,10 @@ fn main() {
         "path", "sent/s", "received/s", "MB/s", "lost"
     );
     for (path, gro, name) in [
-        (Send::Plain, false, "send + recv"),
-        (Send::Mmsg, false, "sendmmsg + recv"),
-        (Send::Gso, false, "GSO + recv"),
-        (Send::Gso, true, "GSO + GRO"),
+        (SendPath::Plain, false, "send + recv"),
+        (SendPath::Mmsg, false, "sendmmsg + recv"),
+        (SendPath::Gso, false, "GSO + recv"),
+        (SendPath::Gso, true, "GSO + GRO"),
     ] {
         let results: Vec<(f64, f64)> = (0..runs).map(|_| run(path, gro, size, seconds)).collect();
         let sent = median(results.iter().map(|r| r.0).collect());
