@@ -2,7 +2,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use intergroup_benches::{copy_ceiling, sender_datagrams};
-use intergroup_engine::proto::{Member, MemberConfig};
+use intergroup_engine::proto::{Member, MemberConfig, Output};
 use intergroup_engine::wire::{self, Frame};
 use std::hint::black_box;
 use std::net::SocketAddr;
@@ -55,7 +55,11 @@ fn receive_path(c: &mut Criterion) {
                         m.handle_datagram(0, from, black_box(d));
                     }
                     let mut n = 0;
-                    m.drain_deliveries(|d| n += d.payload.len());
+                    m.drain(|out| {
+                        if let Output::Message(d) = out {
+                            n += d.payload.len();
+                        }
+                    });
                     n
                 },
                 criterion::BatchSize::LargeInput,

@@ -10,7 +10,7 @@ pub mod sim;
 pub mod transport;
 pub mod wire;
 
-pub use proto::{Counter, Counters, Delivery, Destination, Event, Member, MemberConfig, Transmit};
+pub use proto::{Counter, Counters, Delivery, Destination, Event, Member, MemberConfig, Output, Transmit};
 
 /// Errors of the engine crate.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

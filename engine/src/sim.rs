@@ -3,7 +3,7 @@
 //! A seeded network drops, duplicates, reorders, delays and partitions datagrams; one seed is one
 //! exact run. A checker verifies every delivery: exactly once, intact, in per-sender order.
 
-use crate::proto::{Counter, Counters, Destination, Event, Member, MemberConfig, Nanos};
+use crate::proto::{Counter, Counters, Destination, Event, Member, MemberConfig, Nanos, Output};
 use crate::Error;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -500,14 +500,22 @@ impl Simulation {
                 }
             }
         }
-        let checker = &mut self.checker;
-        self.members[i].drain_deliveries(|d| checker.on_delivery(i, d.sender, d.payload));
-        while let Some(ev) = self.members[i].poll_event() {
-            if let Event::UnrecoverableLoss { sender, .. } = ev {
-                self.unrecoverable_events += 1;
-                self.checker.on_loss(i, sender);
+        let Self {
+            members,
+            checker,
+            unrecoverable_events,
+            ..
+        } = self;
+        // In stream order: a loss event comes before the delivery that skips past it.
+        members[i].drain(|out| match out {
+            Output::Message(d) => checker.on_delivery(i, d.sender, d.payload),
+            Output::Event(Event::UnrecoverableLoss { sender, .. }) => {
+                *unrecoverable_events += 1;
+                checker.on_loss(i, sender);
             }
-        }
+            Output::Event(_) => {}
+        });
+        while self.members[i].poll_event().is_some() {}
         let next = self.members[i].poll_timeout().map(|t| t.max(now));
         if next != self.timer_at[i] {
             self.timer_at[i] = next;

@@ -5,7 +5,7 @@
 //! addressed to a member (STATUS) reach exactly it. The default interface is 127.0.0.1 with
 //! multicast TTL 0: a default configuration sends nothing off the host.
 
-use crate::proto::{Delivery, Destination, Event, Member, Nanos};
+use crate::proto::{Delivery, Destination, Event, Member, Nanos, Output};
 use crate::Error;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -273,7 +273,7 @@ impl UdpMember {
 
     /// One turn: sends what is due, waits up to `max_wait` for datagrams or the next protocol
     /// deadline, takes every datagram waiting, runs due timers, sends again, and hands out
-    /// deliveries and events.
+    /// deliveries and events (in-stream events in their place among the deliveries).
     pub fn turn(
         &mut self,
         max_wait: Duration,
@@ -305,7 +305,10 @@ impl UdpMember {
             self.member.handle_timeout(now);
         }
         self.flush();
-        self.member.drain_deliveries(&mut deliver);
+        self.member.drain(|out| match out {
+            Output::Message(d) => deliver(d),
+            Output::Event(e) => event(e),
+        });
         while let Some(e) = self.member.poll_event() {
             event(e);
         }

@@ -162,7 +162,7 @@ fn a_hundred_thousand_random_and_mutated_datagrams_never_panic() {
                 return Err(TestCaseError::fail("poll_transmit does not stop"));
             }
         }
-        m.drain_deliveries(|_| {});
+        m.drain(|_| {});
         while m.poll_event().is_some() {}
         Ok(())
     });

@@ -1,5 +1,7 @@
-//! Messages ready for the application, kept in one reused byte arena (no allocation per message).
+//! Messages ready for the application, and the events that belong between them, in stream
+//! order; payloads live in one reused byte arena (no allocation per message).
 
+use super::Event;
 use std::collections::VecDeque;
 
 /// One delivered message, borrowed from the member until the drain callback returns.
@@ -19,6 +21,21 @@ pub struct Delivery<'a> {
     pub payload: &'a [u8],
 }
 
+/// What [`DeliveryQueue::drain`] hands out, in stream order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output<'a> {
+    /// A delivered message.
+    Message(Delivery<'a>),
+    /// An event at this point of the stream (for example, frames lost before the next message).
+    Event(Event),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Entry {
+    Message(Meta),
+    Event(Event),
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Meta {
     sender: u32,
@@ -30,10 +47,10 @@ struct Meta {
     len: usize,
 }
 
-/// FIFO of deliveries whose payloads live in one contiguous buffer, cleared once drained.
+/// FIFO of deliveries and in-stream events; payloads live in one buffer, cleared once drained.
 #[derive(Debug, Default)]
 pub struct DeliveryQueue {
-    meta: VecDeque<Meta>,
+    entries: VecDeque<Entry>,
     bytes: Vec<u8>,
 }
 
@@ -42,7 +59,7 @@ impl DeliveryQueue {
     pub fn push(&mut self, d: Delivery<'_>) {
         let start = self.bytes.len();
         self.bytes.extend_from_slice(d.payload);
-        self.meta.push_back(Meta {
+        self.entries.push_back(Entry::Message(Meta {
             sender: d.sender,
             stream: d.stream,
             sequence: d.sequence,
@@ -50,29 +67,37 @@ impl DeliveryQueue {
             epoch: d.epoch,
             start,
             len: d.payload.len(),
-        });
+        }));
     }
 
-    /// Number of queued deliveries.
+    /// Queues an event at the current point of the stream.
+    pub fn push_event(&mut self, e: Event) {
+        self.entries.push_back(Entry::Event(e));
+    }
+
+    /// Number of queued messages and events.
     pub fn len(&self) -> usize {
-        self.meta.len()
+        self.entries.len()
     }
 
     /// True when nothing is queued.
     pub fn is_empty(&self) -> bool {
-        self.meta.is_empty()
+        self.entries.is_empty()
     }
 
-    /// Hands every queued delivery to `f` in order, then empties the queue (keeping its memory).
-    pub fn drain(&mut self, mut f: impl FnMut(Delivery<'_>)) {
-        for m in self.meta.drain(..) {
-            f(Delivery {
-                sender: m.sender,
-                stream: m.stream,
-                sequence: m.sequence,
-                timestamp: m.timestamp,
-                epoch: m.epoch,
-                payload: &self.bytes[m.start..m.start + m.len],
+    /// Hands everything queued to `f` in order, then empties the queue (keeping its memory).
+    pub fn drain(&mut self, mut f: impl FnMut(Output<'_>)) {
+        for entry in self.entries.drain(..) {
+            f(match entry {
+                Entry::Message(m) => Output::Message(Delivery {
+                    sender: m.sender,
+                    stream: m.stream,
+                    sequence: m.sequence,
+                    timestamp: m.timestamp,
+                    epoch: m.epoch,
+                    payload: &self.bytes[m.start..m.start + m.len],
+                }),
+                Entry::Event(e) => Output::Event(e),
             });
         }
         self.bytes.clear();

@@ -4,7 +4,7 @@ use super::held::HeldFrames;
 use super::reassembly::{Assembled, FrameInfo, Reassembly};
 use super::{
     Arrival, Counter, Counters, Delivery, DeliveryQueue, FlowControl, LossDetector, MemberConfig, NakBackoff,
-    Nanos, RetransmitBuffer, Step,
+    Nanos, Output, RetransmitBuffer, Step,
 };
 use crate::wire::{
     self, DataFrame, DataHeader, DatagramWriter, Frame, HeartbeatBody, NakFrame, NakRange, StatusBody,
@@ -142,7 +142,7 @@ struct SendState {
 /// [`handle_timeout`](Self::handle_timeout) (when the deadline of
 /// [`poll_timeout`](Self::poll_timeout) has passed) and [`publish`](Self::publish); after each,
 /// call [`poll_transmit`](Self::poll_transmit) until it returns `None`, hand deliveries out with
-/// [`drain_deliveries`](Self::drain_deliveries), read [`poll_event`](Self::poll_event), and ask
+/// [`drain`](Self::drain), read [`poll_event`](Self::poll_event), and ask
 /// [`poll_timeout`](Self::poll_timeout) for the next deadline. Nothing happens between calls.
 #[derive(Debug)]
 pub struct Member {
@@ -407,17 +407,19 @@ impl Member {
         })
     }
 
-    /// Hands every delivered message to `f`, in delivery order.
-    pub fn drain_deliveries(&mut self, f: impl FnMut(Delivery<'_>)) {
+    /// Hands every delivered message, and every event that belongs between messages (such as
+    /// [`Event::UnrecoverableLoss`]), to `f` in stream order.
+    pub fn drain(&mut self, f: impl FnMut(Output<'_>)) {
         self.deliveries.drain(f);
     }
 
-    /// Number of messages waiting in [`drain_deliveries`](Self::drain_deliveries).
+    /// Number of messages and in-stream events waiting in [`drain`](Self::drain).
     pub fn pending_deliveries(&self) -> usize {
         self.deliveries.len()
     }
 
-    /// The next event, if any.
+    /// The next out-of-band event ([`Event::Rejected`]), if any. Events that belong to the
+    /// stream come through [`drain`](Self::drain) instead.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
@@ -587,7 +589,15 @@ impl Member {
         }
         match peer.loss.on_frame(now_ns, info.sequence, backoff, rng) {
             Arrival::Duplicate => sink.counters.incr(Counter::DuplicateFrames),
-            Arrival::BeyondWindow => sink.counters.incr(Counter::FramesBeyondWindow),
+            Arrival::BeyondWindow => {
+                // The sender does not count us (our STATUS was lost, or it has not heard us
+                // yet): tell it where we are now, before it overruns us further.
+                sink.counters.incr(Counter::FramesBeyondWindow);
+                if !peer.status_queued {
+                    peer.status_queued = true;
+                    status_due.push_back(sender);
+                }
+            }
             Arrival::Held => {
                 peer.held.hold(&info);
                 sink.counters.incr(Counter::FramesHeldOutOfOrder);
@@ -766,7 +776,7 @@ fn drain_in_order(peer: &mut Peer, sink: &mut Sink<'_>) {
                     sink.counters.incr(Counter::FragmentsDiscarded);
                 }
                 sink.counters.add(Counter::FramesUnrecoverable, end - first);
-                sink.events.push_back(Event::UnrecoverableLoss {
+                sink.deliveries.push_event(Event::UnrecoverableLoss {
                     sender: sink.sender,
                     first,
                     count: end - first,

@@ -14,7 +14,7 @@ mod retransmit;
 
 pub use backoff::NakBackoff;
 pub use counters::{Counter, Counters};
-pub use delivery::{Delivery, DeliveryQueue};
+pub use delivery::{Delivery, DeliveryQueue, Output};
 pub use flow::FlowControl;
 pub use loss::{Arrival, LossDetector, Step};
 pub use member::{Destination, Event, Member, RejectReason, Transmit};
