@@ -329,16 +329,9 @@ impl<M: Memory> Consumer<M> {
                 self.stats.corrupt += 1;
                 continue;
             }
-            let type_id = type_of(word);
-            if type_id != PADDING_TYPE {
-                // SAFETY: the record is committed (Acquire above) and stays untouched by
-                // producers until `head` moves past it.
-                unsafe {
-                    self.mem
-                        .read(offset + HEADER_LEN, record_len - HEADER_LEN, |p| f(type_id, p))
-                };
-                handed += 1;
-            }
+            // SAFETY: the record is committed (Acquire above) and stays untouched by producers
+            // until `head` moves past it.
+            handed += usize::from(unsafe { self.hand_on(offset, record_len, word, &mut f) });
             pos += align(record_len) as u64;
         }
         if pos != head {
@@ -346,6 +339,31 @@ impl<M: Memory> Consumer<M> {
         }
         self.stats.records += handed as u64;
         handed
+    }
+
+    /// Lends the record at `offset` (header `word`, `record_len` bytes) to `f` unless it is
+    /// padding; returns whether it did.
+    ///
+    /// # Safety
+    ///
+    /// The record is published and no producer writes it until `head` moves past it.
+    unsafe fn hand_on(
+        &self,
+        offset: usize,
+        record_len: usize,
+        word: u64,
+        f: &mut impl FnMut(u32, &[u8]),
+    ) -> bool {
+        let type_id = type_of(word);
+        if type_id == PADDING_TYPE {
+            return false;
+        }
+        // SAFETY: the caller guarantees the record is published and stable.
+        unsafe {
+            self.mem
+                .read(offset + HEADER_LEN, record_len - HEADER_LEN, |p| f(type_id, p))
+        };
+        true
     }
 
     /// Single-producer read: everything below the published tail is committed, so nothing is
@@ -372,16 +390,9 @@ impl<M: Memory> Consumer<M> {
                 continue;
             }
             let record_len = record_len as usize;
-            let type_id = type_of(word);
-            if type_id != PADDING_TYPE {
-                // SAFETY: below the tail (Acquire), so written and published; the producer does
-                // not reuse it until `head` moves past it.
-                unsafe {
-                    self.mem
-                        .read(offset + HEADER_LEN, record_len - HEADER_LEN, |p| f(type_id, p))
-                };
-                handed += 1;
-            }
+            // SAFETY: below the tail (Acquire), so written and published; the producer does not
+            // reuse it until `head` moves past it.
+            handed += usize::from(unsafe { self.hand_on(offset, record_len, word, &mut f) });
             pos += align(record_len) as u64;
         }
         if pos != head {
