@@ -129,6 +129,28 @@ impl<M: Memory> Producer<M> {
         Ok((capacity, record_len, align(record_len)))
     }
 
+    /// Writes a committed padding record at `offset` if `padding` is non-zero (the claim then
+    /// starts at 0), and the claim's header with `state`; returns the claim's offset.
+    fn write_headers(
+        &self,
+        offset: usize,
+        padding: usize,
+        type_id: u32,
+        state: i32,
+        order: Ordering,
+    ) -> usize {
+        let at = if padding > 0 {
+            self.mem
+                .word(offset)
+                .store(header(PADDING_TYPE, padding as i32), order);
+            0
+        } else {
+            offset
+        };
+        self.mem.word(at).store(header(type_id, state), order);
+        at
+    }
+
     /// Single-producer claim: the one producer owns the tail, so no compare-exchange and no
     /// "claimed" state; the header is written final and `commit_single` publishes the tail.
     pub(crate) fn claim_single(&self, type_id: u32, len: usize) -> Result<Claimed, OfferError> {
@@ -146,17 +168,8 @@ impl<M: Memory> Producer<M> {
                 return Err(OfferError::WouldBlock);
             }
         }
-        let offset = if padding > 0 {
-            self.mem
-                .word(offset)
-                .store(header(PADDING_TYPE, padding as i32), Ordering::Relaxed);
-            0
-        } else {
-            offset
-        };
-        self.mem
-            .word(offset)
-            .store(header(type_id, record_len as i32), Ordering::Relaxed);
+        // The tail publishes both headers, so they need no ordering of their own.
+        let offset = self.write_headers(offset, padding, type_id, record_len as i32, Ordering::Relaxed);
         Ok(Claimed {
             offset,
             end,
@@ -214,17 +227,8 @@ impl<M: Memory> Producer<M> {
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
-                    let offset = if padding > 0 {
-                        self.mem
-                            .word(offset)
-                            .store(header(PADDING_TYPE, padding as i32), Ordering::Release);
-                        0
-                    } else {
-                        offset
-                    };
-                    self.mem
-                        .word(offset)
-                        .store(header(type_id, -(record_len as i32)), Ordering::Release);
+                    let offset =
+                        self.write_headers(offset, padding, type_id, -(record_len as i32), Ordering::Release);
                     // Keep the header ahead of every payload write, so a consumer that scans
                     // past a dead claim (see `unblock_if_abandoned`) meets headers, not payload.
                     fence(Ordering::Release);
