@@ -2,10 +2,12 @@
 //!
 //! The protocol is pure state ([`proto::Member`]); drivers feed it datagrams and time and carry
 //! out what it asks. `docs/protocol.md` describes the frames and the recovery rules.
-//! [`transport`] puts a member on real UDP sockets.
+//! [`transport`] puts a member on real UDP sockets; [`runtime`] runs members on worker threads
+//! with io_uring or the portable backend ([`runtime::Engine`]).
 #![deny(missing_docs)]
 
 pub mod proto;
+pub mod runtime;
 pub mod sim;
 pub mod transport;
 pub mod wire;

@@ -6,6 +6,7 @@
 //! multicast TTL 0: a default configuration sends nothing off the host.
 
 use crate::proto::{Delivery, Destination, Event, Member, Nanos, Output};
+use crate::runtime::sys::set_buffer;
 use crate::Error;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -63,6 +64,31 @@ pub struct TransportStats {
     pub dropped_by_decorator: u64,
 }
 
+/// Opens a member's sockets for `cfg`, in blocking mode: the group socket (`None` when the
+/// group is reached through `peers`), bound to the group address and joined on the interface,
+/// and the unicast socket that every datagram is sent from.
+pub fn open_sockets(cfg: &UdpConfig) -> io::Result<(Option<UdpSocket>, UdpSocket)> {
+    let unicast = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    set_buffer(unicast.as_raw_fd(), cfg.socket_buffer_bytes, true);
+    set_buffer(unicast.as_raw_fd(), cfg.socket_buffer_bytes, false);
+    unicast.set_multicast_if_v4(&cfg.interface)?;
+    unicast.set_multicast_ttl_v4(cfg.ttl)?;
+    unicast.set_multicast_loop_v4(cfg.loopback)?;
+    unicast.bind(&SocketAddrV4::new(cfg.interface, cfg.unicast_port).into())?;
+    let group_socket = if cfg.peers.is_empty() {
+        let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+        s.set_reuse_address(true)?;
+        set_buffer(s.as_raw_fd(), cfg.socket_buffer_bytes, true);
+        // Bound to the group address itself: only this group's datagrams arrive here.
+        s.bind(&SocketAddr::V4(cfg.group).into())?;
+        s.join_multicast_v4(cfg.group.ip(), &cfg.interface)?;
+        Some(s.into())
+    } else {
+        None
+    };
+    Ok((group_socket, unicast.into()))
+}
+
 /// A member's two UDP sockets.
 #[derive(Debug)]
 pub struct UdpTransport {
@@ -73,58 +99,16 @@ pub struct UdpTransport {
     stats: TransportStats,
 }
 
-/// Sets a buffer size, with the FORCE variant (which ignores the system maximum) when the
-/// process may use it, falling back quietly to the plain one.
-fn set_buffer(socket: &Socket, bytes: usize, receive: bool) {
-    let value = bytes.min(i32::MAX as usize) as libc::c_int;
-    let (force, plain) = if receive {
-        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF)
-    } else {
-        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)
-    };
-    for option in [force, plain] {
-        // SAFETY: `value` is a live c_int and its size is passed; the fd is a valid socket.
-        let rc = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                option,
-                (&value as *const libc::c_int).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            return;
-        }
-    }
-}
-
 impl UdpTransport {
     /// Opens the sockets of `cfg`.
     pub fn open(cfg: &UdpConfig) -> io::Result<Self> {
-        let unicast = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-        set_buffer(&unicast, cfg.socket_buffer_bytes, true);
-        set_buffer(&unicast, cfg.socket_buffer_bytes, false);
-        unicast.set_multicast_if_v4(&cfg.interface)?;
-        unicast.set_multicast_ttl_v4(cfg.ttl)?;
-        unicast.set_multicast_loop_v4(cfg.loopback)?;
-        unicast.bind(&SocketAddrV4::new(cfg.interface, cfg.unicast_port).into())?;
-        unicast.set_nonblocking(true)?;
-        let group_socket = if cfg.peers.is_empty() {
-            let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-            s.set_reuse_address(true)?;
-            set_buffer(&s, cfg.socket_buffer_bytes, true);
-            // Bound to the group address itself: only this group's datagrams arrive here.
-            s.bind(&SocketAddr::V4(cfg.group).into())?;
-            s.join_multicast_v4(cfg.group.ip(), &cfg.interface)?;
+        let (group_socket, unicast) = open_sockets(cfg)?;
+        for s in group_socket.iter().chain(std::iter::once(&unicast)) {
             s.set_nonblocking(true)?;
-            Some(s.into())
-        } else {
-            None
-        };
+        }
         Ok(Self {
             group_socket,
-            unicast: unicast.into(),
+            unicast,
             group: SocketAddr::V4(cfg.group),
             peers: cfg.peers.clone(),
             stats: TransportStats::default(),
@@ -219,7 +203,8 @@ impl ReceiveLoss {
         }
     }
 
-    fn drop_next(&mut self) -> bool {
+    /// Whether to drop the next datagram.
+    pub fn drop_next(&mut self) -> bool {
         self.probability > 0.0 && self.rng.random_bool(self.probability)
     }
 }

@@ -236,6 +236,13 @@ pub fn decode_datagram(bytes: &[u8]) -> Result<(&DatagramHeader, Frames<'_>), Wi
     Ok((header, Frames { rest }))
 }
 
+/// The source member of a datagram, read from a sound header at the start of `bytes` (which
+/// may be longer than one datagram, such as a GRO buffer). `None` when the header is not one.
+pub fn datagram_source(bytes: &[u8]) -> Option<u32> {
+    let (header, _) = DatagramHeader::ref_from_prefix(bytes).ok()?;
+    (header.magic == MAGIC && header.version == VERSION).then(|| header.source.get())
+}
+
 /// Iterator over the frames of a datagram.
 ///
 /// A frame with a bad body but a sound length yields its error and iteration goes on with the

@@ -692,6 +692,14 @@ impl RecordConsumer {
     pub fn stats(&self) -> ConsumerStats {
         self.inner.stats
     }
+
+    /// True when no record has been claimed beyond what was read: a sleeping consumer checks
+    /// this after announcing that it sleeps, so a record offered meanwhile is never missed.
+    /// (A claim still being written counts as not empty.)
+    pub fn is_empty(&self) -> bool {
+        let head = self.inner.mem.head().load(Ordering::Relaxed);
+        self.inner.mem.tail().load(Ordering::Acquire) == head
+    }
 }
 
 /// The one producer of a single-producer record ring. Opening takes the ring's producer lock;

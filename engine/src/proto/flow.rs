@@ -63,6 +63,15 @@ impl FlowControl {
         }
     }
 
+    /// Number of live receivers and the lowest position any of them reported (`None` when
+    /// there are none).
+    pub fn acknowledged(&self) -> (usize, Option<u64>) {
+        (
+            self.receivers.len(),
+            self.receivers.values().map(|r| r.position).min(),
+        )
+    }
+
     /// Drops receivers silent for `timeout_ns`; returns how many were dropped.
     pub fn expire(&mut self, now_ns: Nanos, timeout_ns: Nanos) -> usize {
         let before = self.receivers.len();

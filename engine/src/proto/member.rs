@@ -220,6 +220,13 @@ impl Member {
         self.peers.get(&sender).map(|p| p.loss.position())
     }
 
+    /// As a sender: how many live receivers report positions, and the lowest position among
+    /// them. Everything published has reached every live receiver once that position equals
+    /// [`next_sequence`](Self::next_sequence) and nothing is queued.
+    pub fn acknowledged(&self) -> (usize, Option<u64>) {
+        self.sender.as_ref().map_or((0, None), |s| s.flow.acknowledged())
+    }
+
     /// Queues `message` on `stream`. It is framed and sent as flow control allows.
     pub fn publish(&mut self, stream: u32, message: &[u8]) -> Result<(), Error> {
         if message.len() > self.cfg.max_message_bytes {

@@ -1,0 +1,704 @@
+//! The two I/O backends of a worker, behind one interface: io_uring (batched submission,
+//! multishot receive into a provided-buffer ring) and the portable one (`sendmmsg`,
+//! `recvmmsg`, `poll`). Both send GSO batches and receive GRO buffers when the kernel allows.
+
+use super::sys;
+use io_uring::{cqueue, opcode, types, IoUring};
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+/// Which backend a worker uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    /// io_uring when the kernel allows it, else the portable backend.
+    #[default]
+    Auto,
+    /// io_uring only; starting fails when it is unavailable.
+    IoUring,
+    /// `sendmmsg`/`recvmmsg`/`poll`.
+    Portable,
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackendKind::Auto => "auto",
+            BackendKind::IoUring => "io-uring",
+            BackendKind::Portable => "portable",
+        })
+    }
+}
+
+/// One send of a [`SendBatch`]: `len` bytes of the arena from `start`, to `dest`, cut into
+/// `segment`-byte datagrams by the kernel when `segment` is not 0 (GSO).
+#[derive(Debug, Clone, Copy)]
+pub struct Send {
+    /// Socket to send from.
+    pub fd: RawFd,
+    /// Destination.
+    pub dest: libc::sockaddr_in,
+    /// Offset in the arena.
+    pub start: usize,
+    /// Bytes.
+    pub len: usize,
+    /// GSO segment size, or 0 for one datagram.
+    pub segment: u16,
+}
+
+impl Send {
+    /// Datagrams this send puts on the wire.
+    pub fn datagrams(&self) -> usize {
+        if self.segment == 0 {
+            1
+        } else {
+            self.len.div_ceil(usize::from(self.segment))
+        }
+    }
+}
+
+/// Datagrams waiting to be sent, in one byte arena (reused; nothing allocated per datagram).
+#[derive(Debug, Default)]
+pub struct SendBatch {
+    /// The bytes of every send; `used` of them are taken.
+    pub arena: Vec<u8>,
+    /// Bytes of `arena` in use.
+    pub used: usize,
+    /// The sends, in order.
+    pub sends: Vec<Send>,
+}
+
+impl SendBatch {
+    /// An empty batch with `bytes` of arena.
+    pub fn with_capacity(bytes: usize) -> Self {
+        Self {
+            arena: vec![0; bytes],
+            used: 0,
+            sends: Vec::with_capacity(256),
+        }
+    }
+
+    /// Forgets every send, keeping the memory.
+    pub fn clear(&mut self) {
+        self.used = 0;
+        self.sends.clear();
+    }
+}
+
+/// What a send round counted.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SendOutcome {
+    /// Datagrams the kernel took.
+    pub datagrams: u64,
+    /// Datagrams lost to errors (repair by NAK takes over).
+    pub errors: u64,
+    /// A GSO send was refused: the caller should stop building GSO batches.
+    pub gso_refused: bool,
+}
+
+/// A received buffer: one datagram, or several of `segment` bytes each (GRO).
+#[derive(Debug)]
+pub struct Received<'a> {
+    /// The token the socket was added with.
+    pub token: u32,
+    /// The sender's address.
+    pub from: SocketAddr,
+    /// The bytes.
+    pub bytes: &'a [u8],
+    /// Segment size when the kernel coalesced datagrams.
+    pub segment: Option<usize>,
+}
+
+/// A worker's I/O.
+#[derive(Debug)]
+pub enum Io {
+    /// io_uring.
+    Uring(Box<UringIo>),
+    /// sendmmsg/recvmmsg/poll.
+    Portable(PortableIo),
+}
+
+impl Io {
+    /// The backend `kind` asks for, with `wake` as the worker's wake-up eventfd.
+    pub fn open(kind: BackendKind, wake: RawFd) -> io::Result<Self> {
+        match kind {
+            BackendKind::Portable => Ok(Io::Portable(PortableIo::new(wake))),
+            BackendKind::IoUring => Ok(Io::Uring(Box::new(UringIo::new(wake)?))),
+            BackendKind::Auto => match UringIo::new(wake) {
+                Ok(u) => Ok(Io::Uring(Box::new(u))),
+                Err(_) => Ok(Io::Portable(PortableIo::new(wake))),
+            },
+        }
+    }
+
+    /// The backend in use.
+    pub fn kind(&self) -> BackendKind {
+        match self {
+            Io::Uring(_) => BackendKind::IoUring,
+            Io::Portable(_) => BackendKind::Portable,
+        }
+    }
+
+    /// Starts receiving on `fd`; its buffers are reported with `token`.
+    pub fn add_socket(&mut self, fd: RawFd, token: u32) -> io::Result<()> {
+        match self {
+            Io::Uring(u) => u.add_socket(fd, token),
+            Io::Portable(p) => {
+                p.sockets.push((fd, token));
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends every send of `batch`.
+    pub fn send(&mut self, batch: &SendBatch) -> SendOutcome {
+        match self {
+            Io::Uring(u) => u.send(batch),
+            Io::Portable(p) => p.send(batch),
+        }
+    }
+
+    /// Hands every buffer received so far to `f`, without blocking. Returns how many.
+    pub fn receive(&mut self, f: impl FnMut(Received<'_>)) -> io::Result<usize> {
+        match self {
+            Io::Uring(u) => u.receive(f),
+            Io::Portable(p) => p.receive(f),
+        }
+    }
+
+    /// Blocks until something may have arrived, the wake eventfd fired, or `timeout` passed.
+    pub fn wait(&mut self, timeout: Duration) -> io::Result<()> {
+        match self {
+            Io::Uring(u) => u.wait(timeout),
+            Io::Portable(p) => p.wait(timeout),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Portable backend
+
+const MMSG_BATCH: usize = 64;
+const RECV_SLOTS: usize = 16;
+const RECV_BUF: usize = 65_536;
+
+/// `sendmmsg`, `recvmmsg` and `poll`.
+pub struct PortableIo {
+    sockets: Vec<(RawFd, u32)>,
+    wake: RawFd,
+    recv_bufs: Vec<u8>,
+    recv_names: Vec<libc::sockaddr_in>,
+    recv_control: Vec<[u64; sys::RECV_CONTROL_BYTES / 8]>,
+    send_control: Vec<[u64; sys::SEND_CONTROL_BYTES / 8]>,
+    pollfds: Vec<libc::pollfd>,
+}
+
+impl std::fmt::Debug for PortableIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PortableIo")
+            .field("sockets", &self.sockets)
+            .finish()
+    }
+}
+
+impl PortableIo {
+    fn new(wake: RawFd) -> Self {
+        Self {
+            sockets: Vec::new(),
+            wake,
+            recv_bufs: vec![0; RECV_SLOTS * RECV_BUF],
+            recv_names: vec![sys::sockaddr_in(std::net::SocketAddrV4::new(0.into(), 0)); RECV_SLOTS],
+            recv_control: vec![[0; sys::RECV_CONTROL_BYTES / 8]; RECV_SLOTS],
+            send_control: vec![[0; sys::SEND_CONTROL_BYTES / 8]; MMSG_BATCH],
+            pollfds: Vec::new(),
+        }
+    }
+
+    fn send(&mut self, batch: &SendBatch) -> SendOutcome {
+        let mut out = SendOutcome::default();
+        let mut i = 0;
+        while i < batch.sends.len() {
+            // One sendmmsg call per run of sends from the same socket, at most MMSG_BATCH.
+            let fd = batch.sends[i].fd;
+            let mut end = i + 1;
+            while end < batch.sends.len() && end - i < MMSG_BATCH && batch.sends[end].fd == fd {
+                end += 1;
+            }
+            let run = &batch.sends[i..end];
+            let mut iovs = [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; MMSG_BATCH];
+            let mut names = [sys::sockaddr_in(std::net::SocketAddrV4::new(0.into(), 0)); MMSG_BATCH];
+            // SAFETY: an all-zero mmsghdr is valid (no name, no iovec, no control).
+            let mut msgs: [libc::mmsghdr; MMSG_BATCH] = unsafe { std::mem::zeroed() };
+            for (k, s) in run.iter().enumerate() {
+                iovs[k].iov_base = batch.arena[s.start..].as_ptr() as *mut libc::c_void;
+                iovs[k].iov_len = s.len;
+                names[k] = s.dest;
+                let m = &mut msgs[k].msg_hdr;
+                m.msg_iov = &mut iovs[k];
+                m.msg_iovlen = 1;
+                m.msg_name = (&mut names[k] as *mut libc::sockaddr_in).cast();
+                m.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                if s.segment != 0 {
+                    let n = sys::write_segment_cmsg(&mut self.send_control[k], s.segment);
+                    m.msg_control = self.send_control[k].as_mut_ptr().cast();
+                    m.msg_controllen = n as _;
+                }
+            }
+            let mut done = 0;
+            while done < run.len() {
+                // SAFETY: `msgs[done..run.len()]` are initialised headers whose iovecs, names
+                // and control buffers point into `batch.arena`, `iovs`, `names` and
+                // `self.send_control`, all alive and unmoved for the call.
+                let n = unsafe {
+                    libc::sendmmsg(
+                        fd,
+                        msgs[done..].as_mut_ptr(),
+                        (run.len() - done) as libc::c_uint,
+                        0,
+                    )
+                };
+                if n > 0 {
+                    for s in &run[done..done + n as usize] {
+                        out.datagrams += s.datagrams() as u64;
+                    }
+                    done += n as usize;
+                    continue;
+                }
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                if run[done].segment != 0 && matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL)) {
+                    out.gso_refused = true;
+                }
+                out.errors += run[done].datagrams() as u64;
+                done += 1;
+            }
+            i = end;
+        }
+        out
+    }
+
+    fn receive(&mut self, mut f: impl FnMut(Received<'_>)) -> io::Result<usize> {
+        let mut total = 0;
+        for si in 0..self.sockets.len() {
+            let (fd, token) = self.sockets[si];
+            // A bounded number of calls per socket per turn, so one busy socket cannot starve
+            // the rest of the worker.
+            for _ in 0..8 {
+                let mut iovs = [libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                }; RECV_SLOTS];
+                // SAFETY: an all-zero mmsghdr is valid.
+                let mut msgs: [libc::mmsghdr; RECV_SLOTS] = unsafe { std::mem::zeroed() };
+                for k in 0..RECV_SLOTS {
+                    iovs[k].iov_base = self.recv_bufs[k * RECV_BUF..].as_mut_ptr().cast();
+                    iovs[k].iov_len = RECV_BUF;
+                    let m = &mut msgs[k].msg_hdr;
+                    m.msg_iov = &mut iovs[k];
+                    m.msg_iovlen = 1;
+                    m.msg_name = (&mut self.recv_names[k] as *mut libc::sockaddr_in).cast();
+                    m.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                    m.msg_control = self.recv_control[k].as_mut_ptr().cast();
+                    m.msg_controllen = sys::RECV_CONTROL_BYTES as _;
+                }
+                // SAFETY: every header points into `self.recv_*` buffers of the stated sizes,
+                // alive and unmoved for the call; MSG_DONTWAIT makes it non-blocking.
+                let n = unsafe {
+                    libc::recvmmsg(
+                        fd,
+                        msgs.as_mut_ptr(),
+                        RECV_SLOTS as libc::c_uint,
+                        libc::MSG_DONTWAIT,
+                        std::ptr::null_mut(),
+                    )
+                };
+                if n < 0 {
+                    let e = io::Error::last_os_error();
+                    match e.kind() {
+                        io::ErrorKind::WouldBlock => break,
+                        io::ErrorKind::Interrupted => continue,
+                        // A refused ICMP from an earlier send surfaces here; it is not ours.
+                        io::ErrorKind::ConnectionRefused => continue,
+                        _ => return Err(e),
+                    }
+                }
+                for (k, m) in msgs.iter().enumerate().take(n as usize) {
+                    let len = (m.msg_len as usize).min(RECV_BUF);
+                    // usize on glibc, u32 on musl.
+                    #[allow(clippy::unnecessary_cast)]
+                    let control_len = (m.msg_hdr.msg_controllen as usize).min(sys::RECV_CONTROL_BYTES);
+                    let control: &[u8; sys::RECV_CONTROL_BYTES] =
+                        zerocopy::transmute_ref!(&self.recv_control[k]);
+                    let Some(from) = sys::parse_sockaddr_in(&sys::sockaddr_bytes(&self.recv_names[k])) else {
+                        continue;
+                    };
+                    f(Received {
+                        token,
+                        from,
+                        bytes: &self.recv_bufs[k * RECV_BUF..k * RECV_BUF + len],
+                        segment: sys::gro_segment(&control[..control_len]),
+                    });
+                }
+                total += n as usize;
+                if (n as usize) < RECV_SLOTS {
+                    break;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    fn wait(&mut self, timeout: Duration) -> io::Result<()> {
+        self.pollfds.clear();
+        self.pollfds.push(libc::pollfd {
+            fd: self.wake,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        for &(fd, _) in &self.sockets {
+            self.pollfds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: `pollfds` is a live array of its length for the call.
+        let rc = unsafe { libc::poll(self.pollfds.as_mut_ptr(), self.pollfds.len() as libc::nfds_t, ms) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+        if self.pollfds[0].revents != 0 {
+            let mut v = 0u64;
+            // SAFETY: reads 8 bytes into a live u64 from the wake eventfd (non-blocking).
+            unsafe { libc::read(self.wake, (&mut v as *mut u64).cast(), 8) };
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// io_uring backend
+
+const RING_ENTRIES: u32 = 512;
+/// Provided receive buffers: enough for a GRO buffer of 64 KiB plus the recvmsg header, name
+/// and control data that multishot receive writes in front of it.
+const PBUF_COUNT: u16 = 64;
+const PBUF_SIZE: usize = 65_536 + 256;
+const PBUF_GROUP: u16 = 0;
+
+const KIND_RECV: u64 = 1 << 32;
+const KIND_SEND: u64 = 2 << 32;
+const KIND_WAKE: u64 = 3 << 32;
+const KIND_MASK: u64 = 0xffff_ffff << 32;
+
+/// A receive completion seen while waiting for sends, processed by the next `receive`.
+#[derive(Debug, Clone, Copy)]
+struct PendingCqe {
+    user_data: u64,
+    result: i32,
+    flags: u32,
+}
+
+/// io_uring with a provided-buffer ring.
+pub struct UringIo {
+    ring: IoUring,
+    /// The buffer ring's entries (page-aligned, shared with the kernel).
+    buf_ring: memmap2::MmapMut,
+    buffers: Vec<u8>,
+    buf_tail: u16,
+    /// The msghdr multishot receives are armed with (only the name and control lengths count).
+    recv_template: Box<libc::msghdr>,
+    sockets: Vec<(RawFd, u32)>,
+    wake: RawFd,
+    wake_buf: Box<u64>,
+    pending: Vec<PendingCqe>,
+    /// Per-send storage the kernel reads until the send completes.
+    send_msgs: Vec<libc::msghdr>,
+    send_iovs: Vec<libc::iovec>,
+    send_names: Vec<libc::sockaddr_in>,
+    send_control: Vec<[u64; sys::SEND_CONTROL_BYTES / 8]>,
+    /// Sockets whose multishot receive ended and must be armed again.
+    rearm: Vec<usize>,
+}
+
+impl std::fmt::Debug for UringIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringIo").field("sockets", &self.sockets).finish()
+    }
+}
+
+impl UringIo {
+    fn new(wake: RawFd) -> io::Result<Self> {
+        let ring = IoUring::builder()
+            .setup_cqsize(RING_ENTRIES * 8)
+            .build(RING_ENTRIES)?;
+        let entries = usize::from(PBUF_COUNT);
+        let mut buf_ring = memmap2::MmapMut::map_anon(entries * size_of::<types::BufRingEntry>())?;
+        let buffers = vec![0u8; entries * PBUF_SIZE];
+        // SAFETY: `buf_ring` is page-aligned (an anonymous mapping), holds PBUF_COUNT entries,
+        // and lives in `self` as long as the ring; it is unregistered in Drop before it goes.
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(
+                buf_ring.as_mut_ptr() as u64,
+                PBUF_COUNT,
+                PBUF_GROUP,
+                0,
+            )?;
+        }
+        // SAFETY: an all-zero msghdr is valid; only the two lengths are read by the kernel.
+        let mut recv_template: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        recv_template.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        recv_template.msg_controllen = sys::RECV_CONTROL_BYTES as _;
+        let mut io = Self {
+            ring,
+            buf_ring,
+            buffers,
+            buf_tail: 0,
+            recv_template,
+            sockets: Vec::new(),
+            wake,
+            wake_buf: Box::new(0),
+            pending: Vec::new(),
+            send_msgs: Vec::new(),
+            send_iovs: Vec::new(),
+            send_names: Vec::new(),
+            send_control: Vec::new(),
+            rearm: Vec::new(),
+        };
+        for bid in 0..PBUF_COUNT {
+            io.provide(bid);
+        }
+        io.arm_wake()?;
+        Ok(io)
+    }
+
+    /// Hands buffer `bid` (back) to the kernel.
+    fn provide(&mut self, bid: u16) {
+        let mask = PBUF_COUNT - 1;
+        let base = self.buf_ring.as_mut_ptr().cast::<types::BufRingEntry>();
+        let addr = self.buffers[usize::from(bid) * PBUF_SIZE..].as_ptr() as u64;
+        // SAFETY: the index is masked into the PBUF_COUNT entries of the mapping; entries at
+        // and after the tail belong to us until the tail store below publishes them.
+        let entry = unsafe { &mut *base.add(usize::from(self.buf_tail & mask)) };
+        entry.set_addr(addr);
+        entry.set_len(PBUF_SIZE as u32);
+        entry.set_bid(bid);
+        self.buf_tail = self.buf_tail.wrapping_add(1);
+        // SAFETY: the tail is a u16 inside the first entry, naturally aligned, which the kernel
+        // reads with acquire semantics; the Release store publishes the entry written above.
+        unsafe {
+            let tail = types::BufRingEntry::tail(base.cast_const()) as *const AtomicU16;
+            (*tail).store(self.buf_tail, Ordering::Release);
+        }
+    }
+
+    fn push(&mut self, sqe: &io_uring::squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: every entry pushed points to memory owned by `self` (templates, buffers,
+            // send storage) that stays alive and unmoved until its completion is reaped.
+            if unsafe { self.ring.submission().push(sqe) }.is_ok() {
+                return Ok(());
+            }
+            self.ring.submit()?;
+        }
+    }
+
+    fn arm_wake(&mut self) -> io::Result<()> {
+        let sqe = opcode::Read::new(types::Fd(self.wake), (&mut *self.wake_buf as *mut u64).cast(), 8)
+            .build()
+            .user_data(KIND_WAKE);
+        self.push(&sqe)
+    }
+
+    fn arm_recv(&mut self, index: usize) -> io::Result<()> {
+        let fd = self.sockets[index].0;
+        let sqe = opcode::RecvMsgMulti::new(types::Fd(fd), &*self.recv_template, PBUF_GROUP)
+            .build()
+            .user_data(KIND_RECV | index as u64);
+        self.push(&sqe)
+    }
+
+    fn add_socket(&mut self, fd: RawFd, token: u32) -> io::Result<()> {
+        self.sockets.push((fd, token));
+        self.arm_recv(self.sockets.len() - 1)?;
+        self.ring.submit()?;
+        Ok(())
+    }
+
+    fn send(&mut self, batch: &SendBatch) -> SendOutcome {
+        let mut out = SendOutcome::default();
+        let n = batch.sends.len();
+        if n == 0 {
+            return out;
+        }
+        // SAFETY: all-zero msghdr/iovec are valid placeholders, overwritten below.
+        self.send_msgs.resize(n, unsafe { std::mem::zeroed() });
+        self.send_iovs.resize(
+            n,
+            libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            },
+        );
+        self.send_names
+            .resize(n, sys::sockaddr_in(std::net::SocketAddrV4::new(0.into(), 0)));
+        self.send_control.resize(n, [0; sys::SEND_CONTROL_BYTES / 8]);
+        let mut queued = 0usize;
+        let mut completed = 0usize;
+        for (k, s) in batch.sends.iter().enumerate() {
+            self.send_iovs[k].iov_base = batch.arena[s.start..].as_ptr() as *mut libc::c_void;
+            self.send_iovs[k].iov_len = s.len;
+            self.send_names[k] = s.dest;
+            // SAFETY: all-zero msghdr is valid.
+            let mut m: libc::msghdr = unsafe { std::mem::zeroed() };
+            m.msg_iov = &mut self.send_iovs[k];
+            m.msg_iovlen = 1;
+            m.msg_name = (&mut self.send_names[k] as *mut libc::sockaddr_in).cast();
+            m.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            if s.segment != 0 {
+                let len = sys::write_segment_cmsg(&mut self.send_control[k], s.segment);
+                m.msg_control = self.send_control[k].as_mut_ptr().cast();
+                m.msg_controllen = len as _;
+            }
+            self.send_msgs[k] = m;
+            let sqe = opcode::SendMsg::new(types::Fd(s.fd), &self.send_msgs[k])
+                .build()
+                .user_data(KIND_SEND | k as u64);
+            if self.push(&sqe).is_err() {
+                out.errors += s.datagrams() as u64;
+                continue;
+            }
+            queued += 1;
+        }
+        // The kernel reads the send storage until each send completes: wait for all of them.
+        while completed < queued {
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    // Nothing more can complete; count the rest as lost.
+                    out.errors += (queued - completed) as u64;
+                    break;
+                }
+            }
+            let mut cq = self.ring.completion();
+            cq.sync();
+            for cqe in &mut cq {
+                let ud = cqe.user_data();
+                if ud & KIND_MASK == KIND_SEND {
+                    completed += 1;
+                    let s = &batch.sends[(ud & !KIND_MASK) as usize];
+                    if cqe.result() >= 0 {
+                        out.datagrams += s.datagrams() as u64;
+                    } else {
+                        if s.segment != 0 && matches!(-cqe.result(), libc::EIO | libc::EINVAL) {
+                            out.gso_refused = true;
+                        }
+                        out.errors += s.datagrams() as u64;
+                    }
+                } else {
+                    self.pending.push(PendingCqe {
+                        user_data: ud,
+                        result: cqe.result(),
+                        flags: cqe.flags(),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    fn receive(&mut self, mut f: impl FnMut(Received<'_>)) -> io::Result<usize> {
+        {
+            let mut cq = self.ring.completion();
+            cq.sync();
+            for cqe in &mut cq {
+                self.pending.push(PendingCqe {
+                    user_data: cqe.user_data(),
+                    result: cqe.result(),
+                    flags: cqe.flags(),
+                });
+            }
+        }
+        let mut count = 0;
+        let mut wake = false;
+        let mut pending = std::mem::take(&mut self.pending);
+        for c in pending.drain(..) {
+            match c.user_data & KIND_MASK {
+                KIND_WAKE => wake = true,
+                KIND_RECV => {
+                    let index = (c.user_data & !KIND_MASK) as usize;
+                    if !cqueue::more(c.flags) && !self.rearm.contains(&index) {
+                        self.rearm.push(index);
+                    }
+                    let Some(bid) = cqueue::buffer_select(c.flags) else {
+                        // No buffer: an error such as ENOBUFS; the receive is armed again below.
+                        continue;
+                    };
+                    if c.result > 0 && bid < PBUF_COUNT {
+                        let start = usize::from(bid) * PBUF_SIZE;
+                        let len = (c.result as usize).min(PBUF_SIZE);
+                        let buf = &self.buffers[start..start + len];
+                        if let Ok(msg) = types::RecvMsgOut::parse(buf, &self.recv_template) {
+                            if !msg.is_payload_truncated() {
+                                if let Some(from) = sys::parse_sockaddr_in(msg.name_data()) {
+                                    count += 1;
+                                    f(Received {
+                                        token: self.sockets[index].1,
+                                        from,
+                                        bytes: msg.payload_data(),
+                                        segment: sys::gro_segment(msg.control_data()),
+                                    });
+                                }
+                            }
+                        }
+                    }
+                    if bid < PBUF_COUNT {
+                        self.provide(bid);
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.pending = pending;
+        if wake {
+            self.arm_wake()?;
+        }
+        while let Some(index) = self.rearm.pop() {
+            self.arm_recv(index)?;
+        }
+        Ok(count)
+    }
+
+    fn wait(&mut self, timeout: Duration) -> io::Result<()> {
+        if !self.pending.is_empty() {
+            return Ok(());
+        }
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) || e.kind() == io::ErrorKind::Interrupted => {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Drop for UringIo {
+    fn drop(&mut self) {
+        // Unregister before the mapping and the buffers go; the ring itself closes after.
+        let _ = self.ring.submitter().unregister_buf_ring(PBUF_GROUP);
+    }
+}

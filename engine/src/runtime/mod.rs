@@ -1,0 +1,519 @@
+//! The runtime: real sockets, real time and real threads around the sans-IO core.
+//!
+//! [`Engine::launch`] starts N worker threads, each owning one I/O backend (io_uring, or the
+//! portable `sendmmsg`/`recvmmsg` one), its sockets, and its shard of groups. Applications in
+//! the same process publish through [`Publication`]s (a single-producer shared-memory ring per
+//! publication, read by the worker) and subscribe with handlers that the worker calls with each
+//! delivery, in stream order.
+//!
+//! ```
+//! use intergroup_engine::runtime::{Engine, EngineConfig, GroupConfig};
+//! use intergroup_engine::{MemberConfig, Output};
+//! use std::sync::mpsc;
+//!
+//! let engine = Engine::launch(EngineConfig::default()).unwrap();
+//! // A group on its own multicast port so this example does not meet other tests' traffic.
+//! let mut group = GroupConfig::new(MemberConfig { group: 7, member_id: 1, ..MemberConfig::default() });
+//! group.udp.group.set_port(47_001);
+//! engine.join(group).unwrap();
+//! let (tx, rx) = mpsc::channel();
+//! engine
+//!     .subscribe(7, move |out: Output<'_>| {
+//!         if let Output::Message(m) = out {
+//!             tx.send(m.payload.to_vec()).unwrap();
+//!         }
+//!     })
+//!     .unwrap();
+//! let mut publication = engine.publication(7, 1).unwrap();
+//! publication.offer(b"hello").unwrap();
+//! // Members do not deliver their own messages; a second engine would receive it.
+//! assert!(rx.recv_timeout(std::time::Duration::from_millis(50)).is_err());
+//! engine.close();
+//! ```
+
+pub mod io;
+pub mod sys;
+mod worker;
+
+pub use io::BackendKind;
+
+use crate::proto::{Counters, MemberConfig, Output};
+use crate::transport::{TransportStats, UdpConfig};
+use crossbeam_channel::Sender;
+use intergroup_ring::{OfferError as RingOfferError, Producers, SingleClaim, SingleProducer};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use worker::{Command, Wake, Worker};
+
+/// A subscriber's handler: called on the worker thread with each delivery and in-stream event
+/// of its group, in stream order. It must not block; copy what it keeps.
+pub type Handler = Box<dyn FnMut(Output<'_>) + Send>;
+
+/// Settings of an engine. Every field has a default suited to a small host.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Worker threads; groups are spread over them by group id.
+    pub workers: usize,
+    /// Cores to pin workers to (worker i to `cores[i % len]`); empty leaves them unpinned,
+    /// which is right when several engines share a host.
+    pub cores: Vec<usize>,
+    /// I/O backend.
+    pub backend: BackendKind,
+    /// Spin instead of sleeping when idle: lower latency, one core at 100%.
+    pub busy_poll: bool,
+    /// Coalesce equal-size datagrams into one UDP GSO send.
+    pub gso: bool,
+    /// Ask the kernel to coalesce received datagrams (UDP GRO).
+    pub gro: bool,
+    /// Bytes of each publication's ring (a power of two); a message may be up to a quarter.
+    pub publication_ring_bytes: u64,
+    /// Where publication rings are created (they are unlinked once mapped); default /dev/shm.
+    pub ring_dir: Option<PathBuf>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            cores: Vec::new(),
+            backend: BackendKind::Auto,
+            busy_poll: false,
+            gso: true,
+            gro: true,
+            publication_ring_bytes: 16 << 20,
+            ring_dir: None,
+        }
+    }
+}
+
+/// One group an engine joins.
+#[derive(Debug, Clone)]
+pub struct GroupConfig {
+    /// The protocol settings (group id and member id among them).
+    pub member: MemberConfig,
+    /// Sockets: interface, group address, peers.
+    pub udp: UdpConfig,
+    /// Drop this share (0 to 1) of received datagrams on purpose, to exercise recovery.
+    pub receive_loss: f64,
+    /// Seed of the loss decorator.
+    pub loss_seed: u64,
+    /// Seed of the member's NAK back-off.
+    pub seed: u64,
+}
+
+impl GroupConfig {
+    /// A group with `member` and the default (loopback) sockets.
+    pub fn new(member: MemberConfig) -> Self {
+        Self {
+            seed: u64::from(member.member_id),
+            member,
+            udp: UdpConfig::default(),
+            receive_loss: 0.0,
+            loss_seed: 1,
+        }
+    }
+}
+
+/// What joining a group gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupInfo {
+    /// The unicast address this member sends from.
+    pub local_addr: SocketAddr,
+    /// The backend of the worker that owns the group.
+    pub backend: BackendKind,
+}
+
+/// A snapshot of a group's counters.
+#[derive(Debug, Clone)]
+pub struct GroupStats {
+    /// Backend of the owning worker.
+    pub backend: BackendKind,
+    /// GSO in use (the kernel may refuse it, and then it is turned off).
+    pub gso: bool,
+    /// GRO in use.
+    pub gro: bool,
+    /// The protocol's counters.
+    pub counters: Counters,
+    /// The sockets' counters.
+    pub transport: TransportStats,
+    /// Next sequence this member sends.
+    pub next_sequence: u64,
+    /// Bytes published and not yet framed.
+    pub queued_bytes: usize,
+    /// Some publication ring holds records the worker has not read yet.
+    pub unread_publications: bool,
+    /// Live receivers that report positions to this member.
+    pub receivers: usize,
+    /// The lowest position they reported.
+    pub acknowledged: Option<u64>,
+    /// Messages a full send queue pushed back into the worker's overflow (none are lost).
+    pub pushed_back: u64,
+}
+
+impl GroupStats {
+    /// True when everything published has been framed and `receivers` live receivers have
+    /// acknowledged all of it.
+    pub fn all_acknowledged(&self, receivers: usize) -> bool {
+        !self.unread_publications
+            && self.queued_bytes == 0
+            && self.receivers >= receivers
+            && self.acknowledged.is_some_and(|a| a >= self.next_sequence)
+    }
+}
+
+/// Errors of the runtime.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// A setting is out of range.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A socket, thread or io_uring could not be set up.
+    #[error("I/O: {0}")]
+    Io(String),
+    /// A publication ring could not be made.
+    #[error("ring: {0}")]
+    Ring(String),
+    /// The group was not joined.
+    #[error("group {0} is not joined")]
+    UnknownGroup(u32),
+    /// The group was joined already.
+    #[error("group {0} is already joined")]
+    GroupExists(u32),
+    /// The engine is closed (or its worker stopped).
+    #[error("the engine is closed")]
+    Closed,
+}
+
+/// Why an offer did not happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum OfferError {
+    /// The publication's ring is full: the network or a slow receiver holds the sender back.
+    /// Try again.
+    #[error("back-pressured: the publication is full")]
+    BackPressured,
+    /// The message is larger than this publication takes.
+    #[error("message of {len} bytes exceeds the maximum of {max}")]
+    TooLarge {
+        /// The message's length.
+        len: usize,
+        /// The largest message this publication takes.
+        max: usize,
+    },
+    /// The engine is closed.
+    #[error("the engine is closed")]
+    Closed,
+}
+
+struct WorkerHandle {
+    commands: Sender<Command>,
+    wake: Arc<Wake>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// An engine running inside this process. Dropping it (or [`close`](Self::close)) stops the
+/// workers, closes every socket and joins every thread.
+pub struct Engine {
+    cfg: EngineConfig,
+    workers: Vec<WorkerHandle>,
+    backend: BackendKind,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("workers", &self.workers.len())
+            .field("backend", &self.backend)
+            .finish()
+    }
+}
+
+static RING_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl Engine {
+    /// Starts the workers of `cfg`.
+    pub fn launch(cfg: EngineConfig) -> Result<Self, EngineError> {
+        if cfg.workers == 0 {
+            return Err(EngineError::Config("workers must be at least 1".into()));
+        }
+        if !cfg.publication_ring_bytes.is_power_of_two() || cfg.publication_ring_bytes < 4096 {
+            return Err(EngineError::Config(format!(
+                "publication_ring_bytes {} must be a power of two of at least 4096",
+                cfg.publication_ring_bytes
+            )));
+        }
+        let available = core_affinity::get_core_ids().unwrap_or_default();
+        for &c in &cfg.cores {
+            if !available.iter().any(|id| id.id == c) {
+                return Err(EngineError::Config(format!(
+                    "core {c} is not available to this process"
+                )));
+            }
+        }
+        let mut workers = Vec::with_capacity(cfg.workers);
+        let mut backend = cfg.backend;
+        for i in 0..cfg.workers {
+            let wake = Arc::new(Wake {
+                parked: AtomicBool::new(false),
+                closed: AtomicBool::new(false),
+                fd: sys::EventFd::new().map_err(|e| EngineError::Io(format!("eventfd: {e}")))?,
+            });
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+            let core = (!cfg.cores.is_empty()).then(|| cfg.cores[i % cfg.cores.len()]);
+            let (kind, gso, gro, busy) = (cfg.backend, cfg.gso, cfg.gro, cfg.busy_poll);
+            let w = wake.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("intergroup-worker-{i}"))
+                .spawn(move || {
+                    if let Some(id) = core {
+                        core_affinity::set_for_current(core_affinity::CoreId { id });
+                    }
+                    // The ring and its buffers are made on the thread that uses them.
+                    match io::Io::open(kind, w.fd.fd()) {
+                        Ok(io) => {
+                            let _ = ready_tx.send(Ok(io.kind()));
+                            Worker::new(io, w, rx, gso, gro, busy).run();
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(EngineError::Io(format!("{kind} backend: {e}"))));
+                        }
+                    }
+                })
+                .map_err(|e| EngineError::Io(format!("spawn: {e}")))?;
+            let started = ready_rx.recv().unwrap_or(Err(EngineError::Closed));
+            let handle = WorkerHandle {
+                commands: tx,
+                wake,
+                thread: Some(thread),
+            };
+            workers.push(handle);
+            match started {
+                Ok(kind) => backend = kind,
+                Err(e) => {
+                    // Workers already started are stopped by Drop.
+                    drop(Engine {
+                        cfg: cfg.clone(),
+                        workers,
+                        backend,
+                    });
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Self {
+            cfg,
+            workers,
+            backend,
+        })
+    }
+
+    /// The backend the workers use (`Auto` resolved).
+    pub fn backend(&self) -> BackendKind {
+        self.backend
+    }
+
+    fn worker(&self, group: u32) -> &WorkerHandle {
+        &self.workers[group as usize % self.workers.len()]
+    }
+
+    fn ask<T>(
+        &self,
+        group: u32,
+        make: impl FnOnce(Sender<Result<T, EngineError>>) -> Command,
+    ) -> Result<T, EngineError> {
+        let w = self.worker(group);
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        w.commands.send(make(tx)).map_err(|_| EngineError::Closed)?;
+        w.wake.fd.notify();
+        rx.recv().map_err(|_| EngineError::Closed)?
+    }
+
+    /// Joins a group: opens its sockets on the worker that owns its id and starts its member.
+    pub fn join(&self, group: GroupConfig) -> Result<GroupInfo, EngineError> {
+        group
+            .member
+            .validate()
+            .map_err(|e| EngineError::Config(e.to_string()))?;
+        let id = group.member.group;
+        self.ask(id, |tx| Command::Join(Box::new(group), tx))
+    }
+
+    /// Calls `handler` on the worker thread with every delivery and in-stream event of `group`.
+    pub fn subscribe(
+        &self,
+        group: u32,
+        handler: impl FnMut(Output<'_>) + Send + 'static,
+    ) -> Result<(), EngineError> {
+        self.ask(group, |tx| Command::Subscribe(group, Box::new(handler), tx))
+    }
+
+    /// A publication of `group` on `stream`: a single-producer ring the owning worker reads.
+    pub fn publication(&self, group: u32, stream: u32) -> Result<Publication, EngineError> {
+        let dir = self.cfg.ring_dir.clone().unwrap_or_else(|| {
+            let shm = PathBuf::from("/dev/shm");
+            if shm.is_dir() {
+                shm
+            } else {
+                std::env::temp_dir()
+            }
+        });
+        let path = dir.join(format!(
+            "intergroup-pub-{}-{}-{}-{}",
+            std::process::id(),
+            group,
+            stream,
+            RING_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        intergroup_ring::records::create_with(&path, self.cfg.publication_ring_bytes, Producers::Single)
+            .map_err(|e| EngineError::Ring(e.to_string()))?;
+        let producer = SingleProducer::open(&path).map_err(|e| EngineError::Ring(e.to_string()));
+        let opened = producer.and_then(|p| {
+            self.ask(group, |tx| Command::Publication {
+                group,
+                stream,
+                path: path.clone(),
+                reply: tx,
+            })
+            .map(|max| (p, max))
+        });
+        // Both sides hold the mapping now (or failed): the name is no longer needed.
+        let _ = std::fs::remove_file(&path);
+        let (producer, member_max) = opened?;
+        let max = member_max.min(producer.max_payload());
+        Ok(Publication {
+            producer,
+            wake: self.worker(group).wake.clone(),
+            max_message: max,
+        })
+    }
+
+    /// A snapshot of a group's counters.
+    pub fn stats(&self, group: u32) -> Result<GroupStats, EngineError> {
+        self.ask(group, |tx| Command::Stats(group, tx))
+    }
+
+    /// Waits until everything published on `group` has been acknowledged by at least
+    /// `receivers` live receivers, or `timeout` passes; returns whether it was.
+    pub fn wait_acknowledged(
+        &self,
+        group: u32,
+        receivers: usize,
+        timeout: std::time::Duration,
+    ) -> Result<bool, EngineError> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self.stats(group)?.all_acknowledged(receivers) {
+                return Ok(true);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
+    /// Stops the workers, closes every socket and joins every thread.
+    pub fn close(self) {
+        drop(self)
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        for w in &self.workers {
+            w.wake.closed.store(true, Ordering::SeqCst);
+            let _ = w.commands.send(Command::Shutdown);
+            w.wake.fd.notify();
+        }
+        for w in &mut self.workers {
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// A publication: messages offered here go to the group on one stream, in order.
+pub struct Publication {
+    producer: SingleProducer,
+    wake: Arc<Wake>,
+    max_message: usize,
+}
+
+impl std::fmt::Debug for Publication {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publication")
+            .field("max_message", &self.max_message)
+            .finish()
+    }
+}
+
+fn offer_error(e: RingOfferError) -> OfferError {
+    match e {
+        RingOfferError::TooLarge { len, max } => OfferError::TooLarge { len, max },
+        _ => OfferError::BackPressured,
+    }
+}
+
+impl Publication {
+    /// Largest message this publication takes.
+    pub fn max_message(&self) -> usize {
+        self.max_message
+    }
+
+    /// Copies `message` into the publication.
+    pub fn offer(&mut self, message: &[u8]) -> Result<(), OfferError> {
+        self.check(message.len())?;
+        self.producer.offer(0, message).map_err(offer_error)?;
+        self.wake.after_offer();
+        Ok(())
+    }
+
+    /// Claims room for a message of `len` bytes, written in place and sent on
+    /// [`Claim::commit`]; dropped uncommitted, it is skipped.
+    pub fn try_claim(&mut self, len: usize) -> Result<Claim<'_>, OfferError> {
+        self.check(len)?;
+        let claim = self.producer.try_claim(0, len).map_err(offer_error)?;
+        Ok(Claim {
+            claim,
+            wake: &self.wake,
+        })
+    }
+
+    fn check(&self, len: usize) -> Result<(), OfferError> {
+        if self.wake.closed.load(Ordering::Relaxed) {
+            return Err(OfferError::Closed);
+        }
+        if len > self.max_message {
+            return Err(OfferError::TooLarge {
+                len,
+                max: self.max_message,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Room for one message in a publication.
+#[derive(Debug)]
+pub struct Claim<'a> {
+    claim: SingleClaim<'a>,
+    wake: &'a Wake,
+}
+
+impl Claim<'_> {
+    /// The message's bytes, to fill in place.
+    pub fn buf(&mut self) -> &mut [u8] {
+        self.claim.buf()
+    }
+
+    /// Sends the message.
+    pub fn commit(self) {
+        self.claim.commit();
+        self.wake.after_offer();
+    }
+}

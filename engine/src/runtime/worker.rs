@@ -1,0 +1,552 @@
+//! One worker thread: its I/O backend, its sockets, its shard of groups, a timer heap, and the
+//! loop that drives them. Nothing on the data path takes a lock; the application reaches the
+//! worker through rings (publications), a command channel (set-up) and an eventfd (wake-up).
+
+use super::io::{Io, Received, Send, SendBatch};
+use super::sys::{self, EventFd};
+use super::{EngineError, GroupConfig, GroupInfo, GroupStats, Handler};
+use crate::proto::{Destination, Member, Nanos, Output};
+use crate::transport::{open_sockets, ReceiveLoss, TransportStats};
+use crossbeam_channel::{Receiver, Sender};
+use intergroup_ring::RecordConsumer;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Bytes of datagrams built before they are handed to the kernel in one round.
+const ARENA_BYTES: usize = 1 << 20;
+/// Records taken from one publication ring per turn.
+const READ_BATCH: usize = 256;
+/// Longest a worker sleeps when no timer is due, so a lost wake-up costs little.
+const MAX_IDLE: Duration = Duration::from_millis(50);
+
+/// How the application wakes a sleeping worker.
+#[derive(Debug)]
+pub struct Wake {
+    /// Set by the worker before it sleeps; whoever hands it work then notifies.
+    pub parked: AtomicBool,
+    /// Set when the engine closes: publications refuse further offers.
+    pub closed: AtomicBool,
+    /// The eventfd the worker's I/O waits on.
+    pub fd: EventFd,
+}
+
+impl Wake {
+    /// Called after handing the worker work (a committed record): wakes it if it sleeps.
+    pub fn after_offer(&self) {
+        // Pairs with the fence in `Worker::park`: either the worker sees the record, or this
+        // sees `parked` and wakes it.
+        fence(Ordering::SeqCst);
+        if self.parked.load(Ordering::Relaxed) {
+            self.fd.notify();
+        }
+    }
+}
+
+/// What the engine asks of a worker.
+pub enum Command {
+    /// Open the sockets of a group and start its member.
+    Join(Box<GroupConfig>, Sender<Result<GroupInfo, EngineError>>),
+    /// Read a publication ring.
+    Publication {
+        /// Group id.
+        group: u32,
+        /// Stream the ring's messages go on.
+        stream: u32,
+        /// The ring file (unlinked once the reply is sent).
+        path: PathBuf,
+        /// Reply: the group's largest message.
+        reply: Sender<Result<usize, EngineError>>,
+    },
+    /// Hand every delivery and in-stream event of a group to a handler.
+    Subscribe(u32, Handler, Sender<Result<(), EngineError>>),
+    /// Counters of a group.
+    Stats(u32, Sender<Result<GroupStats, EngineError>>),
+    /// Stop: the worker returns after closing everything.
+    Shutdown,
+}
+
+struct Publication {
+    stream: u32,
+    consumer: RecordConsumer,
+    /// Records read while the member's send queue was full, in order, published first.
+    overflow: Vec<Vec<u8>>,
+}
+
+struct Group {
+    id: u32,
+    member: Member,
+    _group_socket: Option<UdpSocket>,
+    unicast: UdpSocket,
+    /// Where group datagrams go: the multicast group, or each unicast peer.
+    group_dests: Vec<libc::sockaddr_in>,
+    loss: Option<ReceiveLoss>,
+    publications: Vec<Publication>,
+    handlers: Vec<Handler>,
+    stats: TransportStats,
+    /// The deadline this group's entry in the timer heap stands for.
+    deadline: Option<Nanos>,
+    /// Something happened to this group in this turn: its timer and transmits need a look.
+    touched: bool,
+}
+
+/// The worker's state.
+pub struct Worker {
+    io: Io,
+    wake: Arc<Wake>,
+    commands: Receiver<Command>,
+    groups: Vec<Group>,
+    /// Receive tokens: `token >> 1` is the group index.
+    timers: BinaryHeap<Reverse<(Nanos, usize)>>,
+    batch: SendBatch,
+    gso: bool,
+    gro: bool,
+    busy_poll: bool,
+    epoch: Instant,
+    /// Messages a full send queue pushed back (kept in the overflow, never lost).
+    pushed_back: u64,
+}
+
+impl Worker {
+    /// A worker on `io`.
+    pub fn new(
+        io: Io,
+        wake: Arc<Wake>,
+        commands: Receiver<Command>,
+        gso: bool,
+        gro: bool,
+        busy_poll: bool,
+    ) -> Self {
+        Self {
+            io,
+            wake,
+            commands,
+            groups: Vec::new(),
+            timers: BinaryHeap::new(),
+            batch: SendBatch::with_capacity(ARENA_BYTES),
+            gso,
+            gro,
+            busy_poll,
+            epoch: Instant::now(),
+            pushed_back: 0,
+        }
+    }
+
+    fn now(&self) -> Nanos {
+        self.epoch.elapsed().as_nanos() as Nanos
+    }
+
+    /// Runs until [`Command::Shutdown`] or until the engine's side of the channel is gone.
+    pub fn run(mut self) {
+        loop {
+            let mut busy = false;
+            loop {
+                match self.commands.try_recv() {
+                    Ok(Command::Shutdown) | Err(crossbeam_channel::TryRecvError::Disconnected) => return,
+                    Ok(cmd) => {
+                        self.command(cmd);
+                        busy = true;
+                    }
+                    Err(crossbeam_channel::TryRecvError::Empty) => break,
+                }
+            }
+            busy |= self.take_publications();
+            busy |= self.receive();
+            self.run_timers();
+            busy |= self.transmit();
+            busy |= self.deliver();
+            self.rearm_timers();
+            if !busy && !self.busy_poll {
+                self.park();
+            }
+        }
+    }
+
+    fn group_index(&self, id: u32) -> Option<usize> {
+        self.groups.iter().position(|g| g.id == id)
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Join(cfg, reply) => {
+                let _ = reply.send(self.join(*cfg));
+            }
+            Command::Publication {
+                group,
+                stream,
+                path,
+                reply,
+            } => {
+                let r = match self.group_index(group) {
+                    None => Err(EngineError::UnknownGroup(group)),
+                    Some(i) => match RecordConsumer::open(&path, Duration::from_secs(3600)) {
+                        Ok(consumer) => {
+                            self.groups[i].publications.push(Publication {
+                                stream,
+                                consumer,
+                                overflow: Vec::new(),
+                            });
+                            Ok(self.groups[i].member.config().max_message_bytes)
+                        }
+                        Err(e) => Err(EngineError::Ring(e.to_string())),
+                    },
+                };
+                let _ = reply.send(r);
+            }
+            Command::Subscribe(group, handler, reply) => {
+                let r = match self.group_index(group) {
+                    None => Err(EngineError::UnknownGroup(group)),
+                    Some(i) => {
+                        self.groups[i].handlers.push(handler);
+                        Ok(())
+                    }
+                };
+                let _ = reply.send(r);
+            }
+            Command::Stats(group, reply) => {
+                let r = match self.group_index(group) {
+                    None => Err(EngineError::UnknownGroup(group)),
+                    Some(i) => {
+                        let g = &self.groups[i];
+                        let (receivers, acked) = g.member.acknowledged();
+                        Ok(GroupStats {
+                            backend: self.io.kind(),
+                            gso: self.gso,
+                            gro: self.gro,
+                            counters: g.member.counters().clone(),
+                            transport: g.stats,
+                            next_sequence: g.member.next_sequence(),
+                            queued_bytes: g.member.queued_bytes()
+                                + g.publications
+                                    .iter()
+                                    .flat_map(|p| p.overflow.iter())
+                                    .map(Vec::len)
+                                    .sum::<usize>(),
+                            unread_publications: g.publications.iter().any(|p| !p.consumer.is_empty()),
+                            receivers,
+                            acknowledged: acked,
+                            pushed_back: self.pushed_back,
+                        })
+                    }
+                };
+                let _ = reply.send(r);
+            }
+            Command::Shutdown => {}
+        }
+    }
+
+    fn join(&mut self, cfg: GroupConfig) -> Result<GroupInfo, EngineError> {
+        if self.group_index(cfg.member.group).is_some() {
+            return Err(EngineError::GroupExists(cfg.member.group));
+        }
+        let member =
+            Member::new(cfg.member.clone(), cfg.seed).map_err(|e| EngineError::Config(e.to_string()))?;
+        let (group_socket, unicast) = open_sockets(&cfg.udp).map_err(|e| EngineError::Io(e.to_string()))?;
+        let index = self.groups.len();
+        let mut gro = self.gro;
+        for (k, s) in group_socket.iter().chain(std::iter::once(&unicast)).enumerate() {
+            if self.gro {
+                gro &= sys::enable_gro(s.as_raw_fd());
+            }
+            let token = (index as u32) << 1 | k as u32;
+            self.io
+                .add_socket(s.as_raw_fd(), token)
+                .map_err(|e| EngineError::Io(e.to_string()))?;
+        }
+        self.gro = gro;
+        let group_dests = if cfg.udp.peers.is_empty() {
+            vec![sys::sockaddr_in(cfg.udp.group)]
+        } else {
+            cfg.udp
+                .peers
+                .iter()
+                .filter_map(|p| match p {
+                    SocketAddr::V4(a) => Some(sys::sockaddr_in(*a)),
+                    SocketAddr::V6(_) => None,
+                })
+                .collect()
+        };
+        let local = unicast.local_addr().map_err(|e| EngineError::Io(e.to_string()))?;
+        self.groups.push(Group {
+            id: cfg.member.group,
+            member,
+            _group_socket: group_socket,
+            unicast,
+            group_dests,
+            loss: (cfg.receive_loss > 0.0).then(|| ReceiveLoss::new(cfg.receive_loss, cfg.loss_seed)),
+            publications: Vec::new(),
+            handlers: Vec::new(),
+            stats: TransportStats::default(),
+            deadline: None,
+            touched: true,
+        });
+        Ok(GroupInfo {
+            local_addr: local,
+            backend: self.io.kind(),
+        })
+    }
+
+    /// Moves records from the publication rings into the members' send queues.
+    fn take_publications(&mut self) -> bool {
+        let mut any = false;
+        for g in &mut self.groups {
+            let limit = g.member.config().send_queue_bytes / 2;
+            for p in &mut g.publications {
+                while !p.overflow.is_empty() {
+                    match g.member.publish(p.stream, &p.overflow[0]) {
+                        Ok(()) => {
+                            p.overflow.remove(0);
+                            any = true;
+                            g.touched = true;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if !p.overflow.is_empty() || g.member.queued_bytes() > limit {
+                    continue;
+                }
+                let (member, overflow, stream) = (&mut g.member, &mut p.overflow, p.stream);
+                let mut pushed_back = 0;
+                let n = p.consumer.read(READ_BATCH, |_, bytes| {
+                    if !overflow.is_empty() || member.publish(stream, bytes).is_err() {
+                        // Only a full send queue refuses (the publication checked the size).
+                        overflow.push(bytes.to_vec());
+                        pushed_back += 1;
+                    }
+                });
+                self.pushed_back += pushed_back;
+                if n > 0 {
+                    any = true;
+                    g.touched = true;
+                }
+            }
+        }
+        any
+    }
+
+    fn receive(&mut self) -> bool {
+        let epoch = self.epoch;
+        let groups = &mut self.groups;
+        let result = self.io.receive(|r: Received<'_>| {
+            let Some(g) = groups.get_mut((r.token >> 1) as usize) else {
+                return;
+            };
+            let now = epoch.elapsed().as_nanos() as Nanos;
+            // Our own multicast comes back to us (loopback); a GRO buffer holds one flow, so
+            // one look at its first datagram's source tells for all of them.
+            if is_own(r.bytes, g.member.id()) {
+                return;
+            }
+            let segment = r.segment.unwrap_or(r.bytes.len()).max(1);
+            for datagram in r.bytes.chunks(segment) {
+                g.stats.received += 1;
+                if let Some(loss) = g.loss.as_mut() {
+                    if loss.drop_next() {
+                        g.stats.dropped_by_decorator += 1;
+                        continue;
+                    }
+                }
+                g.member.handle_datagram(now, r.from, datagram);
+            }
+            g.touched = true;
+        });
+        match result {
+            Ok(n) => n > 0,
+            Err(_) => false,
+        }
+    }
+
+    fn run_timers(&mut self) {
+        let now = self.now();
+        while let Some(&Reverse((deadline, i))) = self.timers.peek() {
+            if deadline > now {
+                break;
+            }
+            self.timers.pop();
+            let g = &mut self.groups[i];
+            // Stale entries (the group's deadline moved) are skipped.
+            if g.deadline == Some(deadline) {
+                g.deadline = None;
+                g.member.handle_timeout(now);
+                g.touched = true;
+            }
+        }
+    }
+
+    fn rearm_timers(&mut self) {
+        for (i, g) in self.groups.iter_mut().enumerate() {
+            if !g.touched {
+                continue;
+            }
+            g.touched = false;
+            let next = g.member.poll_timeout();
+            if next != g.deadline {
+                g.deadline = next;
+                if let Some(d) = next {
+                    self.timers.push(Reverse((d, i)));
+                }
+            }
+        }
+        // Stale entries pile up when deadlines keep moving; rebuild now and then.
+        if self.timers.len() > 64 + 4 * self.groups.len() {
+            self.timers = self
+                .groups
+                .iter()
+                .enumerate()
+                .filter_map(|(i, g)| g.deadline.map(|d| Reverse((d, i))))
+                .collect();
+        }
+    }
+
+    /// Builds every datagram the members want to send into the arena, coalescing runs of
+    /// equal-size group datagrams into GSO sends, and hands them to the kernel.
+    fn transmit(&mut self) -> bool {
+        let mut any = false;
+        for i in 0..self.groups.len() {
+            loop {
+                let now = self.now();
+                self.batch.clear();
+                let g = &mut self.groups[i];
+                let full = build_sends(g, now, &mut self.batch, self.gso);
+                if self.batch.sends.is_empty() {
+                    break;
+                }
+                any = true;
+                let out = self.io.send(&self.batch);
+                if out.gso_refused {
+                    self.gso = false;
+                }
+                g.stats.sent += out.datagrams;
+                g.stats.send_errors += out.errors;
+                g.touched = true;
+                if !full {
+                    break;
+                }
+            }
+        }
+        any
+    }
+
+    fn deliver(&mut self) -> bool {
+        let mut any = false;
+        for g in &mut self.groups {
+            if g.member.pending_deliveries() == 0 {
+                continue;
+            }
+            any = true;
+            let handlers = &mut g.handlers;
+            g.member.drain(|out: Output<'_>| {
+                for h in handlers.iter_mut() {
+                    h(out);
+                }
+            });
+            g.touched = true;
+        }
+        any
+    }
+
+    /// Sleeps until a datagram, a wake-up, or the next timer.
+    fn park(&mut self) {
+        self.wake.parked.store(true, Ordering::Relaxed);
+        // Pairs with the fence in `Wake::after_offer`.
+        fence(Ordering::SeqCst);
+        let work_waiting = !self.commands.is_empty()
+            || self
+                .groups
+                .iter()
+                .any(|g| g.publications.iter().any(|p| !p.consumer.is_empty()));
+        if !work_waiting {
+            let now = self.now();
+            let wait = match self.timers.peek() {
+                Some(&Reverse((d, _))) => Duration::from_nanos(d.saturating_sub(now)).min(MAX_IDLE),
+                None => MAX_IDLE,
+            };
+            if !wait.is_zero() {
+                let _ = self.io.wait(wait);
+            }
+        }
+        self.wake.parked.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Whether a datagram was sent by member `me` (its header's source field).
+fn is_own(bytes: &[u8], me: u32) -> bool {
+    crate::wire::datagram_source(bytes) == Some(me)
+}
+
+/// Appends `g`'s datagrams to `batch`; true when the arena filled before the member ran out.
+fn build_sends(g: &mut Group, now: Nanos, batch: &mut SendBatch, gso: bool) -> bool {
+    let mtu = g.member.config().mtu;
+    let fd = g.unicast.as_raw_fd();
+    // The current run of group datagrams: start, bytes, segment size, count, closed.
+    let mut run: Option<(usize, usize, usize, usize, bool)> = None;
+    let flush_run = |run: &mut Option<(usize, usize, usize, usize, bool)>, batch: &mut SendBatch| {
+        if let Some((start, len, seg, count, _)) = run.take() {
+            let segment = if count > 1 { seg as u16 } else { 0 };
+            for dest in &g.group_dests {
+                batch.sends.push(Send {
+                    fd,
+                    dest: *dest,
+                    start,
+                    len,
+                    segment,
+                });
+            }
+        }
+    };
+    let mut full = false;
+    loop {
+        if batch.used + mtu > batch.arena.len() {
+            full = true;
+            break;
+        }
+        let start = batch.used;
+        let Some(t) = g.member.poll_transmit(now, &mut batch.arena[start..start + mtu]) else {
+            break;
+        };
+        batch.used += t.len;
+        match t.destination {
+            Destination::Unicast(SocketAddr::V4(addr)) => {
+                // Ends the run: the run's bytes must stay contiguous.
+                flush_run(&mut run, batch);
+                batch.sends.push(Send {
+                    fd,
+                    dest: sys::sockaddr_in(addr),
+                    start,
+                    len: t.len,
+                    segment: 0,
+                });
+            }
+            Destination::Unicast(SocketAddr::V6(_)) => {}
+            Destination::Group => {
+                let extends = match run {
+                    Some((_, len, seg, count, closed)) => {
+                        gso && !closed
+                            && t.len <= seg
+                            && count < sys::MAX_GSO_SEGMENTS
+                            && len + t.len <= sys::MAX_GSO_BYTES
+                    }
+                    None => false,
+                };
+                if extends {
+                    if let Some(r) = run.as_mut() {
+                        r.1 += t.len;
+                        r.3 += 1;
+                        // A shorter datagram can only be the last of a GSO send.
+                        r.4 = t.len < r.2;
+                    }
+                } else {
+                    flush_run(&mut run, batch);
+                    run = Some((start, t.len, t.len, 1, false));
+                }
+            }
+        }
+    }
+    flush_run(&mut run, batch);
+    full
+}
