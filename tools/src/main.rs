@@ -1,5 +1,6 @@
 //! `intergroup`: the command-line tool.
 
+mod bench;
 mod sim;
 
 use clap::{Parser, Subcommand};
@@ -26,12 +27,23 @@ enum Command {
     /// reorders and delays datagrams from a seed, so one seed is one exact run. Exits 1 when the
     /// checker finds a message lost, duplicated, reordered, corrupted or invented.
     Sim(sim::SimArgs),
+    /// Measure throughput and latency over loopback against a raw UDP ceiling.
+    ///
+    /// `raw-udp` moves datagrams with no protocol over every send/receive path this machine
+    /// offers and names the best the ceiling; `udp` runs engines (the subscribers in separate
+    /// processes) and reports its speed as a ratio of that ceiling, measured in the same run.
+    Bench(bench::BenchArgs),
+    /// The receiving side of a bench (started by `intergroup bench`).
+    #[command(hide = true)]
+    BenchChild(bench::ChildArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Sim(args) => sim::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::BenchChild(args) => bench::run_child(args),
     };
     match result {
         Ok(code) => code,

@@ -398,6 +398,9 @@ const PBUF_COUNT: u16 = 64;
 const PBUF_SIZE: usize = 65_536 + 256;
 const PBUF_GROUP: u16 = 0;
 
+/// IORING_ENTER_GETEVENTS.
+const ENTER_GETEVENTS: u32 = 1;
+
 const KIND_RECV: u64 = 1 << 32;
 const KIND_SEND: u64 = 2 << 32;
 const KIND_WAKE: u64 = 3 << 32;
@@ -619,6 +622,15 @@ impl UringIo {
     }
 
     fn receive(&mut self, mut f: impl FnMut(Received<'_>)) -> io::Result<usize> {
+        if self.ring.submission().taskrun() {
+            // Completions are waiting for us to run them: enter the kernel once to post them.
+            // SAFETY: no argument pointer is passed.
+            unsafe {
+                self.ring
+                    .submitter()
+                    .enter::<libc::sigset_t>(0, 0, ENTER_GETEVENTS, None)?
+            };
+        }
         {
             let mut cq = self.ring.completion();
             cq.sync();

@@ -63,6 +63,55 @@ pub fn enable_gro(fd: RawFd) -> bool {
     setsockopt_int(fd, SOL_UDP, UDP_GRO, 1).is_ok()
 }
 
+/// Makes the kernel drop, before any copy or wake-up, datagrams that `own` sent: on loopback
+/// every multicast comes back to the sender's own group socket, and a publisher would
+/// otherwise pay a receive for each datagram it sends. A classic BPF socket filter compares
+/// the source address (network header) and the UDP source port.
+pub fn drop_own_datagrams(fd: RawFd, own: SocketAddrV4) -> io::Result<()> {
+    const SKF_NET_OFF: i32 = -0x100000;
+    let op = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    let (ld, ldh, jeq, ret) = (
+        libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+        libc::BPF_LD | libc::BPF_H | libc::BPF_ABS,
+        libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+        libc::BPF_RET | libc::BPF_K,
+    );
+    let mut program = [
+        // Source address (offset 12 of the IPv4 header); not ours: accept.
+        op(ld, 0, 0, (SKF_NET_OFF + 12) as u32),
+        op(jeq, 0, 2, u32::from(*own.ip())),
+        // UDP source port (offset 0 of the transport header); ours: drop.
+        op(ldh, 0, 0, 0),
+        op(jeq, 1, 0, u32::from(own.port())),
+        op(ret, 0, 0, u32::MAX),
+        op(ret, 0, 0, 0),
+    ];
+    let prog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: `prog` points to `program`, alive for the call; the kernel copies the program.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&prog as *const libc::sock_fprog).cast(),
+            size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// An IPv4 socket address in the kernel's layout.
 pub fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
     libc::sockaddr_in {

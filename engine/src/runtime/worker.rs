@@ -19,9 +19,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Bytes of datagrams built before they are handed to the kernel in one round.
-const ARENA_BYTES: usize = 1 << 20;
+const ARENA_BYTES: usize = 256 << 10;
 /// Records taken from one publication ring per turn.
 const READ_BATCH: usize = 256;
+/// The worker moves records from a publication ring into its member only while the member
+/// holds fewer bytes than this: the ring is the queue, and a small send queue stays in cache
+/// (and empties often, so its memory is reused from the start).
+const SEND_QUEUE_LOW_WATER: usize = 64 << 10;
+/// Idle turns (each a yield) before a worker sleeps: work often comes again within
+/// microseconds, and a wake-up costs the waker and the sleeper more than a few turns.
+const IDLE_SPINS: u32 = 32;
 /// Longest a worker sleeps when no timer is due, so a lost wake-up costs little.
 const MAX_IDLE: Duration = Duration::from_millis(50);
 
@@ -143,6 +150,7 @@ impl Worker {
 
     /// Runs until [`Command::Shutdown`] or until the engine's side of the channel is gone.
     pub fn run(mut self) {
+        let mut idle_turns = 0u32;
         loop {
             let mut busy = false;
             loop {
@@ -155,14 +163,23 @@ impl Worker {
                     Err(crossbeam_channel::TryRecvError::Empty) => break,
                 }
             }
+            // One clock read per turn: everything in a turn happens at about the same time.
+            let now = self.now();
             busy |= self.take_publications();
-            busy |= self.receive();
-            self.run_timers();
-            busy |= self.transmit();
+            busy |= self.receive(now);
+            self.run_timers(now);
+            busy |= self.transmit(now);
             busy |= self.deliver();
             self.rearm_timers();
-            if !busy && !self.busy_poll {
-                self.park();
+            if busy {
+                idle_turns = 0;
+            } else if !self.busy_poll {
+                idle_turns += 1;
+                if idle_turns > IDLE_SPINS {
+                    self.park(now);
+                } else {
+                    std::thread::yield_now();
+                }
             }
         }
     }
@@ -247,6 +264,11 @@ impl Worker {
         let member =
             Member::new(cfg.member.clone(), cfg.seed).map_err(|e| EngineError::Config(e.to_string()))?;
         let (group_socket, unicast) = open_sockets(&cfg.udp).map_err(|e| EngineError::Io(e.to_string()))?;
+        let local = unicast.local_addr().map_err(|e| EngineError::Io(e.to_string()))?;
+        if let (Some(g), SocketAddr::V4(own)) = (&group_socket, local) {
+            // Best effort: without the filter our own datagrams are still dropped, later.
+            let _ = sys::drop_own_datagrams(g.as_raw_fd(), own);
+        }
         let index = self.groups.len();
         let mut gro = self.gro;
         for (k, s) in group_socket.iter().chain(std::iter::once(&unicast)).enumerate() {
@@ -271,7 +293,6 @@ impl Worker {
                 })
                 .collect()
         };
-        let local = unicast.local_addr().map_err(|e| EngineError::Io(e.to_string()))?;
         self.groups.push(Group {
             id: cfg.member.group,
             member,
@@ -295,7 +316,7 @@ impl Worker {
     fn take_publications(&mut self) -> bool {
         let mut any = false;
         for g in &mut self.groups {
-            let limit = g.member.config().send_queue_bytes / 2;
+            let limit = SEND_QUEUE_LOW_WATER.min(g.member.config().send_queue_bytes / 2);
             for p in &mut g.publications {
                 while !p.overflow.is_empty() {
                     match g.member.publish(p.stream, &p.overflow[0]) {
@@ -329,14 +350,12 @@ impl Worker {
         any
     }
 
-    fn receive(&mut self) -> bool {
-        let epoch = self.epoch;
+    fn receive(&mut self, now: Nanos) -> bool {
         let groups = &mut self.groups;
         let result = self.io.receive(|r: Received<'_>| {
             let Some(g) = groups.get_mut((r.token >> 1) as usize) else {
                 return;
             };
-            let now = epoch.elapsed().as_nanos() as Nanos;
             // Our own multicast comes back to us (loopback); a GRO buffer holds one flow, so
             // one look at its first datagram's source tells for all of them.
             if is_own(r.bytes, g.member.id()) {
@@ -361,8 +380,7 @@ impl Worker {
         }
     }
 
-    fn run_timers(&mut self) {
-        let now = self.now();
+    fn run_timers(&mut self, now: Nanos) {
         while let Some(&Reverse((deadline, i))) = self.timers.peek() {
             if deadline > now {
                 break;
@@ -405,11 +423,10 @@ impl Worker {
 
     /// Builds every datagram the members want to send into the arena, coalescing runs of
     /// equal-size group datagrams into GSO sends, and hands them to the kernel.
-    fn transmit(&mut self) -> bool {
+    fn transmit(&mut self, now: Nanos) -> bool {
         let mut any = false;
         for i in 0..self.groups.len() {
             loop {
-                let now = self.now();
                 self.batch.clear();
                 let g = &mut self.groups[i];
                 let full = build_sends(g, now, &mut self.batch, self.gso);
@@ -451,17 +468,20 @@ impl Worker {
     }
 
     /// Sleeps until a datagram, a wake-up, or the next timer.
-    fn park(&mut self) {
+    fn park(&mut self, now: Nanos) {
         self.wake.parked.store(true, Ordering::Relaxed);
         // Pairs with the fence in `Wake::after_offer`.
         fence(Ordering::SeqCst);
+        // A publication counts as work only when its member can take it: a sender held back by
+        // flow control sleeps until a STATUS (a datagram) or a timer wakes it.
         let work_waiting = !self.commands.is_empty()
-            || self
-                .groups
-                .iter()
-                .any(|g| g.publications.iter().any(|p| !p.consumer.is_empty()));
+            || self.groups.iter().any(|g| {
+                g.member.queued_bytes() <= SEND_QUEUE_LOW_WATER.min(g.member.config().send_queue_bytes / 2)
+                    && g.publications
+                        .iter()
+                        .any(|p| p.overflow.is_empty() && !p.consumer.is_empty())
+            });
         if !work_waiting {
-            let now = self.now();
             let wait = match self.timers.peek() {
                 Some(&Reverse((d, _))) => Duration::from_nanos(d.saturating_sub(now)).min(MAX_IDLE),
                 None => MAX_IDLE,

@@ -1,0 +1,272 @@
+//! `intergroup bench`: throughput and latency over loopback, as ratios against a raw UDP
+//! ceiling measured in the same invocation.
+//!
+//! Receivers run as child processes of this binary (`intergroup bench-child ...`, hidden): they
+//! print `ready` once their sockets are open, and one JSON line with what they counted when the
+//! run ends. Every payload starts with its sequence number and the send time
+//! (CLOCK_MONOTONIC, the same clock in every process of the host), so receivers measure latency.
+
+mod raw;
+mod udp;
+
+use clap::{Args, Subcommand};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// `intergroup bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// The ceiling: datagrams with no protocol, one sender -> K receiver processes, for each
+    /// send/receive path this machine offers; the best path is named the ceiling.
+    RawUdp(raw::RawArgs),
+    /// An embedded publisher engine -> K subscriber engines (separate processes), reliable
+    /// FIFO over loopback multicast; runs raw-udp with the same size and K for `ratio_to_raw`.
+    Udp(udp::UdpArgs),
+}
+
+/// Runs a bench mode.
+pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
+    match args.mode {
+        Mode::RawUdp(a) => raw::run(a),
+        Mode::Udp(a) => udp::run(a),
+    }
+}
+
+/// `intergroup bench-child`: the receiving side of a bench, run by the bench itself.
+#[derive(Debug, Args)]
+pub struct ChildArgs {
+    #[command(subcommand)]
+    role: ChildRole,
+}
+
+#[derive(Debug, Subcommand)]
+enum ChildRole {
+    /// Counts raw datagrams.
+    RawRx(raw::RawRxArgs),
+    /// Echoes raw datagrams (ping-pong).
+    RawPong(raw::RawPongArgs),
+    /// A subscriber engine.
+    UdpSub(udp::SubArgs),
+    /// An engine that echoes each message (ping-pong).
+    UdpPong(udp::PongArgs),
+}
+
+/// Runs a child role.
+pub fn run_child(args: ChildArgs) -> Result<ExitCode, String> {
+    match args.role {
+        ChildRole::RawRx(a) => raw::rx(a),
+        ChildRole::RawPong(a) => raw::pong(a),
+        ChildRole::UdpSub(a) => udp::sub(a),
+        ChildRole::UdpPong(a) => udp::pong(a),
+    }
+}
+
+/// Nanoseconds of CLOCK_MONOTONIC: comparable between processes of this host.
+pub fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes one timespec into a live local.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Writes the bench header (sequence, send time) at the start of `buf`.
+pub fn stamp(buf: &mut [u8], seq: u64) {
+    buf[..8].copy_from_slice(&seq.to_le_bytes());
+    buf[8..16].copy_from_slice(&mono_ns().to_le_bytes());
+}
+
+/// The bench header of a payload: (sequence, send time), when it has one.
+pub fn header(bytes: &[u8]) -> Option<(u64, u64)> {
+    if bytes.len() < 16 {
+        return None;
+    }
+    let seq = u64::from_le_bytes(bytes[..8].try_into().ok()?);
+    let ts = u64::from_le_bytes(bytes[8..16].try_into().ok()?);
+    Some((seq, ts))
+}
+
+/// Smallest payload the benches send: the header.
+pub const MIN_SIZE: usize = 16;
+
+/// A latency histogram in nanoseconds (1 ns to 100 s, 3 significant digits).
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("valid bounds")
+}
+
+/// Records `now - sent` into `h`.
+pub fn record_since(h: &mut Histogram<u64>, sent_ns: u64, now_ns: u64) {
+    let _ = h.record(now_ns.saturating_sub(sent_ns).clamp(1, 100_000_000_000));
+}
+
+/// A histogram as JSON pairs `[value, count]` of its recorded buckets, to cross processes.
+pub fn histogram_to_json(h: &Histogram<u64>) -> Value {
+    Value::Array(
+        h.iter_recorded()
+            .map(|v| json!([v.value_iterated_to(), v.count_at_value()]))
+            .collect(),
+    )
+}
+
+/// Adds the pairs of [`histogram_to_json`] into `h`.
+pub fn merge_json(h: &mut Histogram<u64>, v: &Value) {
+    for pair in v.as_array().into_iter().flatten() {
+        if let (Some(value), Some(count)) = (pair[0].as_u64(), pair[1].as_u64()) {
+            let _ = h.record_n(value.clamp(1, 100_000_000_000), count);
+        }
+    }
+}
+
+/// Latency percentiles in microseconds, as the report's fields.
+pub fn percentiles(h: &Histogram<u64>) -> Value {
+    let us = |q: f64| {
+        if h.is_empty() {
+            0.0
+        } else {
+            (h.value_at_quantile(q) as f64 / 1000.0 * 10.0).round() / 10.0
+        }
+    };
+    json!({
+        "p50": us(0.50),
+        "p90": us(0.90),
+        "p99": us(0.99),
+        "p999": us(0.999),
+        "max": if h.is_empty() { 0.0 } else { (h.max() as f64 / 100.0).round() / 10.0 },
+    })
+}
+
+/// A child process of this binary, talking over stdin/stdout lines.
+pub struct ChildProc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl ChildProc {
+    /// Starts `intergroup bench-child <args>` and waits for its `ready` line.
+    pub fn spawn(args: &[String]) -> Result<Self, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("own executable: {e}"))?;
+        let mut child = Command::new(exe)
+            .arg("bench-child")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("starting a bench child: {e}"))?;
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut me = Self { child, stdin, stdout };
+        let line = me.line()?;
+        if line.trim() != "ready" {
+            return Err(format!("bench child did not start: {line}"));
+        }
+        Ok(me)
+    }
+
+    /// Reads one line from the child.
+    pub fn line(&mut self) -> Result<String, String> {
+        let mut line = String::new();
+        match self.stdout.read_line(&mut line) {
+            Ok(0) => Err("bench child exited early (see its message above)".into()),
+            Ok(_) => Ok(line),
+            Err(e) => Err(format!("reading a bench child: {e}")),
+        }
+    }
+
+    /// Closes the child's stdin (its signal to stop) and reads its JSON result.
+    pub fn finish(mut self) -> Result<Value, String> {
+        drop(self.stdin.take());
+        let line = self.line()?;
+        let _ = self.child.wait();
+        serde_json::from_str(&line).map_err(|e| format!("bench child result {line:?}: {e}"))
+    }
+}
+
+impl Drop for ChildProc {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        // A child that has not finished within a moment is stopped; it is ours, by PID.
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// In a child: a flag that turns true when the parent closes our stdin (or dies).
+pub fn stop_on_stdin_eof() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        while std::io::stdin()
+            .read_line(&mut sink)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {
+            sink.clear();
+        }
+        s.store(true, Ordering::SeqCst);
+    });
+    stop
+}
+
+/// In a child: prints a line to the parent at once.
+pub fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// A progress bar over `seconds` on a terminal; hidden under `--json` or when not a tty.
+pub fn progress(label: &str, seconds: f64, json: bool) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if json || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new((seconds * 10.0).ceil() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix:>24} [{bar:30}] {elapsed}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(label.to_string());
+    bar
+}
+
+/// Ticks `bar` to the share of `seconds` since `start`.
+pub fn tick(bar: &indicatif::ProgressBar, start: Instant) {
+    bar.set_position((start.elapsed().as_secs_f64() * 10.0) as u64);
+}
+
+/// A multicast port for this run: distinct per process so runs at once do not meet.
+pub fn default_port() -> u16 {
+    41_000 + (std::process::id() % 2000) as u16 * 4
+}
+
+/// Median of `v` (upper median for an even count); 0 for none.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}

@@ -1,0 +1,728 @@
+//! `intergroup bench udp`: an embedded publisher engine -> K subscriber engines, reliable FIFO
+//! over loopback multicast, against the raw ceiling of the same size and K.
+
+use super::raw::{self, merge_objects, print_report, RawPath};
+use super::{
+    header, histogram, histogram_to_json, median, merge_json, mono_ns, percentiles, progress, record_since,
+    say, stop_on_stdin_eof, tick, ChildProc, MIN_SIZE,
+};
+use clap::Args;
+use hdrhistogram::Histogram;
+use intergroup_engine::runtime::{BackendKind, Engine, EngineConfig, GroupConfig, OfferError, Publication};
+use intergroup_engine::{Counter, Event, MemberConfig, Output};
+use serde_json::{json, Value};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const GROUP: u32 = 77;
+const DATA_STREAM: u32 = 1;
+const ECHO_STREAM: u32 = 2;
+/// The sequence of the last message of a run; its time field carries the published count.
+const END: u64 = u64::MAX;
+
+/// Options of `intergroup bench udp`.
+#[derive(Debug, Args)]
+pub struct UdpArgs {
+    /// Subscriber engines.
+    #[arg(long, default_value_t = 1)]
+    subscribers: usize,
+    /// Bytes per message (at least 16: sequence and send time).
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Seconds of publishing.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Drop this share of received datagrams at each subscriber (seeded), to measure recovery.
+    #[arg(long, default_value_t = 0.0)]
+    loss: f64,
+    /// Seed of the loss and of the NAK back-off.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Round-trip latency instead of throughput: one message out, its echo back.
+    #[arg(long)]
+    pingpong: bool,
+    /// Workers spin instead of sleeping (lower latency, a core each at 100%).
+    #[arg(long)]
+    busy_poll: bool,
+    /// I/O backend of every engine.
+    #[arg(long, default_value = "auto", value_parser = parse_backend)]
+    backend: BackendKind,
+    /// Run each subscriber engine in its own process (true) or as threads of this one.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    processes: bool,
+    /// Seconds per raw path of the ceiling measured first.
+    #[arg(long, default_value_t = 2.0)]
+    raw_duration: f64,
+    /// Receive window of the engines, in frames (the sender keeps four windows for repair).
+    #[arg(long, default_value_t = 1024)]
+    window: u32,
+    /// Largest datagram of the engines, bytes.
+    #[arg(long, default_value_t = 1472)]
+    mtu: usize,
+    /// Multicast port (default: one derived from the process id).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+impl UdpArgs {
+    fn tuning(&self) -> Tuning {
+        Tuning {
+            mtu: self.mtu,
+            window: self.window,
+        }
+    }
+}
+
+fn parse_backend(s: &str) -> Result<BackendKind, String> {
+    match s {
+        "auto" => Ok(BackendKind::Auto),
+        "io-uring" | "io_uring" | "uring" => Ok(BackendKind::IoUring),
+        "portable" => Ok(BackendKind::Portable),
+        _ => Err(format!("{s:?}: expected auto, io-uring or portable")),
+    }
+}
+
+fn engine_config(backend: BackendKind, busy_poll: bool) -> EngineConfig {
+    EngineConfig {
+        backend,
+        busy_poll,
+        ..EngineConfig::default()
+    }
+}
+
+/// Protocol settings the bench lets one change.
+#[derive(Debug, Clone, Copy)]
+struct Tuning {
+    mtu: usize,
+    window: u32,
+}
+
+fn group_config(member_id: u32, port: u16, t: Tuning, loss: f64, seed: u64) -> GroupConfig {
+    let mut g = GroupConfig::new(MemberConfig {
+        group: GROUP,
+        member_id,
+        mtu: t.mtu,
+        window_frames: t.window,
+        retransmit_frames: (t.window * 4).next_power_of_two(),
+        ..MemberConfig::default()
+    });
+    g.udp.group.set_port(port);
+    g.receive_loss = loss;
+    g.loss_seed = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(member_id);
+    g.seed = seed ^ u64::from(member_id);
+    g
+}
+
+/// What a subscriber counts.
+struct SubState {
+    expected: u64,
+    received: u64,
+    bytes: u64,
+    duplicates: u64,
+    gaps: u64,
+    loss_events: u64,
+    first_ns: u64,
+    hist: Histogram<u64>,
+}
+
+impl SubState {
+    fn new() -> Self {
+        Self {
+            expected: 0,
+            received: 0,
+            bytes: 0,
+            duplicates: 0,
+            gaps: 0,
+            loss_events: 0,
+            first_ns: 0,
+            hist: histogram(),
+        }
+    }
+
+    /// Takes one output; returns the published count when it was the end of the run.
+    fn on(&mut self, out: Output<'_>) -> Option<u64> {
+        match out {
+            Output::Message(m) if m.stream == DATA_STREAM => {
+                let (seq, ts) = header(m.payload)?;
+                let now = mono_ns();
+                if seq == END {
+                    return Some(ts);
+                }
+                if self.received == 0 {
+                    self.first_ns = now;
+                }
+                if seq < self.expected {
+                    self.duplicates += 1;
+                    return None;
+                }
+                self.gaps += seq - self.expected;
+                self.expected = seq + 1;
+                self.received += 1;
+                self.bytes += m.payload.len() as u64;
+                record_since(&mut self.hist, ts, now);
+                None
+            }
+            Output::Event(Event::UnrecoverableLoss { count, .. }) => {
+                self.loss_events += count;
+                None
+            }
+            _ => None,
+        }
+    }
+
+    fn report(&self, published: Option<u64>, end_ns: u64) -> Value {
+        let elapsed = end_ns.saturating_sub(self.first_ns) as f64 / 1e9;
+        json!({
+            "complete": published.is_some(),
+            "published": published,
+            "received": self.received,
+            "bytes": self.bytes,
+            "elapsed_s": elapsed,
+            "duplicates": self.duplicates,
+            "gaps": self.gaps,
+            "loss_events": self.loss_events,
+            "hist": histogram_to_json(&self.hist),
+        })
+    }
+}
+
+/// A subscriber engine: its handler sends one report when the run's end arrives.
+struct Subscriber {
+    engine: Engine,
+    report: crossbeam_channel::Receiver<Value>,
+    received: Arc<AtomicU64>,
+}
+
+fn start_subscriber(
+    member_id: u32,
+    port: u16,
+    tuning: Tuning,
+    loss: f64,
+    seed: u64,
+    backend: BackendKind,
+    busy: bool,
+) -> Result<Subscriber, String> {
+    let engine = Engine::launch(engine_config(backend, busy)).map_err(|e| e.to_string())?;
+    engine
+        .join(group_config(member_id, port, tuning, loss, seed))
+        .map_err(|e| e.to_string())?;
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = received.clone();
+    let mut state = SubState::new();
+    engine
+        .subscribe(GROUP, move |out: Output<'_>| {
+            if let Some(published) = state.on(out) {
+                let _ = tx.try_send(state.report(Some(published), mono_ns()));
+            }
+            counter.store(state.received, Ordering::Relaxed);
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(Subscriber {
+        engine,
+        report: rx,
+        received,
+    })
+}
+
+impl Subscriber {
+    /// The report of the run, or what was counted when `stop` came first.
+    fn wait_report(&self, stop: &AtomicBool, limit: Duration) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(v) = self.report.recv_timeout(Duration::from_millis(50)) {
+                return v;
+            }
+            if stop.load(Ordering::Relaxed) || Instant::now() >= deadline {
+                return json!({
+                    "complete": false,
+                    "received": self.received.load(Ordering::Relaxed),
+                    "hist": [],
+                });
+            }
+        }
+    }
+}
+
+/// Options of the subscriber child.
+#[derive(Debug, Args)]
+pub struct SubArgs {
+    #[arg(long)]
+    port: u16,
+    #[arg(long)]
+    member_id: u32,
+    #[arg(long, default_value_t = 1472)]
+    mtu: usize,
+    #[arg(long, default_value_t = 1024)]
+    window: u32,
+    #[arg(long, default_value_t = 0.0)]
+    loss: f64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long, default_value = "auto", value_parser = parse_backend)]
+    backend: BackendKind,
+    #[arg(long)]
+    busy_poll: bool,
+}
+
+/// The subscriber child: reports when the run ends or its stdin closes.
+pub fn sub(a: SubArgs) -> Result<ExitCode, String> {
+    let s = start_subscriber(
+        a.member_id,
+        a.port,
+        Tuning {
+            mtu: a.mtu,
+            window: a.window,
+        },
+        a.loss,
+        a.seed,
+        a.backend,
+        a.busy_poll,
+    )?;
+    let stop = stop_on_stdin_eof();
+    say("ready");
+    let mut report = s.wait_report(&stop, Duration::from_secs(3600));
+    if let Ok(st) = s.engine.stats(GROUP) {
+        merge_objects(
+            &mut report,
+            json!({
+                "naks_sent": st.counters.get(Counter::NaksSent),
+                "datagrams_received": st.transport.received,
+                "dropped_by_decorator": st.transport.dropped_by_decorator,
+                "gro": st.gro,
+            }),
+        );
+    }
+    say(&report.to_string());
+    // Stay until the parent has read the report and closes stdin: our STATUS reports keep the
+    // publisher's flow control moving until then.
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Offers `msg`, waiting while the publication is back-pressured.
+fn offer_blocking(p: &mut Publication, msg: &[u8]) -> Result<(), String> {
+    loop {
+        match p.offer(msg) {
+            Ok(()) => return Ok(()),
+            Err(OfferError::BackPressured) => std::thread::yield_now(),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// A subscriber, as a child process or as an engine of this process.
+enum Sub {
+    Process(ChildProc),
+    Local(Subscriber),
+}
+
+fn throughput(a: &UdpArgs, port: u16) -> Result<ExitCode, String> {
+    let raw_results = raw::measure_all(
+        &RawPath::ALL,
+        a.size,
+        a.subscribers,
+        a.raw_duration,
+        port + 8,
+        a.json,
+    )?;
+    let best = raw::best(&raw_results).ok_or("no raw path measured")?;
+    let raw_bytes_per_sec = best.received_per_sec * a.size as f64;
+
+    let mut subs = Vec::new();
+    for i in 0..a.subscribers {
+        let id = i as u32 + 2;
+        subs.push(if a.processes {
+            let mut args = vec![
+                "udp-sub".to_string(),
+                "--port".into(),
+                port.to_string(),
+                "--member-id".into(),
+                id.to_string(),
+                "--mtu".into(),
+                a.mtu.to_string(),
+                "--window".into(),
+                a.window.to_string(),
+                "--loss".into(),
+                a.loss.to_string(),
+                "--seed".into(),
+                a.seed.to_string(),
+                "--backend".into(),
+                a.backend.to_string(),
+            ];
+            if a.busy_poll {
+                args.push("--busy-poll".into());
+            }
+            Sub::Process(ChildProc::spawn(&args)?)
+        } else {
+            Sub::Local(start_subscriber(
+                id,
+                port,
+                a.tuning(),
+                a.loss,
+                a.seed,
+                a.backend,
+                a.busy_poll,
+            )?)
+        });
+    }
+    let engine = Engine::launch(engine_config(a.backend, a.busy_poll)).map_err(|e| e.to_string())?;
+    engine
+        .join(group_config(1, port, a.tuning(), 0.0, a.seed))
+        .map_err(|e| e.to_string())?;
+    let mut publication = engine
+        .publication(GROUP, DATA_STREAM)
+        .map_err(|e| e.to_string())?;
+    let bar = progress("engine", a.duration, a.json);
+    let start = Instant::now();
+    let mut seq = 0u64;
+    let mut spins = 0u32;
+    while start.elapsed().as_secs_f64() < a.duration {
+        for _ in 0..64 {
+            match publication.try_claim(a.size) {
+                Ok(mut claim) => {
+                    super::stamp(claim.buf(), seq);
+                    claim.commit();
+                    seq += 1;
+                    spins = 0;
+                }
+                Err(OfferError::BackPressured) => {
+                    // Full: the engine is the bottleneck. Sleeping, rather than yielding in a
+                    // loop, leaves the cores to the engines.
+                    spins += 1;
+                    if spins > 16 {
+                        std::thread::sleep(Duration::from_micros(50));
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        tick(&bar, start);
+    }
+    let published = seq;
+    let mut end = vec![0u8; MIN_SIZE];
+    end[..8].copy_from_slice(&END.to_le_bytes());
+    end[8..16].copy_from_slice(&published.to_le_bytes());
+    offer_blocking(&mut publication, &end)?;
+    bar.finish_and_clear();
+    let acknowledged = engine
+        .wait_acknowledged(GROUP, a.subscribers, Duration::from_secs(60))
+        .map_err(|e| e.to_string())?;
+    let never = AtomicBool::new(false);
+    let mut reports = Vec::new();
+    for s in subs {
+        reports.push(match s {
+            // The child prints its report once the end arrived (closing stdin then lets it
+            // exit); when the run did not complete, closing stdin makes it report what it has.
+            Sub::Process(mut c) if acknowledged => {
+                let line = c.line()?;
+                drop(c);
+                serde_json::from_str::<Value>(&line)
+                    .map_err(|e| format!("subscriber report {line:?}: {e}"))?
+            }
+            Sub::Process(c) => c.finish()?,
+            Sub::Local(s) => s.wait_report(&never, Duration::from_secs(10)),
+        });
+    }
+    let stats = engine.stats(GROUP).map_err(|e| e.to_string())?;
+    drop(publication);
+    engine.close();
+
+    let mut latency = histogram();
+    let mut rates = Vec::new();
+    let mut lost = 0u64;
+    let mut complete = true;
+    for r in &reports {
+        merge_json(&mut latency, &r["hist"]);
+        let received = r["received"].as_u64().unwrap_or(0);
+        lost += published.saturating_sub(received);
+        complete &= r["complete"].as_bool().unwrap_or(false);
+        let elapsed = r["elapsed_s"].as_f64().unwrap_or(0.0);
+        rates.push(if elapsed > 0.0 {
+            received as f64 / elapsed
+        } else {
+            0.0
+        });
+    }
+    let msgs = median(rates);
+    let bytes_per_sec = msgs * a.size as f64;
+    let mut report = json!({
+        "mode": "udp",
+        "size": a.size,
+        "subscribers": a.subscribers,
+        "duration": a.duration,
+        "backend": stats.backend.to_string(),
+        "gso": stats.gso,
+        "gro": stats.gro,
+        "processes": a.processes,
+        "loss": a.loss,
+        "published": published,
+        "msgs_per_sec": msgs.round(),
+        "mb_per_sec": (bytes_per_sec / 1e6 * 10.0).round() / 10.0,
+        "lost": lost,
+        "complete": complete && acknowledged,
+        "retransmissions": stats.counters.get(Counter::Retransmissions),
+        "naks_received": stats.counters.get(Counter::NaksReceived),
+        "flow_control_stalls": stats.counters.get(Counter::FlowControlStalls),
+        "status_received": stats.counters.get(Counter::StatusReceived),
+        "datagrams_sent": stats.transport.sent,
+        "publisher_datagrams_received": stats.transport.received,
+        "ratio_to_raw": if raw_bytes_per_sec > 0.0 { (bytes_per_sec / raw_bytes_per_sec * 1000.0).round() / 1000.0 } else { 0.0 },
+        "raw_ceiling": best.path.name(),
+        "raw_msgs_per_sec": best.received_per_sec.round(),
+        "raw_mb_per_sec": (raw_bytes_per_sec / 1e6 * 10.0).round() / 10.0,
+        "raw": raw_results.iter().map(|r| r.to_json(a.size)).collect::<Vec<_>>(),
+        "per_subscriber": reports.iter().map(|r| {
+            let mut r = r.clone();
+            if let Some(o) = r.as_object_mut() { o.remove("hist"); }
+            r
+        }).collect::<Vec<_>>(),
+    });
+    merge_objects(&mut report, percentiles(&latency));
+    if a.json {
+        println!("{report}");
+    } else {
+        print_udp_table(&report);
+    }
+    Ok(if lost == 0 && complete && acknowledged {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn print_udp_table(r: &Value) {
+    println!(
+        "intergroup over loopback multicast: 1 publisher engine -> {} subscriber engine(s), {} B messages, {} s, backend {}{}",
+        r["subscribers"],
+        r["size"],
+        r["duration"],
+        r["backend"].as_str().unwrap_or(""),
+        if r["loss"].as_f64().unwrap_or(0.0) > 0.0 { format!(", {} injected loss", r["loss"]) } else { String::new() }
+    );
+    println!("{:<34}{:>16}{:>12}", "", "messages/s", "MB/s");
+    println!(
+        "{:<34}{:>16}{:>12}",
+        "reliable FIFO, per subscriber", r["msgs_per_sec"], r["mb_per_sec"]
+    );
+    println!(
+        "{:<34}{:>16}{:>12}",
+        format!("raw UDP ceiling ({})", r["raw_ceiling"].as_str().unwrap_or("")),
+        r["raw_msgs_per_sec"],
+        r["raw_mb_per_sec"]
+    );
+    println!("ratio to raw: {}", r["ratio_to_raw"]);
+    println!(
+        "lost: {}   retransmissions: {}   latency us: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+        r["lost"], r["retransmissions"], r["p50"], r["p90"], r["p99"], r["p999"], r["max"]
+    );
+    println!("raw paths (same size, same receivers):");
+    for p in r["raw"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<20}{:>14} msgs/s{:>10} MB/s",
+            p["path"].as_str().unwrap_or(""),
+            p["msgs_per_sec"],
+            p["mb_per_sec"]
+        );
+    }
+}
+
+/// Options of the echo child.
+#[derive(Debug, Args)]
+pub struct PongArgs {
+    #[arg(long)]
+    port: u16,
+    #[arg(long, default_value = "auto", value_parser = parse_backend)]
+    backend: BackendKind,
+    #[arg(long)]
+    busy_poll: bool,
+}
+
+/// The echo child: republishes every data message on the echo stream.
+pub fn pong(a: PongArgs) -> Result<ExitCode, String> {
+    let engine = Engine::launch(engine_config(a.backend, a.busy_poll)).map_err(|e| e.to_string())?;
+    engine
+        .join(group_config(
+            2,
+            a.port,
+            Tuning {
+                mtu: 1472,
+                window: 1024,
+            },
+            0.0,
+            1,
+        ))
+        .map_err(|e| e.to_string())?;
+    let mut publication = engine
+        .publication(GROUP, ECHO_STREAM)
+        .map_err(|e| e.to_string())?;
+    let echoed = Arc::new(AtomicU64::new(0));
+    let count = echoed.clone();
+    engine
+        .subscribe(GROUP, move |out: Output<'_>| {
+            if let Output::Message(m) = out {
+                if m.stream == DATA_STREAM && publication.offer(m.payload).is_ok() {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    let stop = stop_on_stdin_eof();
+    say("ready");
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    say(&json!({ "echoed": echoed.load(Ordering::Relaxed) }).to_string());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Round trips through two engines for `seconds`.
+fn engine_pingpong(a: &UdpArgs, port: u16, busy: bool) -> Result<(Histogram<u64>, f64, u64), String> {
+    let mut args = vec![
+        "udp-pong".to_string(),
+        "--port".into(),
+        port.to_string(),
+        "--backend".into(),
+        a.backend.to_string(),
+    ];
+    if busy {
+        args.push("--busy-poll".into());
+    }
+    let child = ChildProc::spawn(&args)?;
+    let engine = Engine::launch(engine_config(a.backend, busy)).map_err(|e| e.to_string())?;
+    engine
+        .join(group_config(1, port, a.tuning(), 0.0, a.seed))
+        .map_err(|e| e.to_string())?;
+    let hist = Arc::new(Mutex::new(histogram()));
+    let last = Arc::new(AtomicU64::new(u64::MAX));
+    let (h, l) = (hist.clone(), last.clone());
+    engine
+        .subscribe(GROUP, move |out: Output<'_>| {
+            if let Output::Message(m) = out {
+                if let (ECHO_STREAM, Some((seq, ts))) = (m.stream, header(m.payload)) {
+                    if let Ok(mut h) = h.lock() {
+                        record_since(&mut h, ts, mono_ns());
+                    }
+                    l.store(seq, Ordering::Release);
+                }
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    let mut publication = engine
+        .publication(GROUP, DATA_STREAM)
+        .map_err(|e| e.to_string())?;
+    let mut msg = vec![0x5a_u8; a.size];
+    // Warm-up: the first exchanges also introduce the members to each other.
+    let mut timeouts = 0u64;
+    let mut seq = 0u64;
+    let mut run = |seconds: f64, seq: &mut u64, timeouts: &mut u64| -> Result<(), String> {
+        let start = Instant::now();
+        while start.elapsed().as_secs_f64() < seconds {
+            super::stamp(&mut msg, *seq);
+            offer_blocking(&mut publication, &msg)?;
+            let deadline = Instant::now() + Duration::from_millis(500);
+            let mut spins = 0u32;
+            while last.load(Ordering::Acquire) != *seq {
+                if Instant::now() > deadline {
+                    *timeouts += 1;
+                    break;
+                }
+                spins += 1;
+                if spins > 100 || !busy {
+                    std::thread::yield_now();
+                }
+            }
+            *seq += 1;
+        }
+        Ok(())
+    };
+    run(0.3, &mut seq, &mut timeouts)?;
+    if let Ok(mut h) = hist.lock() {
+        h.reset();
+    }
+    timeouts = 0;
+    let start = Instant::now();
+    run(a.duration, &mut seq, &mut timeouts)?;
+    let elapsed = start.elapsed().as_secs_f64();
+    drop(child);
+    engine.close();
+    let h = hist.lock().map_err(|_| "histogram lock poisoned")?.clone();
+    let rate = h.len() as f64 / elapsed;
+    Ok((h, rate, timeouts))
+}
+
+fn pingpong(a: &UdpArgs, port: u16) -> Result<ExitCode, String> {
+    let mut rows = Vec::new();
+    for path in [RawPath::Plain, RawPath::IoUring] {
+        let (h, rate) = raw::pingpong(path, a.size, a.duration.min(3.0), port + 8)?;
+        let mut v = json!({ "path": format!("raw {}", path.name()), "msgs_per_sec": rate.round() });
+        merge_objects(&mut v, percentiles(&h));
+        rows.push(v);
+    }
+    let modes: &[bool] = if a.busy_poll { &[true] } else { &[false, true] };
+    let mut first = None;
+    for &busy in modes {
+        let (h, rate, timeouts) = engine_pingpong(a, port, busy)?;
+        let mut v = json!({
+            "path": format!("engine {}{}", a.backend, if busy { " busy-poll" } else { "" }),
+            "msgs_per_sec": rate.round(),
+            "timeouts": timeouts,
+        });
+        merge_objects(&mut v, percentiles(&h));
+        if first.is_none() {
+            first = Some(v.clone());
+        }
+        rows.push(v);
+    }
+    let mut report = first.unwrap_or_else(|| json!({}));
+    merge_objects(
+        &mut report,
+        json!({
+            "mode": "udp",
+            "pingpong": true,
+            "round_trip": true,
+            "size": a.size,
+            "lost": 0,
+            "retransmissions": 0,
+            "mb_per_sec": 0.0,
+            "paths": rows,
+        }),
+    );
+    print_report(
+        &report,
+        a.json,
+        &format!(
+            "ping-pong over loopback multicast, {} B, round-trip times in microseconds",
+            a.size
+        ),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `intergroup bench udp`.
+pub fn run(a: UdpArgs) -> Result<ExitCode, String> {
+    if a.size < MIN_SIZE {
+        return Err(format!("--size {} must be at least {MIN_SIZE}", a.size));
+    }
+    if a.subscribers == 0 {
+        return Err("--subscribers must be at least 1".into());
+    }
+    if !(0.0..1.0).contains(&a.loss) {
+        return Err(format!("--loss {} must be in [0, 1)", a.loss));
+    }
+    let port = a.port.unwrap_or_else(super::default_port);
+    if a.pingpong {
+        pingpong(&a, port)
+    } else {
+        throughput(&a, port)
+    }
+}
