@@ -71,7 +71,15 @@ impl Default for SimConfig {
             bandwidth_bps: 10_000_000_000,
             seed: 1,
             partitions: Vec::new(),
-            member: MemberConfig::default(),
+            // The simulator keeps the settings its documented figures and CI sweeps were made
+            // with: a 1024-frame window and a 2 ms NAK back-off.
+            member: MemberConfig {
+                window_frames: 1024,
+                retransmit_frames: 4096,
+                nak_max_backoff_ns: 2_000_000,
+                nak_retry_ns: 4_000_000,
+                ..MemberConfig::default()
+            },
             max_virtual_ns: 600_000_000_000,
         }
     }

@@ -6,6 +6,7 @@
 //! run ends. Every payload starts with its sequence number and the send time
 //! (CLOCK_MONOTONIC, the same clock in every process of the host), so receivers measure latency.
 
+mod member;
 mod raw;
 mod udp;
 
@@ -60,6 +61,8 @@ enum ChildRole {
     UdpSub(udp::SubArgs),
     /// An engine that echoes each message (ping-pong).
     UdpPong(udp::PongArgs),
+    /// One member of an end-to-end exchange (the end-to-end tests run these).
+    Member(member::MemberArgs),
 }
 
 /// Runs a child role.
@@ -69,6 +72,7 @@ pub fn run_child(args: ChildArgs) -> Result<ExitCode, String> {
         ChildRole::RawPong(a) => raw::pong(a),
         ChildRole::UdpSub(a) => udp::sub(a),
         ChildRole::UdpPong(a) => udp::pong(a),
+        ChildRole::Member(a) => member::member(a),
     }
 }
 

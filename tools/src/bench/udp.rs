@@ -56,7 +56,7 @@ pub struct UdpArgs {
     #[arg(long, default_value_t = 2.0)]
     raw_duration: f64,
     /// Receive window of the engines, in frames (the sender keeps four windows for repair).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 4096)]
     window: u32,
     /// Largest datagram of the engines, bytes.
     #[arg(long, default_value_t = 1472)]
@@ -78,7 +78,7 @@ impl UdpArgs {
     }
 }
 
-fn parse_backend(s: &str) -> Result<BackendKind, String> {
+pub fn parse_backend(s: &str) -> Result<BackendKind, String> {
     match s {
         "auto" => Ok(BackendKind::Auto),
         "io-uring" | "io_uring" | "uring" => Ok(BackendKind::IoUring),
@@ -258,7 +258,7 @@ pub struct SubArgs {
     member_id: u32,
     #[arg(long, default_value_t = 1472)]
     mtu: usize,
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 4096)]
     window: u32,
     #[arg(long, default_value_t = 0.0)]
     loss: f64,
@@ -556,7 +556,7 @@ pub fn pong(a: PongArgs) -> Result<ExitCode, String> {
             a.port,
             Tuning {
                 mtu: 1472,
-                window: 1024,
+                window: 4096,
             },
             0.0,
             1,

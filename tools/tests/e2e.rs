@@ -1,0 +1,128 @@
+//! End to end over real loopback sockets: two and three engines, each in its own process (the
+//! real `intergroup` binary), exchange a million messages in all, checked for loss, duplicates,
+//! reordering and content, with and without 5% injected receive loss, on both backends.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+
+/// The runs share two cores: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const TOTAL: u64 = 1_000_000;
+
+struct Proc {
+    child: Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+fn line(p: &mut Proc) -> String {
+    let mut s = String::new();
+    p.out.read_line(&mut s).expect("read from member");
+    s
+}
+
+fn exchange(members: u32, loss: f64, backend: &str, seed: u64, port: u16) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let per_member = TOTAL.div_ceil(u64::from(members));
+    let mut procs: Vec<Proc> = (1..=members)
+        .map(|id| {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_intergroup"))
+                .args(["bench-child", "member"])
+                .args(["--id", &id.to_string(), "--members", &members.to_string()])
+                .args(["--messages", &per_member.to_string(), "--port", &port.to_string()])
+                .args(["--loss", &loss.to_string(), "--seed", &seed.to_string()])
+                .args(["--backend", backend, "--timeout", "240"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("start member");
+            let out = BufReader::new(child.stdout.take().expect("stdout"));
+            Proc { child, out }
+        })
+        .collect();
+    for p in &mut procs {
+        assert_eq!(line(p).trim(), "ready", "seed {seed}: a member did not start");
+    }
+    for p in &mut procs {
+        let stdin = p.child.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "go").expect("start");
+        stdin.flush().expect("flush");
+    }
+    let reports: Vec<Value> = procs
+        .iter_mut()
+        .map(|p| {
+            let l = line(p);
+            serde_json::from_str(&l).unwrap_or_else(|e| panic!("seed {seed}: report {l:?}: {e}"))
+        })
+        .collect();
+    for mut p in procs {
+        drop(p.child.stdin.take());
+        let _ = p.child.wait();
+    }
+    let mut retransmissions = 0;
+    for r in &reports {
+        assert_eq!(
+            r["ok"], true,
+            "seed {seed}, {members} members, loss {loss}, {backend}: {r}"
+        );
+        assert_eq!(r["backend"], backend, "{r}");
+        for (sender, n) in r["received"].as_object().expect("received") {
+            assert_eq!(n.as_u64(), Some(per_member), "seed {seed}: from {sender}: {r}");
+        }
+        assert_eq!(
+            r["received"].as_object().map(|o| o.len()),
+            Some(members as usize - 1),
+            "{r}"
+        );
+        retransmissions += r["retransmissions"].as_u64().unwrap_or(0);
+    }
+    if loss > 0.0 {
+        assert!(
+            retransmissions > 0,
+            "seed {seed}: loss was injected but nothing was repaired"
+        );
+    }
+}
+
+#[test]
+fn two_engines_io_uring() {
+    exchange(2, 0.0, "io-uring", 1, 45_010);
+}
+
+#[test]
+fn three_engines_io_uring() {
+    exchange(3, 0.0, "io-uring", 2, 45_020);
+}
+
+#[test]
+fn three_engines_io_uring_with_loss() {
+    exchange(3, 0.05, "io-uring", 3, 45_030);
+}
+
+#[test]
+fn two_engines_io_uring_with_loss() {
+    exchange(2, 0.05, "io-uring", 4, 45_040);
+}
+
+#[test]
+fn two_engines_portable() {
+    exchange(2, 0.0, "portable", 5, 45_050);
+}
+
+#[test]
+fn three_engines_portable() {
+    exchange(3, 0.0, "portable", 6, 45_060);
+}
+
+#[test]
+fn three_engines_portable_with_loss() {
+    exchange(3, 0.05, "portable", 7, 45_070);
+}
+
+#[test]
+fn two_engines_portable_with_loss() {
+    exchange(2, 0.05, "portable", 8, 45_080);
+}
