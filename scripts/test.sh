@@ -60,5 +60,30 @@ if "$bin" sim --members 3 --messages 10 --loss 0.999999 --seed 1 --max-virtual-s
   echo "intergroup sim exited 0 although its checker cannot have passed" >&2
   exit 1
 fi
+echo "== intergroup bench contract (raw-udp and udp on both backends over loopback, short runs; speed is not judged here)"
+out=$("$bin" bench raw-udp --subscribers 2 --size 1024 --duration 0.3 --json)
+python3 - "$out" <<'PY'
+import json, sys
+out = json.loads(sys.argv[1])
+need = ["msgs_per_sec", "mb_per_sec", "lost", "retransmissions", "p50", "p90", "p99", "p999", "max", "ceiling", "paths"]
+missing = [k for k in need if k not in out]
+assert not missing, f"bench raw-udp JSON lacks {missing}"
+assert len(out["paths"]) == 5, out["paths"]
+print(f"raw-udp: ceiling {out['ceiling']}, {out['msgs_per_sec']:.0f} datagrams/s per receiver")
+PY
+for backend in io-uring portable; do
+  out=$("$bin" bench udp --subscribers 2 --size 1024 --duration 1 --raw-duration 0.2 --loss 0.05 --backend "$backend" --json)
+  python3 - "$backend" "$out" <<'PY'
+import json, sys
+backend, out = sys.argv[1], json.loads(sys.argv[2])
+need = ["msgs_per_sec", "mb_per_sec", "lost", "retransmissions", "p50", "p90", "p99", "p999", "max", "ratio_to_raw"]
+missing = [k for k in need if k not in out]
+assert not missing, f"bench udp JSON lacks {missing}"
+assert out["backend"] == backend, out["backend"]
+assert out["lost"] == 0 and out["complete"], f"bench udp lost messages: {out}"
+assert out["retransmissions"] > 0, "5% loss was injected but nothing was retransmitted"
+print(f"udp {backend}: lost 0, {out['msgs_per_sec']:.0f} msgs/s, ratio_to_raw {out['ratio_to_raw']}")
+PY
+done
 echo "== all tests passed"
 awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"

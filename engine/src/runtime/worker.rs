@@ -26,9 +26,9 @@ const READ_BATCH: usize = 256;
 /// holds fewer bytes than this: the ring is the queue, and a small send queue stays in cache
 /// (and empties often, so its memory is reused from the start).
 const SEND_QUEUE_LOW_WATER: usize = 64 << 10;
-/// Idle turns (each a yield) before a worker sleeps: work often comes again within
-/// microseconds, and a wake-up costs the waker and the sleeper more than a few turns.
-const IDLE_SPINS: u32 = 32;
+/// How long an idle worker keeps polling (yielding between turns) before it sleeps: work often
+/// comes again within microseconds, and a wake-up costs the waker and the sleeper more.
+const IDLE_SPIN_NS: Nanos = 50_000;
 /// Longest a worker sleeps when no timer is due, so a lost wake-up costs little.
 const MAX_IDLE: Duration = Duration::from_millis(50);
 
@@ -150,7 +150,7 @@ impl Worker {
 
     /// Runs until [`Command::Shutdown`] or until the engine's side of the channel is gone.
     pub fn run(mut self) {
-        let mut idle_turns = 0u32;
+        let mut last_busy: Nanos = 0;
         loop {
             let mut busy = false;
             loop {
@@ -172,12 +172,14 @@ impl Worker {
             busy |= self.deliver();
             self.rearm_timers();
             if busy {
-                idle_turns = 0;
-            } else if !self.busy_poll {
-                idle_turns += 1;
-                if idle_turns > IDLE_SPINS {
+                last_busy = now;
+            } else {
+                if !self.busy_poll && now.saturating_sub(last_busy) > IDLE_SPIN_NS {
                     self.park(now);
                 } else {
+                    // Busy-poll never sleeps, but yields: on a host with fewer cores than
+                    // spinning threads, a spinner that never yields holds a core for a whole
+                    // time slice while the thread it waits for cannot run.
                     std::thread::yield_now();
                 }
             }

@@ -362,10 +362,15 @@ pub struct RawPongArgs {
     /// Port it answers to.
     #[arg(long)]
     port_out: u16,
+    /// Spin (non-blocking receives and yields) instead of blocking.
+    #[arg(long)]
+    spin: bool,
 }
 
 /// One side of a ping-pong on `path`: receives into `buf`, sends `bytes` to a group.
 struct PingPongIo {
+    /// Poll with non-blocking receives and yields instead of sleeping in the kernel.
+    spin: bool,
     rx: UdpSocket,
     tx: UdpSocket,
     to: SocketAddrV4,
@@ -374,7 +379,7 @@ struct PingPongIo {
 }
 
 impl PingPongIo {
-    fn new(path: RawPath, listen: u16, answer: u16) -> Result<Self, String> {
+    fn new(path: RawPath, spin: bool, listen: u16, answer: u16) -> Result<Self, String> {
         let rx = receiver_socket(group(listen), false)?;
         let to = group(answer);
         let tx = sender_socket(to)?;
@@ -391,7 +396,11 @@ impl PingPongIo {
                 Some((io, wake))
             }
         };
+        if spin {
+            rx.set_nonblocking(true).map_err(|e| e.to_string())?;
+        }
         Ok(Self {
+            spin,
             rx,
             tx,
             to,
@@ -424,6 +433,16 @@ impl PingPongIo {
     /// Waits up to ~50 ms for one datagram and hands it to `f`.
     fn recv(&mut self, buf: &mut [u8]) -> Option<usize> {
         match self.io.as_mut() {
+            None if self.spin => {
+                let deadline = Instant::now() + Duration::from_millis(50);
+                while Instant::now() < deadline {
+                    if let Ok(n) = self.rx.recv(buf) {
+                        return Some(n);
+                    }
+                    std::thread::yield_now();
+                }
+                None
+            }
             None => self.rx.recv(buf).ok(),
             Some((io, _)) => {
                 let mut got = None;
@@ -446,7 +465,7 @@ impl PingPongIo {
 
 /// The raw echo child.
 pub fn pong(a: RawPongArgs) -> Result<ExitCode, String> {
-    let mut p = PingPongIo::new(a.path, a.port_in, a.port_out)?;
+    let mut p = PingPongIo::new(a.path, a.spin, a.port_in, a.port_out)?;
     let stop = stop_on_stdin_eof();
     let mut buf = vec![0u8; 65_536];
     say("ready");
@@ -461,23 +480,36 @@ pub fn pong(a: RawPongArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The raw ping-pong variants: blocking plain sockets, spinning plain sockets, io_uring.
+pub const PINGPONG_PATHS: [(RawPath, bool); 3] = [(RawPath::Plain, false), (RawPath::Plain, true), (RawPath::IoUring, false)];
+
+/// A ping-pong variant's name in reports.
+pub fn pingpong_name(path: RawPath, spin: bool) -> String {
+    format!("{}{}", path.name(), if spin { " spin" } else { "" })
+}
+
 /// Round trips on `path` for `seconds`: the round-trip times, and round trips per second.
 pub fn pingpong(
     path: RawPath,
+    spin: bool,
     size: usize,
     seconds: f64,
     port: u16,
 ) -> Result<(Histogram<u64>, f64), String> {
-    let child = ChildProc::spawn(&[
-        "raw-pong".into(),
+    let mut args = vec![
+        "raw-pong".to_string(),
         "--path".into(),
         path.to_possible_value().expect("named").get_name().into(),
         "--port-in".into(),
         port.to_string(),
         "--port-out".into(),
         (port + 1).to_string(),
-    ])?;
-    let mut p = PingPongIo::new(path, port + 1, port)?;
+    ];
+    if spin {
+        args.push("--spin".into());
+    }
+    let child = ChildProc::spawn(&args)?;
+    let mut p = PingPongIo::new(path, spin, port + 1, port)?;
     let mut out = vec![0x5a_u8; size];
     let mut buf = vec![0u8; 65_536];
     let mut hist = histogram();
@@ -517,9 +549,9 @@ pub fn run(a: RawArgs) -> Result<ExitCode, String> {
     let port = a.port.unwrap_or_else(super::default_port);
     if a.pingpong {
         let mut rows = Vec::new();
-        for path in [RawPath::Plain, RawPath::IoUring] {
-            let (h, rate) = pingpong(path, a.size, a.duration, port)?;
-            let mut v = json!({ "path": path.name(), "msgs_per_sec": rate.round(), "round_trip": true });
+        for (path, spin) in PINGPONG_PATHS {
+            let (h, rate) = pingpong(path, spin, a.size, a.duration, port)?;
+            let mut v = json!({ "path": pingpong_name(path, spin), "msgs_per_sec": rate.round(), "round_trip": true });
             merge_objects(&mut v, percentiles(&h));
             rows.push(v);
         }

@@ -639,6 +639,8 @@ fn engine_pingpong(a: &UdpArgs, port: u16, busy: bool) -> Result<(Histogram<u64>
                 spins += 1;
                 if spins > 100 || !busy {
                     std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
                 }
             }
             *seq += 1;
@@ -662,9 +664,9 @@ fn engine_pingpong(a: &UdpArgs, port: u16, busy: bool) -> Result<(Histogram<u64>
 
 fn pingpong(a: &UdpArgs, port: u16) -> Result<ExitCode, String> {
     let mut rows = Vec::new();
-    for path in [RawPath::Plain, RawPath::IoUring] {
-        let (h, rate) = raw::pingpong(path, a.size, a.duration.min(3.0), port + 8)?;
-        let mut v = json!({ "path": format!("raw {}", path.name()), "msgs_per_sec": rate.round() });
+    for (path, spin) in raw::PINGPONG_PATHS {
+        let (h, rate) = raw::pingpong(path, spin, a.size, a.duration.min(3.0), port + 8)?;
+        let mut v = json!({ "path": format!("raw {}", raw::pingpong_name(path, spin)), "msgs_per_sec": rate.round() });
         merge_objects(&mut v, percentiles(&h));
         rows.push(v);
     }
