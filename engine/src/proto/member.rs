@@ -264,6 +264,33 @@ impl Member {
 
     /// Takes one received datagram that arrived at `now_ns` from `from`.
     pub fn handle_datagram(&mut self, now_ns: Nanos, from: SocketAddr, bytes: &[u8]) {
+        self.handle(now_ns, from, bytes, None);
+    }
+
+    /// Takes one received datagram like [`handle_datagram`](Self::handle_datagram), and hands
+    /// every delivery and in-stream event that is ready to `deliver` in stream order: first
+    /// what was queued before, then what this datagram completes. Messages completed by a
+    /// frame of this datagram, with nothing queued before them, are handed on in place from
+    /// `bytes`, with no copy.
+    pub fn handle_datagram_with(
+        &mut self,
+        now_ns: Nanos,
+        from: SocketAddr,
+        bytes: &[u8],
+        deliver: &mut dyn FnMut(Output<'_>),
+    ) {
+        self.deliveries.drain(&mut *deliver);
+        self.handle(now_ns, from, bytes, Some(&mut *deliver));
+        self.deliveries.drain(deliver);
+    }
+
+    fn handle(
+        &mut self,
+        now_ns: Nanos,
+        from: SocketAddr,
+        bytes: &[u8],
+        mut direct: Option<&mut dyn FnMut(Output<'_>)>,
+    ) {
         let (header, frames) = match wire::decode_datagram(bytes) {
             Ok(v) => v,
             Err(_) => {
@@ -283,10 +310,12 @@ impl Member {
         self.counters.incr(Counter::DatagramsReceived);
         for frame in frames {
             match frame {
-                Ok(Frame::Data(d)) => self.on_data(now_ns, source, from, d),
+                Ok(Frame::Data(d)) => self.on_data(now_ns, source, from, d, shrink(direct.as_deref_mut())),
                 Ok(Frame::Nak(n)) => self.on_nak(now_ns, n),
                 Ok(Frame::Status(s)) => self.on_status(now_ns, source, s),
-                Ok(Frame::Heartbeat(hb)) => self.on_heartbeat(now_ns, source, from, hb),
+                Ok(Frame::Heartbeat(hb)) => {
+                    self.on_heartbeat(now_ns, source, from, hb, shrink(direct.as_deref_mut()))
+                }
                 Err(_) => self.reject(Counter::RejectedFrames, RejectReason::Malformed),
             }
         }
@@ -522,12 +551,13 @@ impl Member {
     }
 
     /// The receive state of `sender` (made if new) beside the member state it works with.
-    fn split_peer(
-        &mut self,
+    fn split_peer<'m>(
+        &'m mut self,
         now_ns: Nanos,
         sender: u32,
         addr: Option<SocketAddr>,
-    ) -> Option<(&mut Peer, PeerCx<'_>)> {
+        direct: Option<&'m mut dyn FnMut(Output<'_>)>,
+    ) -> Option<(&'m mut Peer, PeerCx<'m>)> {
         self.peer(now_ns, sender, addr)?;
         let Self {
             cfg,
@@ -554,12 +584,20 @@ impl Member {
                 deliveries,
                 events,
                 reported,
+                direct,
             },
         };
         Some((peer, cx))
     }
 
-    fn on_data(&mut self, now_ns: Nanos, source: u32, from: SocketAddr, d: DataFrame<'_>) {
+    fn on_data(
+        &mut self,
+        now_ns: Nanos,
+        source: u32,
+        from: SocketAddr,
+        d: DataFrame<'_>,
+        direct: Option<&mut dyn FnMut(Output<'_>)>,
+    ) {
         let h = d.header;
         let sender = h.sender.get();
         if sender == self.cfg.member_id {
@@ -570,7 +608,7 @@ impl Member {
             return;
         }
         let addr = (source == sender).then_some(from);
-        let Some((peer, cx)) = self.split_peer(now_ns, sender, addr) else {
+        let Some((peer, cx)) = self.split_peer(now_ns, sender, addr, shrink(direct)) else {
             return;
         };
         let PeerCx {
@@ -680,7 +718,14 @@ impl Member {
         }
     }
 
-    fn on_heartbeat(&mut self, now_ns: Nanos, source: u32, from: SocketAddr, hb: &HeartbeatBody) {
+    fn on_heartbeat(
+        &mut self,
+        now_ns: Nanos,
+        source: u32,
+        from: SocketAddr,
+        hb: &HeartbeatBody,
+        direct: Option<&mut dyn FnMut(Output<'_>)>,
+    ) {
         let sender = hb.sender.get();
         if sender == self.cfg.member_id || sender != source {
             self.reject(Counter::RejectedFrames, RejectReason::Malformed);
@@ -689,7 +734,7 @@ impl Member {
         if !self.admit(hb.epoch.get(), hb.timestamp.get()) {
             return;
         }
-        let Some((peer, cx)) = self.split_peer(now_ns, sender, Some(from)) else {
+        let Some((peer, cx)) = self.split_peer(now_ns, sender, Some(from), shrink(direct)) else {
             return;
         };
         let PeerCx {
@@ -770,6 +815,17 @@ fn frame_new_data(
     frames
 }
 
+/// Shortens the lifetime of a borrowed delivery callback (a coercion that cannot happen
+/// inside an `Option` by itself).
+fn shrink<'s>(
+    d: Option<&'s mut (dyn FnMut(Output<'_>) + '_)>,
+) -> Option<&'s mut (dyn FnMut(Output<'_>) + 's)> {
+    match d {
+        Some(f) => Some(f),
+        None => None,
+    }
+}
+
 /// Hands frames of one sender on in sequence order until a gap stops it.
 fn drain_in_order(peer: &mut Peer, sink: &mut Sink<'_>) {
     while let Some(step) = peer.loss.next_in_order() {
@@ -810,6 +866,8 @@ struct Sink<'m> {
     deliveries: &'m mut DeliveryQueue,
     events: &'m mut VecDeque<Event>,
     reported: &'m mut u8,
+    /// Hands complete messages on in place while nothing is queued before them.
+    direct: Option<&'m mut dyn FnMut(Output<'_>)>,
 }
 
 /// Queues an [`Event::Rejected`] the first time `reason` happens.
@@ -833,14 +891,19 @@ impl Sink<'_> {
             } => {
                 self.counters.incr(Counter::MessagesDelivered);
                 self.counters.add(Counter::BytesDelivered, payload.len() as u64);
-                self.deliveries.push(Delivery {
+                let delivery = Delivery {
                     sender: self.sender,
                     stream: info.stream,
                     sequence: first_sequence,
                     timestamp: info.timestamp,
                     epoch: info.epoch,
                     payload,
-                });
+                };
+                match self.direct.as_mut() {
+                    // In order with nothing queued before it: no copy.
+                    Some(f) if self.deliveries.is_empty() => f(Output::Message(delivery)),
+                    _ => self.deliveries.push(delivery),
+                }
                 reassembly.finish();
             }
             Assembled::Partial => {}

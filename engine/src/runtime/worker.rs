@@ -372,7 +372,14 @@ impl Worker {
                         continue;
                     }
                 }
-                g.member.handle_datagram(now, r.from, datagram);
+                // Subscribers get in-order messages straight from the receive buffer.
+                let handlers = &mut g.handlers;
+                g.member
+                    .handle_datagram_with(now, r.from, datagram, &mut |out: Output<'_>| {
+                        for h in handlers.iter_mut() {
+                            h(out);
+                        }
+                    });
             }
             g.touched = true;
         });

@@ -481,7 +481,11 @@ pub fn pong(a: RawPongArgs) -> Result<ExitCode, String> {
 }
 
 /// The raw ping-pong variants: blocking plain sockets, spinning plain sockets, io_uring.
-pub const PINGPONG_PATHS: [(RawPath, bool); 3] = [(RawPath::Plain, false), (RawPath::Plain, true), (RawPath::IoUring, false)];
+pub const PINGPONG_PATHS: [(RawPath, bool); 3] = [
+    (RawPath::Plain, false),
+    (RawPath::Plain, true),
+    (RawPath::IoUring, false),
+];
 
 /// A ping-pong variant's name in reports.
 pub fn pingpong_name(path: RawPath, spin: bool) -> String {
