@@ -35,13 +35,14 @@ assert out["delivered_ok"] is True, f"seed {seed}: checker failed: {out.get('fai
 print(f"seed {seed}: delivered_ok, {out['lost_packets']} lost packets, {out['retransmissions']} retransmissions")
 PY
 done
-echo "== seed sweep: 100 seeds x 4 scenarios (small windows, heavy fragmentation, ten senders, jitter)"
+echo "== seed sweep: 100 seeds x 5 scenarios (small windows, heavy fragmentation, ten senders, jitter, messages framed alone)"
 sweep_failures=0
 for seed in $(seq 1 100); do
   for args in "--members 5 --senders 2 --messages 2000 --window 16 --loss 0.1 --reorder 0.1" \
               "--members 4 --senders 2 --messages 200 --size 1000 --mtu 200 --loss 0.2" \
               "--members 10 --senders 10 --messages 500 --loss 0.1 --dup 0.05 --reorder 0.1" \
-              "--members 6 --senders 2 --messages 2000 --loss 0.05 --latency-us 1 --jitter-us 2000"; do
+              "--members 6 --senders 2 --messages 2000 --loss 0.05 --latency-us 1 --jitter-us 2000" \
+              "--members 6 --senders 3 --messages 2000 --size 1000 --loss 0.1 --reorder 0.05"; do
     # shellcheck disable=SC2086
     if ! "$bin" sim $args --seed "$seed" --json >/dev/null; then
       echo "sweep FAILED: intergroup sim $args --seed $seed" >&2
@@ -53,7 +54,7 @@ if [ "$sweep_failures" -ne 0 ]; then
   echo "$sweep_failures sweep runs failed" >&2
   exit 1
 fi
-echo "400 sweep runs: all delivered_ok"
+echo "500 sweep runs: all delivered_ok"
 
 # A failing checker must exit non-zero: a receiver cut off for good cannot get everything.
 if "$bin" sim --members 3 --messages 10 --loss 0.999999 --seed 1 --max-virtual-seconds 2 --json >/dev/null 2>&1; then

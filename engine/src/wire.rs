@@ -236,6 +236,20 @@ pub fn decode_datagram(bytes: &[u8]) -> Result<(&DatagramHeader, Frames<'_>), Wi
     Ok((header, Frames { rest }))
 }
 
+/// The datagram header of `source` in `group`, as bytes.
+pub fn datagram_header(group: u32, source: u32) -> [u8; DATAGRAM_HEADER_LEN] {
+    DatagramHeader {
+        magic: MAGIC,
+        version: VERSION,
+        flags: 0,
+        group: group.into(),
+        source: source.into(),
+    }
+    .as_bytes()
+    .try_into()
+    .expect("the header is DATAGRAM_HEADER_LEN bytes")
+}
+
 /// The source member of a datagram, read from a sound header at the start of `bytes` (which
 /// may be longer than one datagram, such as a GRO buffer). `None` when the header is not one.
 pub fn datagram_source(bytes: &[u8]) -> Option<u32> {

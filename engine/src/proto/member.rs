@@ -33,6 +33,9 @@ pub struct Transmit {
     pub len: usize,
     /// DATA frames in it that are sent for the first time.
     pub new_data_frames: u32,
+    /// With in-place transmits on ([`Member::set_in_place_transmit`]): the datagram was not
+    /// written into the buffer; it is [`Member::transmitted`] of this sequence.
+    pub in_place: Option<u64>,
 }
 
 /// Why input was rejected; reported once per reason as an [`Event::Rejected`], counted always.
@@ -134,6 +137,9 @@ struct SendState {
     next_expiry_ns: Nanos,
     /// Flow control held data back and this was counted; reset when data moves again.
     stalled: bool,
+    /// Sequences of messages framed when they were published (each fills a datagram alone),
+    /// waiting to be sent straight from the retransmit buffer.
+    solo: VecDeque<u64>,
 }
 
 /// One member of one group: the sans-IO reliable multicast state machine.
@@ -162,6 +168,8 @@ pub struct Member {
     events: VecDeque<Event>,
     /// Bit per [`RejectReason`] already reported as an event.
     reported: u8,
+    /// See [`Member::set_in_place_transmit`].
+    in_place_transmit: bool,
 }
 
 impl Member {
@@ -182,6 +190,7 @@ impl Member {
             deliveries: DeliveryQueue::default(),
             events: VecDeque::new(),
             reported: 0,
+            in_place_transmit: false,
         })
     }
 
@@ -238,14 +247,45 @@ impl Member {
         let cfg = &self.cfg;
         let s = self.sender.get_or_insert_with(|| SendState {
             queue: SendQueue::default(),
-            retransmit: RetransmitBuffer::new(cfg.retransmit_frames, cfg.mtu - wire::DATAGRAM_HEADER_LEN),
+            retransmit: RetransmitBuffer::new(
+                cfg.retransmit_frames,
+                cfg.mtu - wire::DATAGRAM_HEADER_LEN,
+                wire::datagram_header(cfg.group, cfg.member_id),
+            ),
             flow: FlowControl::new(u64::from(cfg.window_frames), u64::from(cfg.retransmit_frames)),
             retransmit_queue: VecDeque::new(),
             heartbeat_due: false,
             last_send_ns: 0,
             next_expiry_ns: 0,
             stalled: false,
+            solo: VecDeque::new(),
         });
+        // A message too large to share a datagram, with nothing queued before it and room in
+        // the window, is framed now, straight into the retransmit buffer: one copy instead of
+        // two, and the datagram can leave from there.
+        let max_frame = cfg.max_frame_payload();
+        let seq = s.retransmit.next();
+        if s.queue.messages.is_empty()
+            && message.len() > max_frame / 2
+            && message.len() <= max_frame
+            && seq < s.flow.limit()
+        {
+            self.clock += 1;
+            let header = DataHeader {
+                stream: stream.into(),
+                sender: cfg.member_id.into(),
+                epoch: cfg.epoch.into(),
+                sequence: seq.into(),
+                timestamp: self.clock.into(),
+                message_len: (message.len() as u32).into(),
+                fragment_offset: 0.into(),
+            };
+            s.retransmit
+                .push_with(|slot| wire::encode_data_frame(slot, &header, message));
+            s.solo.push_back(seq);
+            s.stalled = false;
+            return Ok(());
+        }
         let queued = s.queue.queued_bytes();
         if queued > 0 && queued + message.len() > cfg.send_queue_bytes {
             self.counters.incr(Counter::PublishBackPressured);
@@ -427,20 +467,59 @@ impl Member {
                     }
                 }
             }
-            new_data_frames = frame_new_data(&self.cfg, s, &mut w, &mut self.counters);
+            // Messages framed at publish go first: their sequences come before the queue's.
+            if s.solo.is_empty() {
+                new_data_frames = frame_new_data(&self.cfg, s, &mut w, &mut self.counters);
+            }
             if new_data_frames > 0 || sent_any {
                 s.last_send_ns = now_ns;
             }
         }
-        if w.is_empty() {
-            return None;
+        if !w.is_empty() {
+            self.counters.incr(Counter::DatagramsSent);
+            return Some(Transmit {
+                destination: Destination::Group,
+                len: w.len(),
+                new_data_frames,
+                in_place: None,
+            });
         }
-        self.counters.incr(Counter::DatagramsSent);
-        Some(Transmit {
-            destination: Destination::Group,
-            len: w.len(),
-            new_data_frames,
-        })
+        let s = self.sender.as_mut()?;
+        while let Some(seq) = s.solo.pop_front() {
+            let Some(datagram) = s.retransmit.datagram(seq) else {
+                continue;
+            };
+            self.counters.incr(Counter::DataFramesSent);
+            self.counters.incr(Counter::DatagramsSent);
+            s.last_send_ns = now_ns;
+            let len = datagram.len();
+            let in_place = if self.in_place_transmit {
+                Some(seq)
+            } else {
+                buf[..len].copy_from_slice(datagram);
+                None
+            };
+            return Some(Transmit {
+                destination: Destination::Group,
+                len,
+                new_data_frames: 1,
+                in_place,
+            });
+        }
+        None
+    }
+
+    /// Lets [`poll_transmit`](Self::poll_transmit) leave datagrams that carry one new frame in
+    /// the retransmit buffer (see [`Transmit::in_place`]) instead of copying them out, for
+    /// drivers that send with scatter-gather I/O.
+    pub fn set_in_place_transmit(&mut self, on: bool) {
+        self.in_place_transmit = on;
+    }
+
+    /// The datagram of a [`Transmit`] with `in_place` set: valid until the retransmit buffer
+    /// has taken `retransmit_frames` further frames.
+    pub fn transmitted(&self, sequence: u64) -> Option<&[u8]> {
+        self.sender.as_ref()?.retransmit.datagram(sequence)
     }
 
     /// Hands every delivered message, and every event that belongs between messages (such as
@@ -486,6 +565,7 @@ impl Member {
             destination: Destination::Unicast(peer.addr),
             len: w.len(),
             new_data_frames: 0,
+            in_place: None,
         })
     }
 

@@ -1,12 +1,19 @@
 //! The sender's bounded retransmit buffer: the last `capacity` frames, encoded, in fixed slots.
+//!
+//! Each slot starts with room for a datagram header, written with the frame, so a frame that
+//! travels alone can be sent as a datagram straight from its slot, with no copy.
 
 use super::Nanos;
+use crate::wire::DATAGRAM_HEADER_LEN;
 
 /// Fixed-size slots indexed by `sequence % capacity`; no allocation after creation.
 #[derive(Debug)]
 pub struct RetransmitBuffer {
-    /// `capacity * slot_len` bytes; slot `i` holds the frame whose `sequence % capacity == i`.
+    /// `capacity * slot_len` bytes; slot `i` holds a datagram header and then the frame whose
+    /// `sequence % capacity == i`.
     slots: Box<[u8]>,
+    /// The datagram header written in front of every frame.
+    header: [u8; DATAGRAM_HEADER_LEN],
     /// Encoded frame length per slot.
     lens: Box<[u16]>,
     /// When each slot's frame was last retransmitted, for linger.
@@ -21,8 +28,10 @@ pub struct RetransmitBuffer {
 }
 
 impl RetransmitBuffer {
-    /// A buffer of `capacity` (a power of two) frames of at most `slot_len` bytes each.
-    pub fn new(capacity: u32, slot_len: usize) -> Self {
+    /// A buffer of `capacity` (a power of two) frames of at most `frame_len` bytes each, each
+    /// behind a copy of `header`.
+    pub fn new(capacity: u32, frame_len: usize, header: [u8; DATAGRAM_HEADER_LEN]) -> Self {
+        let slot_len = frame_len + DATAGRAM_HEADER_LEN;
         assert!(
             capacity.is_power_of_two(),
             "capacity is validated by MemberConfig"
@@ -30,6 +39,7 @@ impl RetransmitBuffer {
         let n = capacity as usize;
         Self {
             slots: vec![0u8; n * slot_len].into_boxed_slice(),
+            header,
             lens: vec![0u16; n].into_boxed_slice(),
             last_retransmit_ns: vec![None; n].into_boxed_slice(),
             slot_len,
@@ -57,8 +67,9 @@ impl RetransmitBuffer {
         }
         let i = self.index(self.next);
         let slot = &mut self.slots[i * self.slot_len..(i + 1) * self.slot_len];
-        let len = fill(slot);
-        debug_assert!(len <= self.slot_len);
+        slot[..DATAGRAM_HEADER_LEN].copy_from_slice(&self.header);
+        let len = fill(&mut slot[DATAGRAM_HEADER_LEN..]);
+        debug_assert!(len + DATAGRAM_HEADER_LEN <= self.slot_len);
         self.lens[i] = len as u16;
         self.last_retransmit_ns[i] = None;
         self.next += 1;
@@ -66,12 +77,17 @@ impl RetransmitBuffer {
 
     /// The encoded frame of `seq`, if still held.
     pub fn get(&self, seq: u64) -> Option<&[u8]> {
+        self.datagram(seq).map(|d| &d[DATAGRAM_HEADER_LEN..])
+    }
+
+    /// The frame of `seq` behind its datagram header: a whole datagram, if still held.
+    pub fn datagram(&self, seq: u64) -> Option<&[u8]> {
         if seq < self.oldest || seq >= self.next {
             return None;
         }
         let i = self.index(seq);
         let start = i * self.slot_len;
-        Some(&self.slots[start..start + usize::from(self.lens[i])])
+        Some(&self.slots[start..start + DATAGRAM_HEADER_LEN + usize::from(self.lens[i])])
     }
 
     /// Records a retransmission of `seq` at `now_ns` unless one happened within `linger_ns`;
@@ -99,7 +115,7 @@ mod tests {
 
     #[test]
     fn keeps_the_last_capacity_frames() {
-        let mut b = RetransmitBuffer::new(4, 8);
+        let mut b = RetransmitBuffer::new(4, 8, [7; DATAGRAM_HEADER_LEN]);
         for i in 0..6u8 {
             b.push_with(|s| {
                 s[0] = i;
@@ -111,11 +127,16 @@ mod tests {
         assert_eq!(b.get(2), Some(&[2u8][..]));
         assert_eq!(b.get(5), Some(&[5u8][..]));
         assert!(b.get(6).is_none());
+        let d = b.datagram(5).unwrap();
+        assert_eq!(
+            (&d[..DATAGRAM_HEADER_LEN], &d[DATAGRAM_HEADER_LEN..]),
+            (&[7u8; 12][..], &[5u8][..])
+        );
     }
 
     #[test]
     fn linger_limits_retransmits() {
-        let mut b = RetransmitBuffer::new(2, 4);
+        let mut b = RetransmitBuffer::new(2, 4, [0; DATAGRAM_HEADER_LEN]);
         b.push_with(|_| 1);
         assert!(b.claim_retransmit(0, 100, 50));
         assert!(!b.claim_retransmit(0, 120, 50));

@@ -33,17 +33,19 @@ impl std::fmt::Display for BackendKind {
     }
 }
 
-/// One send of a [`SendBatch`]: `len` bytes of the arena from `start`, to `dest`, cut into
-/// `segment`-byte datagrams by the kernel when `segment` is not 0 (GSO).
+/// One send of a [`SendBatch`]: the bytes of `iov_count` iovecs from `iov_start`, `len` in
+/// all, to `dest`, cut into `segment`-byte datagrams by the kernel when `segment` is not 0 (GSO).
 #[derive(Debug, Clone, Copy)]
 pub struct Send {
     /// Socket to send from.
     pub fd: RawFd,
     /// Destination.
     pub dest: libc::sockaddr_in,
-    /// Offset in the arena.
-    pub start: usize,
-    /// Bytes.
+    /// First iovec in [`SendBatch::iovs`].
+    pub iov_start: usize,
+    /// Number of iovecs.
+    pub iov_count: usize,
+    /// Bytes in all.
     pub len: usize,
     /// GSO segment size, or 0 for one datagram.
     pub segment: u16,
@@ -60,13 +62,16 @@ impl Send {
     }
 }
 
-/// Datagrams waiting to be sent, in one byte arena (reused; nothing allocated per datagram).
+/// Datagrams waiting to be sent: their bytes are in the batch's arena or in memory the caller
+/// keeps unchanged until [`Io::send`] returns (a member's retransmit buffer), gathered by iovecs.
 #[derive(Debug, Default)]
 pub struct SendBatch {
-    /// The bytes of every send; `used` of them are taken.
+    /// Bytes built for this batch; `used` of them are taken.
     pub arena: Vec<u8>,
     /// Bytes of `arena` in use.
     pub used: usize,
+    /// The iovecs of every send, in order.
+    pub iovs: Vec<libc::iovec>,
     /// The sends, in order.
     pub sends: Vec<Send>,
 }
@@ -77,6 +82,7 @@ impl SendBatch {
         Self {
             arena: vec![0; bytes],
             used: 0,
+            iovs: Vec::with_capacity(1024),
             sends: Vec::with_capacity(256),
         }
     }
@@ -84,7 +90,43 @@ impl SendBatch {
     /// Forgets every send, keeping the memory.
     pub fn clear(&mut self) {
         self.used = 0;
+        self.iovs.clear();
         self.sends.clear();
+    }
+
+    /// Adds an iovec over `bytes`, which must stay alive and unchanged until the batch is sent
+    /// or cleared; returns its index.
+    pub fn push_iov(&mut self, bytes: &[u8]) -> usize {
+        self.iovs.push(libc::iovec {
+            iov_base: bytes.as_ptr() as *mut libc::c_void,
+            iov_len: bytes.len(),
+        });
+        self.iovs.len() - 1
+    }
+
+    /// Adds a send of `arena[start..start + len]` (one iovec).
+    pub fn push_arena_send(
+        &mut self,
+        fd: RawFd,
+        dest: libc::sockaddr_in,
+        start: usize,
+        len: usize,
+        segment: u16,
+    ) {
+        let arena = &self.arena[start..start + len];
+        let iov = libc::iovec {
+            iov_base: arena.as_ptr() as *mut libc::c_void,
+            iov_len: len,
+        };
+        self.iovs.push(iov);
+        self.sends.push(Send {
+            fd,
+            dest,
+            iov_start: self.iovs.len() - 1,
+            iov_count: 1,
+            len,
+            segment,
+        });
     }
 }
 
@@ -228,20 +270,14 @@ impl PortableIo {
                 end += 1;
             }
             let run = &batch.sends[i..end];
-            let mut iovs = [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; MMSG_BATCH];
             let mut names = [sys::sockaddr_in(std::net::SocketAddrV4::new(0.into(), 0)); MMSG_BATCH];
             // SAFETY: an all-zero mmsghdr is valid (no name, no iovec, no control).
             let mut msgs: [libc::mmsghdr; MMSG_BATCH] = unsafe { std::mem::zeroed() };
             for (k, s) in run.iter().enumerate() {
-                iovs[k].iov_base = batch.arena[s.start..].as_ptr() as *mut libc::c_void;
-                iovs[k].iov_len = s.len;
                 names[k] = s.dest;
                 let m = &mut msgs[k].msg_hdr;
-                m.msg_iov = &mut iovs[k];
-                m.msg_iovlen = 1;
+                m.msg_iov = batch.iovs[s.iov_start..s.iov_start + s.iov_count].as_ptr() as *mut libc::iovec;
+                m.msg_iovlen = s.iov_count as _;
                 m.msg_name = (&mut names[k] as *mut libc::sockaddr_in).cast();
                 m.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
                 if s.segment != 0 {
@@ -253,8 +289,9 @@ impl PortableIo {
             let mut done = 0;
             while done < run.len() {
                 // SAFETY: `msgs[done..run.len()]` are initialised headers whose iovecs, names
-                // and control buffers point into `batch.arena`, `iovs`, `names` and
-                // `self.send_control`, all alive and unmoved for the call.
+                // and control buffers point into `batch.iovs` (whose bytes the batch's owner
+                // keeps alive until this returns), `names` and `self.send_control`, all alive
+                // and unmoved for the call.
                 let n = unsafe {
                     libc::sendmmsg(
                         fd,
@@ -429,7 +466,6 @@ pub struct UringIo {
     pending: Vec<PendingCqe>,
     /// Per-send storage the kernel reads until the send completes.
     send_msgs: Vec<libc::msghdr>,
-    send_iovs: Vec<libc::iovec>,
     send_names: Vec<libc::sockaddr_in>,
     send_control: Vec<[u64; sys::SEND_CONTROL_BYTES / 8]>,
     /// Sockets whose multishot receive ended and must be armed again.
@@ -475,7 +511,6 @@ impl UringIo {
             wake_buf: Box::new(0),
             pending: Vec::new(),
             send_msgs: Vec::new(),
-            send_iovs: Vec::new(),
             send_names: Vec::new(),
             send_control: Vec::new(),
             rearm: Vec::new(),
@@ -546,28 +581,19 @@ impl UringIo {
         if n == 0 {
             return out;
         }
-        // SAFETY: all-zero msghdr/iovec are valid placeholders, overwritten below.
+        // SAFETY: an all-zero msghdr is a valid placeholder, overwritten below.
         self.send_msgs.resize(n, unsafe { std::mem::zeroed() });
-        self.send_iovs.resize(
-            n,
-            libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            },
-        );
         self.send_names
             .resize(n, sys::sockaddr_in(std::net::SocketAddrV4::new(0.into(), 0)));
         self.send_control.resize(n, [0; sys::SEND_CONTROL_BYTES / 8]);
         let mut queued = 0usize;
         let mut completed = 0usize;
         for (k, s) in batch.sends.iter().enumerate() {
-            self.send_iovs[k].iov_base = batch.arena[s.start..].as_ptr() as *mut libc::c_void;
-            self.send_iovs[k].iov_len = s.len;
             self.send_names[k] = s.dest;
             // SAFETY: all-zero msghdr is valid.
             let mut m: libc::msghdr = unsafe { std::mem::zeroed() };
-            m.msg_iov = &mut self.send_iovs[k];
-            m.msg_iovlen = 1;
+            m.msg_iov = batch.iovs[s.iov_start..s.iov_start + s.iov_count].as_ptr() as *mut libc::iovec;
+            m.msg_iovlen = s.iov_count as _;
             m.msg_name = (&mut self.send_names[k] as *mut libc::sockaddr_in).cast();
             m.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
             if s.segment != 0 {

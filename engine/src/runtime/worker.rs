@@ -111,6 +111,7 @@ pub struct Worker {
     /// Receive tokens: `token >> 1` is the group index.
     timers: BinaryHeap<Reverse<(Nanos, usize)>>,
     batch: SendBatch,
+    pieces: Vec<Piece>,
     gso: bool,
     gro: bool,
     busy_poll: bool,
@@ -136,6 +137,7 @@ impl Worker {
             groups: Vec::new(),
             timers: BinaryHeap::new(),
             batch: SendBatch::with_capacity(ARENA_BYTES),
+            pieces: Vec::with_capacity(1024),
             gso,
             gro,
             busy_poll,
@@ -263,8 +265,11 @@ impl Worker {
         if self.group_index(cfg.member.group).is_some() {
             return Err(EngineError::GroupExists(cfg.member.group));
         }
-        let member =
+        let mut member =
             Member::new(cfg.member.clone(), cfg.seed).map_err(|e| EngineError::Config(e.to_string()))?;
+        // The worker sends with iovecs: datagrams of one new frame leave from the retransmit
+        // buffer without a copy.
+        member.set_in_place_transmit(true);
         let (group_socket, unicast) = open_sockets(&cfg.udp).map_err(|e| EngineError::Io(e.to_string()))?;
         let local = unicast.local_addr().map_err(|e| EngineError::Io(e.to_string()))?;
         if let (Some(g), SocketAddr::V4(own)) = (&group_socket, local) {
@@ -438,7 +443,7 @@ impl Worker {
             loop {
                 self.batch.clear();
                 let g = &mut self.groups[i];
-                let full = build_sends(g, now, &mut self.batch, self.gso);
+                let full = build_sends(g, now, &mut self.batch, &mut self.pieces, self.gso);
                 if self.batch.sends.is_empty() {
                     break;
                 }
@@ -508,29 +513,48 @@ fn is_own(bytes: &[u8], me: u32) -> bool {
     crate::wire::datagram_source(bytes) == Some(me)
 }
 
-/// Appends `g`'s datagrams to `batch`; true when the arena filled before the member ran out.
-fn build_sends(g: &mut Group, now: Nanos, batch: &mut SendBatch, gso: bool) -> bool {
-    let mtu = g.member.config().mtu;
-    let fd = g.unicast.as_raw_fd();
-    // The current run of group datagrams: start, bytes, segment size, count, closed.
-    let mut run: Option<(usize, usize, usize, usize, bool)> = None;
-    let flush_run = |run: &mut Option<(usize, usize, usize, usize, bool)>, batch: &mut SendBatch| {
-        if let Some((start, len, seg, count, _)) = run.take() {
-            let segment = if count > 1 { seg as u16 } else { 0 };
-            for dest in &g.group_dests {
-                batch.sends.push(Send {
-                    fd,
-                    dest: *dest,
-                    start,
-                    len,
-                    segment,
-                });
-            }
+/// Where one datagram of a batch lives.
+#[derive(Debug, Clone, Copy)]
+enum Piece {
+    /// Built by `poll_transmit` in the batch's arena.
+    Arena { start: usize, len: usize },
+    /// Left in the member's retransmit buffer (an in-place transmit).
+    InPlace { seq: u64, len: usize },
+}
+
+impl Piece {
+    fn len(self) -> usize {
+        match self {
+            Piece::Arena { len, .. } | Piece::InPlace { len, .. } => len,
         }
-    };
+    }
+}
+
+/// A run of group datagrams that leave as one send: equal sizes, the last one maybe shorter.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    first: usize,
+    count: usize,
+    len: usize,
+    segment: usize,
+    closed: bool,
+}
+
+/// Appends `g`'s datagrams to `batch`, coalescing runs of equal-size group datagrams into GSO
+/// sends; true when the batch filled before the member ran out. `pieces` is scratch space.
+fn build_sends(g: &mut Group, now: Nanos, batch: &mut SendBatch, pieces: &mut Vec<Piece>, gso: bool) -> bool {
+    let mtu = g.member.config().mtu;
+    // In-place datagrams stay valid until the retransmit buffer takes this many more frames.
+    let max_in_place = (g.member.config().retransmit_frames as usize / 2).clamp(1, 1024);
+    let fd = g.unicast.as_raw_fd();
+    pieces.clear();
+    // (piece index, destination) of single sends, and runs of group datagrams, in order.
+    let mut plan: Vec<(Option<libc::sockaddr_in>, Run)> = Vec::new();
+    let mut run: Option<Run> = None;
+    let mut in_place = 0;
     let mut full = false;
     loop {
-        if batch.used + mtu > batch.arena.len() {
+        if batch.used + mtu > batch.arena.len() || in_place >= max_in_place {
             full = true;
             break;
         }
@@ -538,44 +562,91 @@ fn build_sends(g: &mut Group, now: Nanos, batch: &mut SendBatch, gso: bool) -> b
         let Some(t) = g.member.poll_transmit(now, &mut batch.arena[start..start + mtu]) else {
             break;
         };
-        batch.used += t.len;
+        let piece = match t.in_place {
+            Some(seq) => {
+                in_place += 1;
+                Piece::InPlace { seq, len: t.len }
+            }
+            None => {
+                batch.used += t.len;
+                Piece::Arena { start, len: t.len }
+            }
+        };
+        pieces.push(piece);
+        let index = pieces.len() - 1;
         match t.destination {
             Destination::Unicast(SocketAddr::V4(addr)) => {
-                // Ends the run: the run's bytes must stay contiguous.
-                flush_run(&mut run, batch);
-                batch.sends.push(Send {
-                    fd,
-                    dest: sys::sockaddr_in(addr),
-                    start,
+                plan.extend(run.take().map(|r| (None, r)));
+                let single = Run {
+                    first: index,
+                    count: 1,
                     len: t.len,
-                    segment: 0,
-                });
+                    segment: t.len,
+                    closed: true,
+                };
+                plan.push((Some(sys::sockaddr_in(addr)), single));
             }
             Destination::Unicast(SocketAddr::V6(_)) => {}
             Destination::Group => {
-                let extends = match run {
-                    Some((_, len, seg, count, closed)) => {
-                        gso && !closed
-                            && t.len <= seg
-                            && count < sys::MAX_GSO_SEGMENTS
-                            && len + t.len <= sys::MAX_GSO_BYTES
-                    }
-                    None => false,
-                };
-                if extends {
-                    if let Some(r) = run.as_mut() {
-                        r.1 += t.len;
-                        r.3 += 1;
+                let extends = run.is_some_and(|r| {
+                    gso && !r.closed
+                        && t.len <= r.segment
+                        && r.count < sys::MAX_GSO_SEGMENTS
+                        && r.len + t.len <= sys::MAX_GSO_BYTES
+                });
+                match run.as_mut() {
+                    Some(r) if extends => {
+                        r.len += t.len;
+                        r.count += 1;
                         // A shorter datagram can only be the last of a GSO send.
-                        r.4 = t.len < r.2;
+                        r.closed = t.len < r.segment;
                     }
-                } else {
-                    flush_run(&mut run, batch);
-                    run = Some((start, t.len, t.len, 1, false));
+                    _ => {
+                        plan.extend(run.take().map(|r| (None, r)));
+                        run = Some(Run {
+                            first: index,
+                            count: 1,
+                            len: t.len,
+                            segment: t.len,
+                            closed: false,
+                        });
+                    }
                 }
             }
         }
     }
-    flush_run(&mut run, batch);
+    plan.extend(run.take().map(|r| (None, r)));
+    // Every piece is final now: point the iovecs at the arena and at the retransmit buffer,
+    // which nothing changes until the batch is sent.
+    let iov_base = batch.iovs.len();
+    for &p in pieces.iter() {
+        let bytes: &[u8] = match p {
+            Piece::Arena { start, len } => &batch.arena[start..start + len],
+            Piece::InPlace { seq, .. } => g.member.transmitted(seq).unwrap_or(&[]),
+        };
+        debug_assert_eq!(bytes.len(), p.len());
+        let iov = libc::iovec {
+            iov_base: bytes.as_ptr() as *mut libc::c_void,
+            iov_len: bytes.len(),
+        };
+        batch.iovs.push(iov);
+    }
+    for (dest, r) in plan {
+        let segment = if r.count > 1 { r.segment as u16 } else { 0 };
+        let dests: &[libc::sockaddr_in] = match &dest {
+            Some(d) => std::slice::from_ref(d),
+            None => &g.group_dests,
+        };
+        for d in dests {
+            batch.sends.push(Send {
+                fd,
+                dest: *d,
+                iov_start: iov_base + r.first,
+                iov_count: r.count,
+                len: r.len,
+                segment,
+            });
+        }
+    }
     full
 }

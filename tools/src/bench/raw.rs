@@ -7,7 +7,7 @@ use super::{
 };
 use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
-use intergroup_engine::runtime::io::{Io, Send, SendBatch};
+use intergroup_engine::runtime::io::{Io, SendBatch};
 use intergroup_engine::runtime::sys::{self, EventFd};
 use intergroup_engine::runtime::BackendKind;
 use intergroup_engine::transport::{open_sockets, UdpConfig};
@@ -264,13 +264,8 @@ fn send_batched(
     let mut at = 0;
     while at < DATAGRAMS {
         let n = per_send.min(DATAGRAMS - at);
-        batch.sends.push(Send {
-            fd: socket.as_raw_fd(),
-            dest,
-            start: at * size,
-            len: n * size,
-            segment: if n > 1 { size as u16 } else { 0 },
-        });
+        let segment = if n > 1 { size as u16 } else { 0 };
+        batch.push_arena_send(socket.as_raw_fd(), dest, at * size, n * size, segment);
         at += n;
     }
     batch.used = DATAGRAMS * size;
@@ -418,13 +413,9 @@ impl PingPongIo {
                 self.batch.clear();
                 self.batch.arena[..bytes.len()].copy_from_slice(bytes);
                 self.batch.used = bytes.len();
-                self.batch.sends.push(Send {
-                    fd: self.tx.as_raw_fd(),
-                    dest: sys::sockaddr_in(self.to),
-                    start: 0,
-                    len: bytes.len(),
-                    segment: 0,
-                });
+                let fd = self.tx.as_raw_fd();
+                self.batch
+                    .push_arena_send(fd, sys::sockaddr_in(self.to), 0, bytes.len(), 0);
                 io.send(&self.batch);
             }
         }
