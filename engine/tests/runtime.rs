@@ -161,3 +161,59 @@ fn bad_settings_are_refused() {
         assert!(Engine::launch(cfg).is_err());
     }
 }
+
+#[test]
+fn engines_and_publications_move_between_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Engine>();
+    send::<intergroup_engine::runtime::Publication>();
+}
+
+#[test]
+fn invoker_mode_runs_the_engine_on_the_callers_thread() {
+    let port = port();
+    let sender = Engine::launch(EngineConfig {
+        invoker: true,
+        ..EngineConfig::default()
+    })
+    .unwrap();
+    sender.join(group(1, port, 0.0, 11)).unwrap();
+    let receiver = engine(BackendKind::Auto);
+    receiver.join(group(2, port, 0.0, 12)).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let mut next = 0u64;
+    receiver
+        .subscribe(9, move |out: Output<'_>| {
+            if let Output::Message(m) = out {
+                let seq = u64::from_le_bytes(m.payload[..8].try_into().unwrap());
+                let _ = tx.send(seq == next);
+                next += 1;
+            }
+        })
+        .unwrap();
+    let mut p = sender.publication(9, 1).unwrap();
+    let count = 20_000u64;
+    for i in 0..count {
+        while p.offer(&i.to_le_bytes()).is_err() {
+            sender.invoke();
+        }
+        if i % 64 == 0 {
+            sender.invoke();
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut got = 0;
+    while got < count {
+        assert!(Instant::now() < deadline, "timed out after {got} messages");
+        if !sender.invoke() {
+            sender.idle(Duration::from_millis(1));
+        }
+        while let Ok(in_order) = rx.try_recv() {
+            assert!(in_order, "message {got} out of order");
+            got += 1;
+        }
+    }
+    // Without invoker mode, invoke does nothing.
+    assert!(!receiver.invoke());
+}

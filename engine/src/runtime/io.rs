@@ -76,6 +76,11 @@ pub struct SendBatch {
     pub sends: Vec<Send>,
 }
 
+// SAFETY: the raw pointers in `iovs` are scratch: written while a batch is built and read by
+// the kernel during `Io::send` on the thread that owns the batch; they are never dereferenced
+// by this code, and a batch moved to another thread is cleared and rebuilt before use.
+unsafe impl std::marker::Send for SendBatch {}
+
 impl SendBatch {
     /// An empty batch with `bytes` of arena.
     pub fn with_capacity(bytes: usize) -> Self {
@@ -471,6 +476,12 @@ pub struct UringIo {
     /// Sockets whose multishot receive ended and must be armed again.
     rearm: Vec<usize>,
 }
+
+// SAFETY: the raw pointers inside (the receive msghdr template, per-send msghdrs) point into
+// memory this struct owns or that `send` fills in before each use; the ring, the buffers and
+// the templates move together, and the kernel reads them only during calls made through
+// `&mut self`, so whichever thread owns the struct is the only one that uses them.
+unsafe impl std::marker::Send for UringIo {}
 
 impl std::fmt::Debug for UringIo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -70,9 +70,14 @@ pub struct EngineConfig {
     /// Ask the kernel to coalesce received datagrams (UDP GRO).
     pub gro: bool,
     /// Bytes of each publication's ring (a power of two); a message may be up to a quarter.
+    /// A deeper ring absorbs longer bursts but queues more (latency under saturation).
     pub publication_ring_bytes: u64,
     /// Where publication rings are created (they are unlinked once mapped); default /dev/shm.
     pub ring_dir: Option<PathBuf>,
+    /// No worker thread: the application runs the duty cycle itself by calling
+    /// [`Engine::invoke`] (Aeron's invoker mode). A single-threaded publisher then keeps its
+    /// messages on one core from offer to socket. Takes one worker.
+    pub invoker: bool,
 }
 
 impl Default for EngineConfig {
@@ -84,8 +89,9 @@ impl Default for EngineConfig {
             busy_poll: false,
             gso: true,
             gro: true,
-            publication_ring_bytes: 16 << 20,
+            publication_ring_bytes: 4 << 20,
             ring_dir: None,
+            invoker: false,
         }
     }
 }
@@ -220,6 +226,8 @@ pub struct Engine {
     cfg: EngineConfig,
     workers: Vec<WorkerHandle>,
     backend: BackendKind,
+    /// In invoker mode, the one worker, run by the application's calls.
+    invoker: Option<std::sync::Mutex<Worker>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -244,6 +252,9 @@ impl Engine {
                 "publication_ring_bytes {} must be a power of two of at least 4096",
                 cfg.publication_ring_bytes
             )));
+        }
+        if cfg.invoker {
+            return Self::launch_invoker(cfg);
         }
         let available = core_affinity::get_core_ids().unwrap_or_default();
         for &c in &cfg.cores {
@@ -299,6 +310,7 @@ impl Engine {
                         cfg: cfg.clone(),
                         workers,
                         backend,
+                        invoker: None,
                     });
                     return Err(e);
                 }
@@ -308,7 +320,54 @@ impl Engine {
             cfg,
             workers,
             backend,
+            invoker: None,
         })
+    }
+
+    fn launch_invoker(cfg: EngineConfig) -> Result<Self, EngineError> {
+        let wake = Arc::new(Wake {
+            parked: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            fd: sys::EventFd::new().map_err(|e| EngineError::Io(format!("eventfd: {e}")))?,
+        });
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let io = io::Io::open(cfg.backend, wake.fd.fd())
+            .map_err(|e| EngineError::Io(format!("{} backend: {e}", cfg.backend)))?;
+        let backend = io.kind();
+        let worker = Worker::new(io, wake.clone(), rx, cfg.gso, cfg.gro, cfg.busy_poll);
+        Ok(Self {
+            cfg,
+            workers: vec![WorkerHandle {
+                commands: tx,
+                wake,
+                thread: None,
+            }],
+            backend,
+            invoker: Some(std::sync::Mutex::new(worker)),
+        })
+    }
+
+    /// Invoker mode: runs one turn of the engine's duty cycle on this thread; returns whether it
+    /// found work. Call it in the application's loop. Does nothing without invoker mode.
+    pub fn invoke(&self) -> bool {
+        match &self.invoker {
+            Some(w) => w
+                .lock()
+                .map(|mut w| w.turn() == worker::Turn::Busy)
+                .unwrap_or(false),
+            None => false,
+        }
+    }
+
+    /// Invoker mode: what to do after an [`invoke`](Self::invoke) that found nothing. Polls on
+    /// for a short while (yielding), then sleeps until input, an offer, or the next timer, at
+    /// most `timeout`.
+    pub fn idle(&self, timeout: std::time::Duration) {
+        if let Some(w) = &self.invoker {
+            if let Ok(mut w) = w.lock() {
+                w.idle_for(timeout);
+            }
+        }
     }
 
     /// The backend the workers use (`Auto` resolved).
@@ -329,6 +388,18 @@ impl Engine {
         let (tx, rx) = crossbeam_channel::bounded(1);
         w.commands.send(make(tx)).map_err(|_| EngineError::Closed)?;
         w.wake.fd.notify();
+        if let Some(worker) = &self.invoker {
+            // No thread to answer: run turns until the command is done.
+            loop {
+                if let Ok(reply) = rx.try_recv() {
+                    return reply;
+                }
+                let mut worker = worker.lock().map_err(|_| EngineError::Closed)?;
+                if worker.turn() == worker::Turn::Stop {
+                    return Err(EngineError::Closed);
+                }
+            }
+        }
         rx.recv().map_err(|_| EngineError::Closed)?
     }
 
@@ -412,7 +483,21 @@ impl Engine {
             if std::time::Instant::now() >= deadline {
                 return Ok(false);
             }
-            std::thread::sleep(std::time::Duration::from_millis(2));
+            self.pause(std::time::Duration::from_millis(2));
+        }
+    }
+
+    /// Lets `d` pass: asleep with worker threads, running the duty cycle in invoker mode.
+    fn pause(&self, d: std::time::Duration) {
+        if self.invoker.is_none() {
+            std::thread::sleep(d);
+            return;
+        }
+        let until = std::time::Instant::now() + d;
+        while std::time::Instant::now() < until {
+            if !self.invoke() {
+                self.idle(until.saturating_duration_since(std::time::Instant::now()));
+            }
         }
     }
 

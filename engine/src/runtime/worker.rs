@@ -118,6 +118,20 @@ pub struct Worker {
     epoch: Instant,
     /// Messages a full send queue pushed back (kept in the overflow, never lost).
     pushed_back: u64,
+    /// When the last turn ran, and the last turn that found work.
+    last_turn: Nanos,
+    last_busy: Nanos,
+}
+
+/// What a turn found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turn {
+    /// Work was done; turn again.
+    Busy,
+    /// Nothing to do.
+    Idle,
+    /// The engine stopped this worker.
+    Stop,
 }
 
 impl Worker {
@@ -143,6 +157,8 @@ impl Worker {
             busy_poll,
             epoch: Instant::now(),
             pushed_back: 0,
+            last_turn: 0,
+            last_busy: 0,
         }
     }
 
@@ -152,39 +168,64 @@ impl Worker {
 
     /// Runs until [`Command::Shutdown`] or until the engine's side of the channel is gone.
     pub fn run(mut self) {
-        let mut last_busy: Nanos = 0;
         loop {
-            let mut busy = false;
-            loop {
-                match self.commands.try_recv() {
-                    Ok(Command::Shutdown) | Err(crossbeam_channel::TryRecvError::Disconnected) => return,
-                    Ok(cmd) => {
-                        self.command(cmd);
-                        busy = true;
-                    }
-                    Err(crossbeam_channel::TryRecvError::Empty) => break,
-                }
+            match self.turn() {
+                Turn::Stop => return,
+                Turn::Busy => {}
+                Turn::Idle => self.idle(),
             }
-            // One clock read per turn: everything in a turn happens at about the same time.
-            let now = self.now();
-            busy |= self.take_publications();
-            busy |= self.receive(now);
-            self.run_timers(now);
-            busy |= self.transmit(now);
-            busy |= self.deliver();
-            self.rearm_timers();
-            if busy {
-                last_busy = now;
-            } else {
-                if !self.busy_poll && now.saturating_sub(last_busy) > IDLE_SPIN_NS {
-                    self.park(now);
-                } else {
-                    // Busy-poll never sleeps, but yields: on a host with fewer cores than
-                    // spinning threads, a spinner that never yields holds a core for a whole
-                    // time slice while the thread it waits for cannot run.
-                    std::thread::yield_now();
+        }
+    }
+
+    /// One turn of the duty cycle: commands, publications, receives, timers, sends,
+    /// deliveries. Never blocks.
+    pub fn turn(&mut self) -> Turn {
+        let mut busy = false;
+        loop {
+            match self.commands.try_recv() {
+                Ok(Command::Shutdown) | Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    return Turn::Stop
                 }
+                Ok(cmd) => {
+                    self.command(cmd);
+                    busy = true;
+                }
+                Err(crossbeam_channel::TryRecvError::Empty) => break,
             }
+        }
+        // One clock read per turn: everything in a turn happens at about the same time.
+        let now = self.now();
+        busy |= self.take_publications();
+        busy |= self.receive(now);
+        self.run_timers(now);
+        busy |= self.transmit(now);
+        busy |= self.deliver();
+        self.rearm_timers();
+        self.last_turn = now;
+        if busy {
+            self.last_busy = now;
+            Turn::Busy
+        } else {
+            Turn::Idle
+        }
+    }
+
+    /// After an idle turn: keep polling for a while (yielding), then sleep until input, a
+    /// wake-up or the next timer. Busy-poll never sleeps.
+    pub fn idle(&mut self) {
+        // Busy-poll yields too: on a host with fewer cores than spinning threads, a spinner that
+        // never yields holds a core for a whole time slice while the thread it waits for
+        // cannot run.
+        self.idle_for(MAX_IDLE);
+    }
+
+    /// Like [`idle`](Self::idle), sleeping at most `timeout`.
+    pub fn idle_for(&mut self, timeout: Duration) {
+        let now = self.last_turn;
+        if !self.busy_poll && now.saturating_sub(self.last_busy) > IDLE_SPIN_NS {
+            self.park_for(now, timeout.min(MAX_IDLE));
+        } else {
+            std::thread::yield_now();
         }
     }
 
@@ -481,8 +522,8 @@ impl Worker {
         any
     }
 
-    /// Sleeps until a datagram, a wake-up, or the next timer.
-    fn park(&mut self, now: Nanos) {
+    /// Sleeps until a datagram, a wake-up, or the next timer, at most `limit`.
+    fn park_for(&mut self, now: Nanos, limit: Duration) {
         self.wake.parked.store(true, Ordering::Relaxed);
         // Pairs with the fence in `Wake::after_offer`.
         fence(Ordering::SeqCst);
@@ -497,8 +538,8 @@ impl Worker {
             });
         if !work_waiting {
             let wait = match self.timers.peek() {
-                Some(&Reverse((d, _))) => Duration::from_nanos(d.saturating_sub(now)).min(MAX_IDLE),
-                None => MAX_IDLE,
+                Some(&Reverse((d, _))) => Duration::from_nanos(d.saturating_sub(now)).min(limit),
+                None => limit,
             };
             if !wait.is_zero() {
                 let _ = self.io.wait(wait);

@@ -46,6 +46,14 @@ pub struct UdpArgs {
     /// Workers spin instead of sleeping (lower latency, a core each at 100%).
     #[arg(long)]
     busy_poll: bool,
+    /// The publisher runs its engine on its own thread (invoker mode) instead of a worker
+    /// thread: offer and send on one core.
+    #[arg(long)]
+    invoker: bool,
+    /// Bytes of the publication's ring (a power of two); a deeper ring queues more and so
+    /// adds latency under saturation.
+    #[arg(long, default_value_t = 4 << 20)]
+    ring_bytes: u64,
     /// I/O backend of every engine.
     #[arg(long, default_value = "auto", value_parser = parse_backend)]
     backend: BackendKind,
@@ -321,7 +329,7 @@ fn offer_blocking(p: &mut Publication, msg: &[u8]) -> Result<(), String> {
 /// A subscriber, as a child process or as an engine of this process.
 enum Sub {
     Process(ChildProc),
-    Local(Subscriber),
+    Local(Box<Subscriber>),
 }
 
 fn throughput(a: &UdpArgs, port: u16) -> Result<ExitCode, String> {
@@ -362,7 +370,7 @@ fn throughput(a: &UdpArgs, port: u16) -> Result<ExitCode, String> {
             }
             Sub::Process(ChildProc::spawn(&args)?)
         } else {
-            Sub::Local(start_subscriber(
+            Sub::Local(Box::new(start_subscriber(
                 id,
                 port,
                 a.tuning(),
@@ -370,10 +378,15 @@ fn throughput(a: &UdpArgs, port: u16) -> Result<ExitCode, String> {
                 a.seed,
                 a.backend,
                 a.busy_poll,
-            )?)
+            )?))
         });
     }
-    let engine = Engine::launch(engine_config(a.backend, a.busy_poll)).map_err(|e| e.to_string())?;
+    let engine = Engine::launch(EngineConfig {
+        invoker: a.invoker,
+        publication_ring_bytes: a.ring_bytes,
+        ..engine_config(a.backend, a.busy_poll)
+    })
+    .map_err(|e| e.to_string())?;
     engine
         .join(group_config(1, port, a.tuning(), 0.0, a.seed))
         .map_err(|e| e.to_string())?;
@@ -393,6 +406,12 @@ fn throughput(a: &UdpArgs, port: u16) -> Result<ExitCode, String> {
                     seq += 1;
                     spins = 0;
                 }
+                Err(OfferError::BackPressured) if a.invoker => {
+                    // Full: this thread is the engine; run it until there is room.
+                    if !engine.invoke() {
+                        engine.idle(Duration::from_millis(1));
+                    }
+                }
                 Err(OfferError::BackPressured) => {
                     // Full: the engine is the bottleneck. Sleeping, rather than yielding in a
                     // loop, leaves the cores to the engines.
@@ -406,13 +425,23 @@ fn throughput(a: &UdpArgs, port: u16) -> Result<ExitCode, String> {
                 Err(e) => return Err(e.to_string()),
             }
         }
+        engine.invoke();
         tick(&bar, start);
     }
     let published = seq;
     let mut end = vec![0u8; MIN_SIZE];
     end[..8].copy_from_slice(&END.to_le_bytes());
     end[8..16].copy_from_slice(&published.to_le_bytes());
-    offer_blocking(&mut publication, &end)?;
+    loop {
+        match publication.offer(&end) {
+            Ok(()) => break,
+            Err(OfferError::BackPressured) => {
+                engine.invoke();
+                std::thread::yield_now();
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
     bar.finish_and_clear();
     let acknowledged = engine
         .wait_acknowledged(GROUP, a.subscribers, Duration::from_secs(60))
