@@ -72,12 +72,13 @@ impl Default for SimConfig {
             seed: 1,
             partitions: Vec::new(),
             // The simulator keeps the settings its documented figures and CI sweeps were made
-            // with: a 1024-frame window and a 2 ms NAK back-off.
+            // with: a 1024-frame window, a 2 ms NAK back-off and a 2 ms retransmit linger.
             member: MemberConfig {
                 window_frames: 1024,
                 retransmit_frames: 4096,
                 nak_max_backoff_ns: 2_000_000,
                 nak_retry_ns: 4_000_000,
+                retransmit_linger_ns: 2_000_000,
                 ..MemberConfig::default()
             },
             max_virtual_ns: 600_000_000_000,

@@ -84,10 +84,13 @@ impl Default for MemberConfig {
             max_message_bytes: 64 << 20,
             // Several LAN round trips, so one receiver's NAK can suppress the others'.
             nak_max_backoff_ns: 250_000,
-            nak_retry_ns: 1_000_000,
+            // Longer than the linger below, so a NAK after a lost repair is answered.
+            nak_retry_ns: 500_000,
             nak_suppression: true,
             group_size_hint: 16,
-            retransmit_linger_ns: 2_000_000,
+            // Covers the NAK back-off window, so the NAKs of one loss from several receivers
+            // cause one repair; short, so a lost repair is sent again soon.
+            retransmit_linger_ns: 300_000,
             heartbeat_interval_ns: 5_000_000,
             status_interval_ns: 20_000_000,
             receiver_timeout_ns: 2_000_000_000,
