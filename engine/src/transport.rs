@@ -62,6 +62,10 @@ pub struct TransportStats {
     pub send_errors: u64,
     /// Datagrams dropped on purpose by the loss decorator.
     pub dropped_by_decorator: u64,
+    /// Sends handed to the kernel (a GSO send carries many datagrams).
+    pub send_calls: u64,
+    /// Buffers received (a GRO buffer carries many datagrams).
+    pub receive_buffers: u64,
 }
 
 /// Opens a member's sockets for `cfg`, in blocking mode: the group socket (`None` when the

@@ -410,6 +410,7 @@ impl Worker {
                 return;
             }
             let segment = r.segment.unwrap_or(r.bytes.len()).max(1);
+            g.stats.receive_buffers += 1;
             for datagram in r.bytes.chunks(segment) {
                 g.stats.received += 1;
                 if let Some(loss) = g.loss.as_mut() {
@@ -494,6 +495,7 @@ impl Worker {
                     self.gso = false;
                 }
                 g.stats.sent += out.datagrams;
+                g.stats.send_calls += self.batch.sends.len() as u64;
                 g.stats.send_errors += out.errors;
                 g.touched = true;
                 if !full {

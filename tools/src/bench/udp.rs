@@ -302,6 +302,7 @@ pub fn sub(a: SubArgs) -> Result<ExitCode, String> {
                 "naks_sent": st.counters.get(Counter::NaksSent),
                 "datagrams_received": st.transport.received,
                 "dropped_by_decorator": st.transport.dropped_by_decorator,
+                "receive_buffers": st.transport.receive_buffers,
                 "gro": st.gro,
             }),
         );
@@ -505,6 +506,7 @@ fn throughput(a: &UdpArgs, port: u16) -> Result<ExitCode, String> {
         "status_received": stats.counters.get(Counter::StatusReceived),
         "datagrams_sent": stats.transport.sent,
         "publisher_datagrams_received": stats.transport.received,
+        "publisher_send_calls": stats.transport.send_calls,
         "ratio_to_raw": if raw_bytes_per_sec > 0.0 { (bytes_per_sec / raw_bytes_per_sec * 1000.0).round() / 1000.0 } else { 0.0 },
         "raw_ceiling": best.path.name(),
         "raw_msgs_per_sec": best.received_per_sec.round(),
