@@ -76,6 +76,8 @@ pub enum Event {
 /// What a receiver keeps about one remote sender.
 #[derive(Debug)]
 struct Peer {
+    /// The sender's member id.
+    id: u32,
     loss: LossDetector,
     held: HeldFrames,
     reassembly: Reassembly,
@@ -86,6 +88,49 @@ struct Peer {
     status_queued: bool,
     next_status_ns: Nanos,
     last_heard_ns: Nanos,
+}
+
+/// The remote senders, in the order first heard. Frames come in runs from one sender (a
+/// datagram, a GRO buffer), so the last lookup is remembered and most frames cost no hashing.
+#[derive(Debug, Default)]
+struct Peers {
+    list: Vec<Peer>,
+    index: HashMap<u32, usize>,
+    /// `(sender, index)` of the last lookup.
+    last: Option<(u32, usize)>,
+}
+
+impl Peers {
+    fn find(&mut self, id: u32) -> Option<usize> {
+        match self.last {
+            Some((last, i)) if last == id => Some(i),
+            _ => {
+                let i = *self.index.get(&id)?;
+                self.last = Some((id, i));
+                Some(i)
+            }
+        }
+    }
+
+    fn get(&self, id: u32) -> Option<&Peer> {
+        self.index.get(&id).map(|&i| &self.list[i])
+    }
+
+    fn get_mut(&mut self, id: u32) -> Option<&mut Peer> {
+        let i = self.find(id)?;
+        Some(&mut self.list[i])
+    }
+
+    fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    fn insert(&mut self, peer: Peer) -> usize {
+        let i = self.list.len();
+        self.index.insert(peer.id, i);
+        self.list.push(peer);
+        i
+    }
 }
 
 /// A message waiting for flow control, its bytes in [`SendQueue::bytes`].
@@ -159,7 +204,7 @@ pub struct Member {
     clock: u64,
     counters: Counters,
     sender: Option<SendState>,
-    peers: HashMap<u32, Peer>,
+    peers: Peers,
     status_due: VecDeque<u32>,
     /// NAK ranges waiting for a datagram; `nak_frames` slices them per sender.
     nak_ranges: Vec<NakRange>,
@@ -183,7 +228,7 @@ impl Member {
             clock: 0,
             counters: Counters::default(),
             sender: None,
-            peers: HashMap::new(),
+            peers: Peers::default(),
             status_due: VecDeque::new(),
             nak_ranges: Vec::new(),
             nak_frames: VecDeque::new(),
@@ -226,7 +271,7 @@ impl Member {
 
     /// This member's contiguous position in `sender`'s stream, if it heard from `sender`.
     pub fn position_of(&self, sender: u32) -> Option<u64> {
-        self.peers.get(&sender).map(|p| p.loss.position())
+        self.peers.get(sender).map(|p| p.loss.position())
     }
 
     /// As a sender: how many live receivers report positions, and the lowest position among
@@ -364,7 +409,8 @@ impl Member {
     /// Runs the timers due at `now_ns`: NAKs, STATUS reports, heartbeats, receiver expiry.
     pub fn handle_timeout(&mut self, now_ns: Nanos) {
         let cfg = &self.cfg;
-        for (&id, peer) in self.peers.iter_mut() {
+        for peer in self.peers.list.iter_mut() {
+            let id = peer.id;
             if peer.loss.next_deadline().is_some_and(|d| d <= now_ns) {
                 let start = self.nak_ranges.len();
                 let n = peer.loss.collect_due(
@@ -402,7 +448,7 @@ impl Member {
         let timeout_ns = self.cfg.receiver_timeout_ns;
         let mut next: Option<Nanos> = None;
         let mut consider = |t: Nanos| next = Some(next.map_or(t, |n: Nanos| n.min(t)));
-        for peer in self.peers.values() {
+        for peer in &self.peers.list {
             if let Some(d) = peer.loss.next_deadline() {
                 consider(d);
             }
@@ -545,7 +591,7 @@ impl Member {
     }
 
     fn write_status(&mut self, now_ns: Nanos, id: u32, buf: &mut [u8]) -> Option<Transmit> {
-        let peer = self.peers.get_mut(&id)?;
+        let peer = self.peers.get_mut(id)?;
         peer.status_queued = false;
         let position = peer.loss.position();
         let mut w = DatagramWriter::new(buf, self.cfg.group, self.cfg.member_id)?;
@@ -589,18 +635,20 @@ impl Member {
     }
 
     /// The receive state of `sender`, made on first contact unless `max_senders` is reached.
-    fn peer(&mut self, now_ns: Nanos, sender: u32, addr: Option<SocketAddr>) -> Option<&mut Peer> {
-        if !self.peers.contains_key(&sender) {
-            if self.peers.len() >= self.cfg.max_senders {
-                self.reject(Counter::RejectedTooManySenders, RejectReason::TooManySenders);
-                return None;
-            }
-            // STATUS needs the sender's own address; a frame relayed by another member has none.
-            let addr = addr?;
-            self.status_due.push_back(sender);
-            self.peers.insert(
-                sender,
-                Peer {
+    fn peer(&mut self, now_ns: Nanos, sender: u32, addr: Option<SocketAddr>) -> Option<usize> {
+        let i = match self.peers.find(sender) {
+            Some(i) => i,
+            None => {
+                if self.peers.len() >= self.cfg.max_senders {
+                    self.reject(Counter::RejectedTooManySenders, RejectReason::TooManySenders);
+                    return None;
+                }
+                // STATUS needs the sender's own address; a frame relayed by another member has
+                // none.
+                let addr = addr?;
+                self.status_due.push_back(sender);
+                self.peers.insert(Peer {
+                    id: sender,
                     loss: LossDetector::new(0, self.cfg.window_frames),
                     held: HeldFrames::new(self.cfg.window_frames, self.cfg.max_frame_payload()),
                     reassembly: Reassembly::default(),
@@ -609,15 +657,15 @@ impl Member {
                     status_queued: true,
                     next_status_ns: now_ns,
                     last_heard_ns: now_ns,
-                },
-            );
-        }
-        let peer = self.peers.get_mut(&sender)?;
+                })
+            }
+        };
         if let Some(addr) = addr {
+            let peer = &mut self.peers.list[i];
             peer.addr = addr;
             peer.last_heard_ns = now_ns;
         }
-        Some(peer)
+        Some(i)
     }
 
     /// Checks a frame's epoch and takes its clock; `false` if the frame must be dropped.
@@ -638,7 +686,7 @@ impl Member {
         addr: Option<SocketAddr>,
         direct: Option<&'m mut dyn FnMut(Output<'_>)>,
     ) -> Option<(&'m mut Peer, PeerCx<'m>)> {
-        self.peer(now_ns, sender, addr)?;
+        let i = self.peer(now_ns, sender, addr)?;
         let Self {
             cfg,
             rng,
@@ -651,7 +699,7 @@ impl Member {
             reported,
             ..
         } = self;
-        let peer = peers.get_mut(&sender)?;
+        let peer = &mut peers.list[i];
         let cx = PeerCx {
             rng,
             backoff,
@@ -768,7 +816,7 @@ impl Member {
                 }
             }
         } else if self.cfg.nak_suppression {
-            let Some(peer) = self.peers.get_mut(&about) else {
+            let Some(peer) = self.peers.get_mut(about) else {
                 return;
             };
             for r in nak.ranges {
