@@ -6,19 +6,26 @@
 use super::Nanos;
 use crate::wire::DATAGRAM_HEADER_LEN;
 
-/// Fixed-size slots indexed by `sequence % capacity`; no allocation after creation.
+/// A byte log of the last `capacity` frames, written one after another (small frames share
+/// cache lines, and writes stream forward), indexed by `sequence % capacity`; no allocation
+/// after creation.
 #[derive(Debug)]
 pub struct RetransmitBuffer {
-    /// `capacity * slot_len` bytes; slot `i` holds a datagram header and then the frame whose
-    /// `sequence % capacity == i`.
-    slots: Box<[u8]>,
+    /// The log: each frame behind a copy of `header`, wrapping to the start when the next one
+    /// would not fit at the end.
+    log: Box<[u8]>,
     /// The datagram header written in front of every frame.
     header: [u8; DATAGRAM_HEADER_LEN],
+    /// Offset in `log` of each slot's entry (header and frame).
+    offsets: Box<[u32]>,
     /// Encoded frame length per slot.
     lens: Box<[u16]>,
     /// When each slot's frame was last retransmitted, for linger.
     last_retransmit_ns: Box<[Option<Nanos>]>,
-    slot_len: usize,
+    /// Largest frame.
+    frame_len: usize,
+    /// Where the next entry goes.
+    write: usize,
     /// Power of two.
     capacity: u64,
     /// Oldest sequence held; `oldest <= next` and `next - oldest <= capacity`.
@@ -31,18 +38,25 @@ impl RetransmitBuffer {
     /// A buffer of `capacity` (a power of two) frames of at most `frame_len` bytes each, each
     /// behind a copy of `header`.
     pub fn new(capacity: u32, frame_len: usize, header: [u8; DATAGRAM_HEADER_LEN]) -> Self {
-        let slot_len = frame_len + DATAGRAM_HEADER_LEN;
         assert!(
             capacity.is_power_of_two(),
             "capacity is validated by MemberConfig"
         );
         let n = capacity as usize;
+        // Room for `capacity` entries of the largest size, plus the waste of one wrap.
+        let log_len = (n + 1) * (frame_len + DATAGRAM_HEADER_LEN);
+        assert!(
+            log_len <= u32::MAX as usize,
+            "MemberConfig bounds the retransmit buffer"
+        );
         Self {
-            slots: vec![0u8; n * slot_len].into_boxed_slice(),
+            log: vec![0u8; log_len].into_boxed_slice(),
             header,
+            offsets: vec![0u32; n].into_boxed_slice(),
             lens: vec![0u16; n].into_boxed_slice(),
             last_retransmit_ns: vec![None; n].into_boxed_slice(),
-            slot_len,
+            frame_len,
+            write: 0,
             capacity: u64::from(capacity),
             oldest: 0,
             next: 0,
@@ -59,19 +73,39 @@ impl RetransmitBuffer {
         self.next
     }
 
-    /// Stores the frame for sequence `next()` by letting `fill` encode it into the slot, evicting
-    /// the oldest frame if full. `fill` returns the encoded length.
+    /// Stores the frame for sequence `next()` by letting `fill` encode it (at most the
+    /// `frame_len` given at creation), evicting the oldest frames it needs the room or the slot
+    /// of. `fill` returns the encoded length.
     pub fn push_with(&mut self, fill: impl FnOnce(&mut [u8]) -> usize) {
+        let entry = DATAGRAM_HEADER_LEN + self.frame_len;
+        if self.write + entry > self.log.len() {
+            self.write = 0;
+        }
+        let (start, end) = (self.write, self.write + entry);
+        // The oldest entries are the next ones ahead of `write` in the log: drop those the new
+        // entry may overwrite.
+        while self.oldest < self.next {
+            let i = self.index(self.oldest);
+            let o = self.offsets[i] as usize;
+            let o_end = o + DATAGRAM_HEADER_LEN + usize::from(self.lens[i]);
+            if o < end && start < o_end {
+                self.oldest += 1;
+            } else {
+                break;
+            }
+        }
         if self.next - self.oldest == self.capacity {
             self.oldest += 1;
         }
         let i = self.index(self.next);
-        let slot = &mut self.slots[i * self.slot_len..(i + 1) * self.slot_len];
+        let slot = &mut self.log[start..end];
         slot[..DATAGRAM_HEADER_LEN].copy_from_slice(&self.header);
         let len = fill(&mut slot[DATAGRAM_HEADER_LEN..]);
-        debug_assert!(len + DATAGRAM_HEADER_LEN <= self.slot_len);
+        debug_assert!(len <= self.frame_len);
+        self.offsets[i] = start as u32;
         self.lens[i] = len as u16;
         self.last_retransmit_ns[i] = None;
+        self.write = start + DATAGRAM_HEADER_LEN + len;
         self.next += 1;
     }
 
@@ -86,8 +120,8 @@ impl RetransmitBuffer {
             return None;
         }
         let i = self.index(seq);
-        let start = i * self.slot_len;
-        Some(&self.slots[start..start + DATAGRAM_HEADER_LEN + usize::from(self.lens[i])])
+        let start = self.offsets[i] as usize;
+        Some(&self.log[start..start + DATAGRAM_HEADER_LEN + usize::from(self.lens[i])])
     }
 
     /// Records a retransmission of `seq` at `now_ns` unless one happened within `linger_ns`;
@@ -132,6 +166,38 @@ mod tests {
             (&d[..DATAGRAM_HEADER_LEN], &d[DATAGRAM_HEADER_LEN..]),
             (&[7u8; 12][..], &[5u8][..])
         );
+    }
+
+    #[test]
+    fn frames_of_any_size_survive_until_evicted() {
+        let mut b = RetransmitBuffer::new(8, 100, [1; DATAGRAM_HEADER_LEN]);
+        let mut rng = 7u64;
+        let mut sizes = Vec::new();
+        for seq in 0..2000u64 {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let len = (rng >> 33) as usize % 101;
+            sizes.push(len);
+            b.push_with(|s| {
+                s[..len].fill(seq as u8);
+                len
+            });
+            assert!(b.next() - b.oldest() <= 8);
+            // At least the newest frame, and every held frame intact.
+            assert!(b.oldest() <= seq);
+            for held in b.oldest()..b.next() {
+                let f = b.get(held).unwrap();
+                assert_eq!(f.len(), sizes[held as usize], "seq {held}");
+                assert!(f.iter().all(|&x| x == held as u8), "seq {held} overwritten");
+                assert_eq!(
+                    &b.datagram(held).unwrap()[..DATAGRAM_HEADER_LEN],
+                    &[1; DATAGRAM_HEADER_LEN]
+                );
+            }
+        }
+        // Small frames: the count, not the bytes, bounds what is held.
+        assert_eq!(b.next() - b.oldest(), 8);
     }
 
     #[test]
