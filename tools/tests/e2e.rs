@@ -126,3 +126,100 @@ fn three_engines_portable_with_loss() {
 fn two_engines_portable_with_loss() {
     exchange(2, 0.05, "portable", 8, 45_080);
 }
+
+/// Where io_uring is forbidden (a seccomp filter, as in many containers), `auto` falls back to
+/// the portable backend, and it interoperates with an io_uring engine.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn auto_falls_back_to_portable_when_io_uring_is_forbidden() {
+    use std::os::unix::process::CommandExt;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const IO_URING_SETUP: u32 = 425;
+    let port = 45_090u16;
+    let spawn = |id: u32, forbid: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_intergroup"));
+        cmd.args(["bench-child", "member", "--members", "2", "--messages", "20000"])
+            .args([
+                "--id",
+                &id.to_string(),
+                "--port",
+                &port.to_string(),
+                "--backend",
+                "auto",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if forbid {
+            // SAFETY: only async-signal-safe calls (prctl) between fork and exec; the filter
+            // program lives on this stack frame for the duration of the call.
+            unsafe {
+                cmd.pre_exec(|| {
+                    let mut filter = [
+                        // A = seccomp_data.nr
+                        libc::sock_filter {
+                            code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+                            jt: 0,
+                            jf: 0,
+                            k: 0,
+                        },
+                        libc::sock_filter {
+                            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+                            jt: 0,
+                            jf: 1,
+                            k: IO_URING_SETUP,
+                        },
+                        libc::sock_filter {
+                            code: (libc::BPF_RET | libc::BPF_K) as u16,
+                            jt: 0,
+                            jf: 0,
+                            k: 0x0005_0000 | libc::EPERM as u32,
+                        },
+                        libc::sock_filter {
+                            code: (libc::BPF_RET | libc::BPF_K) as u16,
+                            jt: 0,
+                            jf: 0,
+                            k: 0x7fff_0000,
+                        },
+                    ];
+                    let prog = libc::sock_fprog {
+                        len: filter.len() as u16,
+                        filter: filter.as_mut_ptr(),
+                    };
+                    if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                        || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog as *const _)
+                            != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().expect("start member");
+        let out = BufReader::new(child.stdout.take().expect("stdout"));
+        Proc { child, out }
+    };
+    let mut procs = vec![spawn(1, true), spawn(2, false)];
+    for p in &mut procs {
+        assert_eq!(line(p).trim(), "ready");
+    }
+    for p in &mut procs {
+        let stdin = p.child.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "go").expect("start");
+        stdin.flush().expect("flush");
+    }
+    let reports: Vec<Value> = procs
+        .iter_mut()
+        .map(|p| serde_json::from_str(&line(p)).expect("report"))
+        .collect();
+    for mut p in procs {
+        drop(p.child.stdin.take());
+        let _ = p.child.wait();
+    }
+    assert_eq!(reports[0]["backend"], "portable", "{}", reports[0]);
+    assert_eq!(reports[1]["backend"], "io-uring", "{}", reports[1]);
+    for r in &reports {
+        assert_eq!(r["ok"], true, "{r}");
+    }
+}
