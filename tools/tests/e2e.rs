@@ -12,6 +12,11 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 const TOTAL: u64 = 1_000_000;
 
+/// A multicast port for test `n`, distinct per process so two runs on one host do not meet.
+fn port(n: u16) -> u16 {
+    44_000 + (std::process::id() % 100) as u16 * 10 + n
+}
+
 struct Proc {
     child: Child,
     out: BufReader<std::process::ChildStdout>,
@@ -89,42 +94,42 @@ fn exchange(members: u32, loss: f64, backend: &str, seed: u64, port: u16) {
 
 #[test]
 fn two_engines_io_uring() {
-    exchange(2, 0.0, "io-uring", 1, 45_010);
+    exchange(2, 0.0, "io-uring", 1, port(0));
 }
 
 #[test]
 fn three_engines_io_uring() {
-    exchange(3, 0.0, "io-uring", 2, 45_020);
+    exchange(3, 0.0, "io-uring", 2, port(1));
 }
 
 #[test]
 fn three_engines_io_uring_with_loss() {
-    exchange(3, 0.05, "io-uring", 3, 45_030);
+    exchange(3, 0.05, "io-uring", 3, port(2));
 }
 
 #[test]
 fn two_engines_io_uring_with_loss() {
-    exchange(2, 0.05, "io-uring", 4, 45_040);
+    exchange(2, 0.05, "io-uring", 4, port(3));
 }
 
 #[test]
 fn two_engines_portable() {
-    exchange(2, 0.0, "portable", 5, 45_050);
+    exchange(2, 0.0, "portable", 5, port(4));
 }
 
 #[test]
 fn three_engines_portable() {
-    exchange(3, 0.0, "portable", 6, 45_060);
+    exchange(3, 0.0, "portable", 6, port(5));
 }
 
 #[test]
 fn three_engines_portable_with_loss() {
-    exchange(3, 0.05, "portable", 7, 45_070);
+    exchange(3, 0.05, "portable", 7, port(6));
 }
 
 #[test]
 fn two_engines_portable_with_loss() {
-    exchange(2, 0.05, "portable", 8, 45_080);
+    exchange(2, 0.05, "portable", 8, port(7));
 }
 
 /// Where io_uring is forbidden (a seccomp filter, as in many containers), `auto` falls back to
@@ -135,7 +140,7 @@ fn auto_falls_back_to_portable_when_io_uring_is_forbidden() {
     use std::os::unix::process::CommandExt;
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     const IO_URING_SETUP: u32 = 425;
-    let port = 45_090u16;
+    let port = port(8);
     let spawn = |id: u32, forbid: bool| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_intergroup"));
         cmd.args(["bench-child", "member", "--members", "2", "--messages", "20000"])

@@ -491,8 +491,20 @@ impl std::fmt::Debug for UringIo {
 
 impl UringIo {
     fn new(wake: RawFd) -> io::Result<Self> {
+        // Multishot RECVMSG needs Linux 6.0; older kernels would accept the ring and the
+        // provided buffers and then fail every receive.
+        if kernel_release().is_some_and(|v| v < (6, 0)) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "multishot receive needs Linux 6.0 or later",
+            ));
+        }
+        // Cooperative task running: the kernel does not interrupt the worker (an IPI) to post
+        // each receive completion; it raises a flag that `receive` checks instead.
         let ring = IoUring::builder()
             .setup_cqsize(RING_ENTRIES * 8)
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
             .build(RING_ENTRIES)?;
         let entries = usize::from(PBUF_COUNT);
         let mut buf_ring = memmap2::MmapMut::map_anon(entries * size_of::<types::BufRingEntry>())?;
@@ -745,9 +757,48 @@ impl UringIo {
     }
 }
 
+/// The running kernel's (major, minor) version, from `uname`.
+fn kernel_release() -> Option<(u32, u32)> {
+    // SAFETY: an all-zero utsname is valid; `uname` fills it.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a live utsname for the call.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return None;
+    }
+    let release: Vec<u8> = u
+        .release
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    parse_release(std::str::from_utf8(&release).ok()?)
+}
+
+/// `(major, minor)` of a kernel release string such as `6.18.44-fc-v769`.
+fn parse_release(s: &str) -> Option<(u32, u32)> {
+    let mut parts = s.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
 impl Drop for UringIo {
     fn drop(&mut self) {
         // Unregister before the mapping and the buffers go; the ring itself closes after.
         let _ = self.ring.submitter().unregister_buf_ring(PBUF_GROUP);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_release;
+
+    #[test]
+    fn kernel_releases_parse() {
+        assert_eq!(parse_release("6.18.44-fc-v769"), Some((6, 18)));
+        assert_eq!(parse_release("5.19.0-rc1"), Some((5, 19)));
+        assert_eq!(parse_release("6.0"), Some((6, 0)));
+        assert_eq!(parse_release("garbage"), None);
+        assert!(parse_release("5.19.0").is_some_and(|v| v < (6, 0)));
     }
 }
