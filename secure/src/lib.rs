@@ -1,14 +1,19 @@
 //! intergroup-secure: identities, group policy, MLS group state and data-plane protection.
 //!
-//! Pure functions and state, no sockets. So far: the data-plane AEAD ([`aead`]) and the
+//! Pure functions and state, no sockets. So far: Ed25519 identities and key files
+//! ([`identity`]), signed group policies ([`policy`]), the data-plane AEAD ([`aead`]) and the
 //! anti-replay window ([`replay`]) each opened packet is checked against.
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
 pub mod aead;
+pub mod identity;
+pub mod policy;
 pub mod replay;
 
 pub use aead::{EpochSecret, SenderKey};
+pub use identity::{Identity, KeyError, PublicKey};
+pub use policy::{Policy, PolicyError, Role};
 pub use replay::ReplayWindow;
 
 /// Errors of the secure crate.

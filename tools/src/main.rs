@@ -1,6 +1,7 @@
 //! `intergroup`: the command-line tool.
 
 mod bench;
+mod secure;
 mod sim;
 
 use clap::{Parser, Subcommand};
@@ -33,6 +34,11 @@ enum Command {
     /// offers and names the best the ceiling; `udp` runs engines (the subscribers in separate
     /// processes) and reports its speed as a ratio of that ceiling, measured in the same run.
     Bench(bench::BenchArgs),
+    /// Ed25519 identities: `keys gen --out FILE` makes one, `keys show --key FILE` prints its
+    /// public key.
+    Keys(secure::KeysArgs),
+    /// Signed group policies: `policy new|add|remove|sign|show`.
+    Policy(secure::PolicyArgs),
     /// The receiving side of a bench (started by `intergroup bench`).
     #[command(hide = true)]
     BenchChild(bench::ChildArgs),
@@ -44,6 +50,8 @@ fn main() -> ExitCode {
         Command::Sim(args) => sim::run(args),
         Command::Bench(args) => bench::run(args),
         Command::BenchChild(args) => bench::run_child(args),
+        Command::Keys(args) => secure::keys(args),
+        Command::Policy(args) => secure::policy(args),
     };
     match result {
         Ok(code) => code,
