@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 /// Bytes of datagrams built before they are handed to the kernel in one round.
 const ARENA_BYTES: usize = 256 << 10;
 /// Records taken from one publication ring per turn.
-const READ_BATCH: usize = 256;
+const READ_BATCH: usize = 1024;
 /// The worker moves records from a publication ring into its member only while the member
 /// holds fewer bytes than this: the ring is the queue, and a small send queue stays in cache
 /// (and empties often, so its memory is reused from the start).
