@@ -89,41 +89,52 @@ fn in_place_delivery_matches_queued_delivery() {
     );
 }
 
-/// A datagram that fills a gap and carries a later frame too: the frames held behind the gap
-/// are queued, so the later frame must wait behind them, not jump ahead in place.
-#[test]
-fn a_frame_after_a_filled_gap_waits_behind_the_held_frames() {
+/// A datagram of sender 1 (group 1) carrying one single-fragment DATA frame per
+/// `(sequence, payload)`, each stamped with timestamp `sequence + 1`.
+fn data_datagram(frames: &[(u64, &[u8])]) -> Vec<u8> {
     use intergroup_engine::wire::{DataHeader, DatagramWriter};
-    let datagram = |seqs: &[u64]| {
-        let mut buf = vec![0u8; 1472];
-        let mut w = DatagramWriter::new(&mut buf, 1, 1).unwrap();
-        for &s in seqs {
-            let h = DataHeader {
-                stream: 1.into(),
-                sender: 1.into(),
-                epoch: 0.into(),
-                sequence: s.into(),
-                timestamp: (s + 1).into(),
-                message_len: 8.into(),
-                fragment_offset: 0.into(),
-            };
-            assert!(w.push_data(0, &h, &s.to_le_bytes()));
-        }
-        let n = w.len();
-        buf.truncate(n);
-        buf
-    };
-    let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
-    let mut m = Member::new(
+    let mut buf = vec![0u8; 1472];
+    let mut w = DatagramWriter::new(&mut buf, 1, 1).unwrap();
+    for &(seq, payload) in frames {
+        let h = DataHeader {
+            stream: 1.into(),
+            sender: 1.into(),
+            epoch: 0.into(),
+            sequence: seq.into(),
+            timestamp: (seq + 1).into(),
+            message_len: (payload.len() as u32).into(),
+            fragment_offset: 0.into(),
+        };
+        assert!(w.push_data(0, &h, payload));
+    }
+    let n = w.len();
+    buf.truncate(n);
+    buf
+}
+
+fn receiver() -> Member {
+    Member::new(
         MemberConfig {
             member_id: 2,
             ..MemberConfig::default()
         },
         1,
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// A datagram that fills a gap and carries a later frame too: the frames held behind the gap
+/// are queued, so the later frame must wait behind them, not jump ahead in place.
+#[test]
+fn a_frame_after_a_filled_gap_waits_behind_the_held_frames() {
+    let bytes: Vec<[u8; 8]> = (0..4u64).map(u64::to_le_bytes).collect();
+    let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let mut m = receiver();
     let mut seen = Vec::new();
-    for d in [datagram(&[1, 2]), datagram(&[0, 3])] {
+    for d in [
+        data_datagram(&[(1, &bytes[1]), (2, &bytes[2])]),
+        data_datagram(&[(0, &bytes[0]), (3, &bytes[3])]),
+    ] {
         m.handle_datagram_with(0, from, &d, &mut |o| {
             if let Output::Message(msg) = o {
                 seen.push(u64::from_le_bytes(msg.payload.try_into().unwrap()));
@@ -137,30 +148,10 @@ fn a_frame_after_a_filled_gap_waits_behind_the_held_frames() {
 /// place: the message held behind them must not overtake the event.
 #[test]
 fn a_loss_event_keeps_its_place_before_the_messages_after_it() {
-    use intergroup_engine::wire::{DataHeader, DatagramWriter, HeartbeatBody};
+    use intergroup_engine::wire::{DatagramWriter, HeartbeatBody};
     let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
-    let mut m = Member::new(
-        MemberConfig {
-            member_id: 2,
-            ..MemberConfig::default()
-        },
-        1,
-    )
-    .unwrap();
-    let mut buf = vec![0u8; 1472];
-    let mut w = DatagramWriter::new(&mut buf, 1, 1).unwrap();
-    let h = DataHeader {
-        stream: 1.into(),
-        sender: 1.into(),
-        epoch: 0.into(),
-        sequence: 5.into(),
-        timestamp: 6.into(),
-        message_len: 1.into(),
-        fragment_offset: 0.into(),
-    };
-    assert!(w.push_data(0, &h, b"x"));
-    let n = w.len();
-    let data = buf[..n].to_vec();
+    let mut m = receiver();
+    let data = data_datagram(&[(5, b"x")]);
     let mut buf = vec![0u8; 1472];
     let mut w = DatagramWriter::new(&mut buf, 1, 1).unwrap();
     assert!(w.push_heartbeat(&HeartbeatBody {

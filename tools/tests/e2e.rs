@@ -28,45 +28,66 @@ fn line(p: &mut Proc) -> String {
     s
 }
 
-fn exchange(members: u32, loss: f64, backend: &str, seed: u64, port: u16) {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let per_member = TOTAL.div_ceil(u64::from(members));
-    let mut procs: Vec<Proc> = (1..=members)
-        .map(|id| {
-            let mut child = Command::new(env!("CARGO_BIN_EXE_intergroup"))
-                .args(["bench-child", "member"])
-                .args(["--id", &id.to_string(), "--members", &members.to_string()])
-                .args(["--messages", &per_member.to_string(), "--port", &port.to_string()])
-                .args(["--loss", &loss.to_string(), "--seed", &seed.to_string()])
-                .args(["--backend", backend, "--timeout", "240"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("start member");
-            let out = BufReader::new(child.stdout.take().expect("stdout"));
-            Proc { child, out }
-        })
-        .collect();
+/// The command of one exchange member with `args` (after `bench-child member`).
+fn member_command(args: &[String]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_intergroup"));
+    cmd.args(["bench-child", "member"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    cmd
+}
+
+fn start(mut cmd: Command) -> Proc {
+    let mut child = cmd.spawn().expect("start member");
+    let out = BufReader::new(child.stdout.take().expect("stdout"));
+    Proc { child, out }
+}
+
+/// Waits until every member is ready, starts them together, collects their reports, and lets
+/// them exit.
+fn run_members(mut procs: Vec<Proc>, what: &str) -> Vec<Value> {
     for p in &mut procs {
-        assert_eq!(line(p).trim(), "ready", "seed {seed}: a member did not start");
+        assert_eq!(line(p).trim(), "ready", "{what}: a member did not start");
     }
     for p in &mut procs {
         let stdin = p.child.stdin.as_mut().expect("stdin");
         writeln!(stdin, "go").expect("start");
         stdin.flush().expect("flush");
     }
-    let reports: Vec<Value> = procs
+    let reports = procs
         .iter_mut()
         .map(|p| {
             let l = line(p);
-            serde_json::from_str(&l).unwrap_or_else(|e| panic!("seed {seed}: report {l:?}: {e}"))
+            serde_json::from_str(&l).unwrap_or_else(|e| panic!("{what}: report {l:?}: {e}"))
         })
         .collect();
     for mut p in procs {
         drop(p.child.stdin.take());
         let _ = p.child.wait();
     }
+    reports
+}
+
+fn exchange(members: u32, loss: f64, backend: &str, seed: u64, port: u16) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let per_member = TOTAL.div_ceil(u64::from(members));
+    let procs: Vec<Proc> = (1..=members)
+        .map(|id| {
+            start(member_command(&[
+                format!("--id={id}"),
+                format!("--members={members}"),
+                format!("--messages={per_member}"),
+                format!("--port={port}"),
+                format!("--loss={loss}"),
+                format!("--seed={seed}"),
+                format!("--backend={backend}"),
+                "--timeout=240".into(),
+            ]))
+        })
+        .collect();
+    let reports = run_members(procs, &format!("seed {seed}"));
     let mut retransmissions = 0;
     for r in &reports {
         assert_eq!(
@@ -142,19 +163,13 @@ fn auto_falls_back_to_portable_when_io_uring_is_forbidden() {
     const IO_URING_SETUP: u32 = 425;
     let port = port(8);
     let spawn = |id: u32, forbid: bool| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_intergroup"));
-        cmd.args(["bench-child", "member", "--members", "2", "--messages", "20000"])
-            .args([
-                "--id",
-                &id.to_string(),
-                "--port",
-                &port.to_string(),
-                "--backend",
-                "auto",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        let mut cmd = member_command(&[
+            "--members=2".into(),
+            "--messages=20000".into(),
+            format!("--id={id}"),
+            format!("--port={port}"),
+            "--backend=auto".into(),
+        ]);
         if forbid {
             // SAFETY: only async-signal-safe calls (prctl) between fork and exec; the filter
             // program lives on this stack frame for the duration of the call.
@@ -201,27 +216,9 @@ fn auto_falls_back_to_portable_when_io_uring_is_forbidden() {
                 });
             }
         }
-        let mut child = cmd.spawn().expect("start member");
-        let out = BufReader::new(child.stdout.take().expect("stdout"));
-        Proc { child, out }
+        start(cmd)
     };
-    let mut procs = vec![spawn(1, true), spawn(2, false)];
-    for p in &mut procs {
-        assert_eq!(line(p).trim(), "ready");
-    }
-    for p in &mut procs {
-        let stdin = p.child.stdin.as_mut().expect("stdin");
-        writeln!(stdin, "go").expect("start");
-        stdin.flush().expect("flush");
-    }
-    let reports: Vec<Value> = procs
-        .iter_mut()
-        .map(|p| serde_json::from_str(&line(p)).expect("report"))
-        .collect();
-    for mut p in procs {
-        drop(p.child.stdin.take());
-        let _ = p.child.wait();
-    }
+    let reports = run_members(vec![spawn(1, true), spawn(2, false)], "seccomp fallback");
     assert_eq!(reports[0]["backend"], "portable", "{}", reports[0]);
     assert_eq!(reports[1]["backend"], "io-uring", "{}", reports[1]);
     for r in &reports {
