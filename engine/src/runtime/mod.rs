@@ -241,6 +241,14 @@ impl std::fmt::Debug for Engine {
 
 static RING_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+fn new_wake() -> Result<Arc<Wake>, EngineError> {
+    Ok(Arc::new(Wake {
+        parked: AtomicBool::new(false),
+        closed: AtomicBool::new(false),
+        fd: sys::EventFd::new().map_err(|e| EngineError::Io(format!("eventfd: {e}")))?,
+    }))
+}
+
 impl Engine {
     /// Starts the workers of `cfg`.
     pub fn launch(cfg: EngineConfig) -> Result<Self, EngineError> {
@@ -267,11 +275,7 @@ impl Engine {
         let mut workers = Vec::with_capacity(cfg.workers);
         let mut backend = cfg.backend;
         for i in 0..cfg.workers {
-            let wake = Arc::new(Wake {
-                parked: AtomicBool::new(false),
-                closed: AtomicBool::new(false),
-                fd: sys::EventFd::new().map_err(|e| EngineError::Io(format!("eventfd: {e}")))?,
-            });
+            let wake = new_wake()?;
             let (tx, rx) = crossbeam_channel::unbounded();
             let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
             let core = (!cfg.cores.is_empty()).then(|| cfg.cores[i % cfg.cores.len()]);
@@ -325,11 +329,7 @@ impl Engine {
     }
 
     fn launch_invoker(cfg: EngineConfig) -> Result<Self, EngineError> {
-        let wake = Arc::new(Wake {
-            parked: AtomicBool::new(false),
-            closed: AtomicBool::new(false),
-            fd: sys::EventFd::new().map_err(|e| EngineError::Io(format!("eventfd: {e}")))?,
-        });
+        let wake = new_wake()?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let io = io::Io::open(cfg.backend, wake.fd.fd())
             .map_err(|e| EngineError::Io(format!("{} backend: {e}", cfg.backend)))?;

@@ -111,7 +111,7 @@ pub struct Worker {
     /// Receive tokens: `token >> 1` is the group index.
     timers: BinaryHeap<Reverse<(Nanos, usize)>>,
     batch: SendBatch,
-    pieces: Vec<Piece>,
+    scratch: Scratch,
     gso: bool,
     gro: bool,
     busy_poll: bool,
@@ -151,7 +151,7 @@ impl Worker {
             groups: Vec::new(),
             timers: BinaryHeap::new(),
             batch: SendBatch::with_capacity(ARENA_BYTES),
-            pieces: Vec::with_capacity(1024),
+            scratch: Scratch::default(),
             gso,
             gro,
             busy_poll,
@@ -485,7 +485,7 @@ impl Worker {
             loop {
                 self.batch.clear();
                 let g = &mut self.groups[i];
-                let full = build_sends(g, now, &mut self.batch, &mut self.pieces, self.gso);
+                let full = build_sends(g, now, &mut self.batch, &mut self.scratch, self.gso);
                 if self.batch.sends.is_empty() {
                     break;
                 }
@@ -556,6 +556,16 @@ fn is_own(bytes: &[u8], me: u32) -> bool {
     crate::wire::datagram_source(bytes) == Some(me)
 }
 
+/// Memory `build_sends` reuses from batch to batch.
+#[derive(Debug, Default)]
+struct Scratch {
+    /// Where each datagram of the batch lives.
+    pieces: Vec<Piece>,
+    /// The sends to make, in order: a unicast destination with its one datagram, or `None`
+    /// for a run of group datagrams (sent to each group destination).
+    plan: Vec<(Option<libc::sockaddr_in>, Run)>,
+}
+
 /// Where one datagram of a batch lives.
 #[derive(Debug, Clone, Copy)]
 enum Piece {
@@ -585,14 +595,14 @@ struct Run {
 
 /// Appends `g`'s datagrams to `batch`, coalescing runs of equal-size group datagrams into GSO
 /// sends; true when the batch filled before the member ran out. `pieces` is scratch space.
-fn build_sends(g: &mut Group, now: Nanos, batch: &mut SendBatch, pieces: &mut Vec<Piece>, gso: bool) -> bool {
+fn build_sends(g: &mut Group, now: Nanos, batch: &mut SendBatch, scratch: &mut Scratch, gso: bool) -> bool {
+    let Scratch { pieces, plan } = scratch;
     let mtu = g.member.config().mtu;
     // In-place datagrams stay valid until the retransmit buffer takes this many more frames.
     let max_in_place = (g.member.config().retransmit_frames as usize / 2).clamp(1, 1024);
     let fd = g.unicast.as_raw_fd();
     pieces.clear();
-    // (piece index, destination) of single sends, and runs of group datagrams, in order.
-    let mut plan: Vec<(Option<libc::sockaddr_in>, Run)> = Vec::new();
+    plan.clear();
     let mut run: Option<Run> = None;
     let mut in_place = 0;
     let mut full = false;
@@ -674,7 +684,7 @@ fn build_sends(g: &mut Group, now: Nanos, batch: &mut SendBatch, pieces: &mut Ve
         };
         batch.iovs.push(iov);
     }
-    for (dest, r) in plan {
+    for &(dest, r) in plan.iter() {
         let segment = if r.count > 1 { r.segment as u16 } else { 0 };
         let dests: &[libc::sockaddr_in] = match &dest {
             Some(d) => std::slice::from_ref(d),
