@@ -46,6 +46,10 @@ pub const RECORD_ALIGN: usize = 8;
 /// The type id of padding records; reserved.
 pub const PADDING_TYPE: u32 = u32::MAX;
 
+/// How far ahead of its writes the producer asks for cache lines (see `reserve`).
+const PREFETCH_AHEAD: usize = 2048;
+/// How far ahead of its reads a reader pulls in written lines (see `poll_sequenced`).
+const READ_AHEAD: u64 = 1024;
 const TAIL_OFFSET: usize = 128;
 const CLAIM_OFFSET: usize = 192;
 const FLOOR_OFFSET: usize = 256;
@@ -129,7 +133,7 @@ impl<M: Memory> Log<M> {
                     return (tail, sequence);
                 }
             }
-            std::hint::spin_loop();
+            crate::primitive::spin_loop();
         }
     }
 
@@ -213,6 +217,19 @@ pub(crate) struct ProducerCore<M> {
     /// Reliable mode: the producer may write up to here without looking at the reader slots
     /// again (see `offer`).
     limit: u64,
+    /// Active readers at the last scan of the slots.
+    readers: usize,
+}
+
+/// Room reserved for one record by [`ProducerCore::reserve`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Reserved {
+    /// Offset of the record in the data area.
+    at: usize,
+    /// Record length with its header, before alignment.
+    record_len: usize,
+    /// The tail once the record is published.
+    end: u64,
 }
 
 impl<M: Memory> ProducerCore<M> {
@@ -229,22 +246,47 @@ impl<M: Memory> ProducerCore<M> {
             reader_timeout,
             evicted: 0,
             limit: 0,
+            readers: 0,
         }
     }
 
     /// Appends a record of `type_id` with `payload`.
+    #[inline]
     pub(crate) fn offer(&mut self, type_id: u32, payload: &[u8]) -> Result<(), OfferError> {
+        let r = self.reserve(type_id, payload.len())?;
+        // SAFETY: `reserve` made `r.at + HEADER_LEN .. + len` ours: inside the data area and
+        // read by no reader until `publish` moves the tail past it.
+        unsafe { self.log.mem.write(r.at + HEADER_LEN, payload) };
+        self.publish(r, type_id);
+        Ok(())
+    }
+
+    /// Whether some reader was active at the last look at the slots; with none cached, looks
+    /// again. (Reliable mode; a lossy log has no reader slots to look at.)
+    #[inline]
+    pub(crate) fn connected(&mut self) -> bool {
+        if self.readers == 0 && self.mode == Mode::Reliable {
+            fence(Ordering::SeqCst);
+            self.slowest_reader();
+        }
+        self.readers > 0
+    }
+
+    /// Finds room for a record of `len` payload bytes; nothing is visible to readers until
+    /// [`Self::publish`].
+    #[inline]
+    pub(crate) fn reserve(&mut self, type_id: u32, len: usize) -> Result<Reserved, OfferError> {
         if type_id == PADDING_TYPE {
             return Err(OfferError::ReservedType(type_id));
         }
         let capacity = self.log.capacity;
-        if payload.len() > max_payload(capacity) {
+        if len > max_payload(capacity) {
             return Err(OfferError::TooLarge {
-                len: payload.len(),
+                len,
                 max: max_payload(capacity),
             });
         }
-        let record_len = HEADER_LEN + payload.len();
+        let record_len = HEADER_LEN + len;
         let aligned = align(record_len);
         let tail = self.log.word(TAIL_OFFSET).load(Ordering::Relaxed);
         let offset = tail as usize & (capacity - 1);
@@ -258,6 +300,9 @@ impl<M: Memory> ProducerCore<M> {
             Mode::Reliable if end > self.limit => {
                 let half = (capacity / 2) as u64;
                 self.limit = tail + half;
+                // Pairs with the fence in `join`: either this scan sees the joining reader, or
+                // the reader sees every tail stored before this fence.
+                fence(Ordering::SeqCst);
                 if let Some(slowest) = self.slowest_reader() {
                     self.limit = self.limit.min(slowest + capacity as u64);
                 }
@@ -280,24 +325,42 @@ impl<M: Memory> ProducerCore<M> {
             );
             at = 0;
         }
-        // SAFETY: `at .. at + aligned` is inside the data area and, by the checks above, holds
-        // nothing a reader may still read (reliable) or was announced in `claim` (lossy).
-        unsafe { self.log.mem.write(at + HEADER_LEN, payload) };
+        // `at .. at + aligned` is inside the data area and, by the checks above, holds nothing
+        // a reader may still read (reliable) or was announced in `claim` (lossy).
+        // Ask for the line a little way ahead now: by the time records reach it, stores to it
+        // hit the cache instead of stalling the producer on a line the readers last held.
+        self.log
+            .mem
+            .prefetch_write((at + PREFETCH_AHEAD) & (capacity - 1));
+        Ok(Reserved { at, record_len, end })
+    }
+
+    /// Makes the record in `r` visible to readers.
+    #[inline]
+    pub(crate) fn publish(&mut self, r: Reserved, type_id: u32) {
+        let Reserved { at, record_len, end } = r;
         self.log.data_word(at + 8).store(self.sequence, Ordering::Relaxed);
         self.log
             .data_word(at)
             .store((u64::from(type_id) << 32) | record_len as u64, Ordering::Relaxed);
         self.sequence += 1;
+        if self.mode == Mode::Reliable {
+            // Release is enough: a joining reader pairs with the SeqCst fence before each scan.
+            // Reliable readers never need `(tail, sequence)` together (only a lapped reader
+            // counts what it missed), so the pair's version is left alone: one line fewer
+            // written per record.
+            self.log.word(TAIL_OFFSET).store(end, Ordering::Release);
+            return;
+        }
         let version = self.log.word(VERSION_OFFSET);
         let v = version.load(Ordering::Relaxed);
         version.store(v + 1, Ordering::Relaxed);
         fence(Ordering::Release);
-        self.log.word(TAIL_OFFSET).store(end, Ordering::SeqCst);
+        self.log.word(TAIL_OFFSET).store(end, Ordering::Release);
         self.log
             .word(SEQUENCE_OFFSET)
             .store(self.sequence, Ordering::Relaxed);
         version.store(v + 2, Ordering::Release);
-        Ok(())
     }
 
     /// Moves `floor` past every record the bytes up to `end` will overwrite, and past padding,
@@ -324,6 +387,7 @@ impl<M: Memory> ProducerCore<M> {
     /// The lowest position of any live reader, evicting silent ones.
     fn slowest_reader(&mut self) -> Option<u64> {
         let mut slowest: Option<u64> = None;
+        let mut readers = 0;
         let now = Instant::now();
         for s in 0..self.log.slots {
             if self.log.slot_word(s, 0).load(Ordering::SeqCst) != SLOT_ACTIVE {
@@ -347,8 +411,25 @@ impl<M: Memory> ProducerCore<M> {
             }
             let pos = self.log.slot_word(s, 1).load(Ordering::Acquire);
             slowest = Some(slowest.map_or(pos, |m| m.min(pos)));
+            readers += 1;
         }
+        self.readers = readers;
         slowest
+    }
+}
+
+impl ProducerCore<Mapped> {
+    /// The payload bytes of reserved room `r` of `len` bytes.
+    ///
+    /// # Safety
+    ///
+    /// `r` came from [`Self::reserve`] with this `len` and is not yet published, and the
+    /// caller holds the producer exclusively while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    #[inline]
+    unsafe fn payload_mut(&self, r: Reserved, len: usize) -> &mut [u8] {
+        // SAFETY: see the function's contract; the range is inside the data area.
+        unsafe { self.log.mem.slice_mut(r.at + HEADER_LEN, len) }
     }
 }
 
@@ -405,6 +486,8 @@ impl<M: Memory> ReaderCore<M> {
             let t = self.log.word(TAIL_OFFSET).load(Ordering::SeqCst);
             self.log.slot_word(slot, 1).store(t, Ordering::SeqCst);
             self.log.slot_word(slot, 0).store(SLOT_ACTIVE, Ordering::SeqCst);
+            // Pairs with the fence before the producer's scan of the slots.
+            fence(Ordering::SeqCst);
             let t2 = self.log.word(TAIL_OFFSET).load(Ordering::SeqCst);
             // The producer may have written one record it checked before seeing this slot. Its
             // start is at most t2 and its length at most half the area, so it cannot overwrite
@@ -429,6 +512,15 @@ impl<M: Memory> ReaderCore<M> {
     /// Hands up to `limit` records to `f(type_id, payload)`: in place (reliable) or from a copy
     /// checked after the read (lossy). Returns how many, or what happened instead.
     pub(crate) fn poll(&mut self, limit: usize, mut f: impl FnMut(u32, &[u8])) -> Result<usize, ReadError> {
+        self.poll_sequenced(limit, |t, _, p| f(t, p))
+    }
+
+    /// Like [`Self::poll`], also handing each record's sequence.
+    pub(crate) fn poll_sequenced(
+        &mut self,
+        limit: usize,
+        mut f: impl FnMut(u32, u64, &[u8]),
+    ) -> Result<usize, ReadError> {
         self.keep_alive();
         if let Some(s) = self.slot {
             let ours = self.log.slot_word(s, 0).load(Ordering::Acquire) == SLOT_ACTIVE
@@ -443,6 +535,13 @@ impl<M: Memory> ReaderCore<M> {
         let mut handed = 0;
         while handed < limit && self.position < tail {
             let offset = self.position as usize & (capacity - 1);
+            // Pull lines in a little ahead, but only written ones (below the tail): a line the
+            // producer is about to write would have to be taken back from this reader.
+            if self.position + READ_AHEAD < tail {
+                self.log
+                    .mem
+                    .prefetch((offset + READ_AHEAD as usize) & (capacity - 1));
+            }
             let word = self.log.data_word(offset).load(Ordering::Acquire);
             let type_id = (word >> 32) as u32;
             let len = word as u32 as usize;
@@ -487,10 +586,10 @@ impl<M: Memory> ReaderCore<M> {
                     unsafe {
                         self.log
                             .mem
-                            .read(offset + HEADER_LEN, len - HEADER_LEN, |p| f(type_id, p))
+                            .read(offset + HEADER_LEN, len - HEADER_LEN, |p| f(type_id, sequence, p))
                     };
                 }
-                Mode::Lossy => f(type_id, &self.copy),
+                Mode::Lossy => f(type_id, sequence, &self.copy),
             }
             self.next_sequence = Some(sequence + 1);
             self.position += align(len) as u64;
@@ -530,7 +629,7 @@ impl<M: Memory> ReaderCore<M> {
                 self.next_sequence = Some(sequence);
                 return ReadError::Lapped { missed };
             }
-            std::hint::spin_loop();
+            crate::primitive::spin_loop();
         }
     }
 }
@@ -566,8 +665,55 @@ impl BroadcastProducer {
     }
 
     /// Appends a record of `type_id` with `payload`.
+    #[inline]
     pub fn offer(&mut self, type_id: u32, payload: &[u8]) -> Result<(), OfferError> {
         self.core.offer(type_id, payload)
+    }
+
+    /// Claims room for a record of `type_id` with `len` payload bytes, to be written in place
+    /// and published by [`BroadcastClaim::commit`]. Dropped uncommitted, nothing is published.
+    #[inline]
+    pub fn try_claim(&mut self, type_id: u32, len: usize) -> Result<BroadcastClaim<'_>, OfferError> {
+        let reserved = self.core.reserve(type_id, len)?;
+        Ok(BroadcastClaim {
+            producer: self,
+            reserved,
+            type_id,
+            len,
+        })
+    }
+
+    /// Reliable mode: whether some reader is joined (as of the last look at the reader slots,
+    /// which this repeats while none was found). Readers that leave are noticed at the next
+    /// look, at most half a lap of records later.
+    #[inline]
+    pub fn connected(&mut self) -> bool {
+        self.core.connected()
+    }
+}
+
+/// Room for one record in a broadcast log; see [`BroadcastProducer::try_claim`].
+#[derive(Debug)]
+pub struct BroadcastClaim<'a> {
+    producer: &'a mut BroadcastProducer,
+    reserved: Reserved,
+    type_id: u32,
+    len: usize,
+}
+
+impl BroadcastClaim<'_> {
+    /// The payload bytes, in the shared mapping.
+    #[inline]
+    pub fn buf(&mut self) -> &mut [u8] {
+        // SAFETY: the room is reserved and unpublished, and this claim borrows the producer
+        // mutably for as long as the slice lives.
+        unsafe { self.producer.core.payload_mut(self.reserved, self.len) }
+    }
+
+    /// Publishes the record.
+    #[inline]
+    pub fn commit(self) {
+        self.producer.core.publish(self.reserved, self.type_id);
     }
 }
 
@@ -591,6 +737,12 @@ impl BroadcastReader {
         Ok(Self { core, _file: file })
     }
 
+    /// Whether records are waiting for this reader.
+    #[inline]
+    pub fn has_records(&self) -> bool {
+        self.core.log.word(TAIL_OFFSET).load(Ordering::Acquire) > self.core.position
+    }
+
     /// Marks this reader alive without reading (reliable mode).
     pub fn keep_alive(&mut self) {
         self.core.keep_alive();
@@ -600,6 +752,17 @@ impl BroadcastReader {
     /// checked after the read (lossy). Returns how many, or what happened instead.
     pub fn poll(&mut self, limit: usize, f: impl FnMut(u32, &[u8])) -> Result<usize, ReadError> {
         self.core.poll(limit, f)
+    }
+
+    /// Like [`Self::poll`], handing `f(type_id, sequence, payload)`: `sequence` numbers the
+    /// log's records from 0.
+    #[inline]
+    pub fn poll_sequenced(
+        &mut self,
+        limit: usize,
+        f: impl FnMut(u32, u64, &[u8]),
+    ) -> Result<usize, ReadError> {
+        self.core.poll_sequenced(limit, f)
     }
 }
 

@@ -7,13 +7,14 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod baseline;
 pub mod broadcast;
 pub mod file;
 mod memory;
 mod primitive;
 pub mod records;
 
-pub use broadcast::{BroadcastProducer, BroadcastReader, Mode, ReadError};
+pub use broadcast::{BroadcastClaim, BroadcastProducer, BroadcastReader, Mode, ReadError};
 pub use file::{FileHeader, RingKind, SharedFile};
 pub use records::{
     OfferError, Producers, RecordClaim, RecordConsumer, RecordProducer, SingleClaim, SingleProducer,

@@ -26,6 +26,10 @@ pub(crate) unsafe trait Memory {
     /// Hints that the line at `offset` of the data area will be read soon. Never faults.
     fn prefetch(&self, _offset: usize) {}
 
+    /// Hints that the line at `offset` of the data area will be written soon: its ownership
+    /// is requested now, so the stores that follow do not wait for it. Never faults.
+    fn prefetch_write(&self, _offset: usize) {}
+
     /// Copies `src` to `offset` of the data area.
     ///
     /// # Safety
@@ -100,31 +104,37 @@ impl Mapped {
 // SAFETY: every pointer was checked to lie inside the live mapping when built (`Mapped::new`),
 // and `word` and the byte accessors address the same data area.
 unsafe impl Memory for Mapped {
+    #[inline]
     fn capacity(&self) -> usize {
         self.capacity
     }
 
+    #[inline]
     fn tail(&self) -> &AtomicU64 {
         // SAFETY: 8-aligned, inside the mapping, only ever accessed atomically.
         unsafe { &*self.tail }
     }
 
+    #[inline]
     fn head(&self) -> &AtomicU64 {
         // SAFETY: as for `tail`.
         unsafe { &*self.head }
     }
 
+    #[inline]
     fn head_cache(&self) -> &AtomicU64 {
         // SAFETY: as for `tail`.
         unsafe { &*self.head_cache }
     }
 
+    #[inline]
     fn word(&self, offset: usize) -> &AtomicU64 {
         debug_assert!(offset % 8 == 0 && offset < self.capacity);
         // SAFETY: `offset` is 8-aligned and inside the data area, which is 64-aligned.
         unsafe { &*self.data.add(offset).cast::<AtomicU64>() }
     }
 
+    #[inline]
     fn meta(&self, offset: usize) -> &AtomicU64 {
         debug_assert!(offset % 8 == 0 && offset + 8 <= self.data_offset);
         // SAFETY: 8-aligned, inside the mapping below the data area, only accessed atomically.
@@ -132,6 +142,7 @@ unsafe impl Memory for Mapped {
     }
 
     #[cfg(target_arch = "x86_64")]
+    #[inline]
     fn prefetch(&self, offset: usize) {
         debug_assert!(offset < self.capacity);
         // SAFETY: a prefetch is only a hint: it never faults and has no effect on memory
@@ -143,18 +154,38 @@ unsafe impl Memory for Mapped {
         }
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    fn prefetch_write(&self, offset: usize) {
+        debug_assert!(offset < self.capacity);
+        // (`_mm_prefetch` with `_MM_HINT_ET0` compiles to a read prefetch unless the build
+        // targets PRFCHW, so the instruction is written out; CPUs without it treat it as a NOP.)
+        // SAFETY: PREFETCHW is a hint: it never faults and changes no memory or flags, and the
+        // address is inside the mapping anyway.
+        unsafe {
+            std::arch::asm!(
+                "prefetchw [{0}]",
+                in(reg) self.data.add(offset),
+                options(nostack, preserves_flags, readonly)
+            )
+        }
+    }
+
+    #[inline]
     unsafe fn write(&self, offset: usize, src: &[u8]) {
         debug_assert!(offset + src.len() <= self.capacity);
         // SAFETY: in bounds (asserted by the ring), and the caller owns the range.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.data.add(offset), src.len()) }
     }
 
+    #[inline]
     unsafe fn read<R>(&self, offset: usize, len: usize, f: impl FnOnce(&[u8]) -> R) -> R {
         debug_assert!(offset + len <= self.capacity);
         // SAFETY: in bounds, and nobody writes a committed, unreleased record.
         f(unsafe { std::slice::from_raw_parts(self.data.add(offset), len) })
     }
 
+    #[inline]
     unsafe fn zero(&self, offset: usize, len: usize) {
         debug_assert!(offset + len <= self.capacity);
         // SAFETY: in bounds, and the consumer owns read, unreleased bytes.
@@ -281,6 +312,9 @@ macro_rules! forward_memory {
             }
             fn prefetch(&self, offset: usize) {
                 (**self).prefetch(offset)
+            }
+            fn prefetch_write(&self, offset: usize) {
+                (**self).prefetch_write(offset)
             }
             unsafe fn write(&self, offset: usize, src: &[u8]) {
                 // SAFETY: the caller upholds `write`'s contract.

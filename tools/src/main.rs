@@ -1,6 +1,7 @@
 //! `intergroup`: the command-line tool.
 
 mod bench;
+mod client;
 mod secure;
 mod sim;
 
@@ -34,6 +35,24 @@ enum Command {
     /// offers and names the best the ceiling; `udp` runs engines (the subscribers in separate
     /// processes) and reports its speed as a ratio of that ceiling, measured in the same run.
     Bench(bench::BenchArgs),
+    /// Run the engine daemon in the foreground on its directory (--dir).
+    ///
+    /// Applications (and `pub`, `sub`) bind to it through shared memory. SIGINT or SIGTERM
+    /// stop it cleanly. Logs go to stderr; RUST_LOG overrides the config's level.
+    Engine(client::EngineArgs),
+    /// Publish each line of stdin as one message to a group, through the running engine.
+    ///
+    /// Waits while no subscriber listens or subscribers are behind; nothing is dropped.
+    Pub(client::PubArgs),
+    /// Print a group's messages as they arrive, through the running engine.
+    ///
+    /// `--format jsonl` prints one JSON object per message (sender, seq, view, payload) and per
+    /// event (image_available, unrecoverable_loss, lapped, ...).
+    Sub(client::SubArgs),
+    /// Show the running engine's counters: live, or once with --once; JSON with --json.
+    Stat(client::StatArgs),
+    /// Check what the engine needs from this machine and say what to fix.
+    Doctor(client::DoctorArgs),
     /// Ed25519 identities: `keys gen --out FILE` makes one, `keys show --key FILE` prints its
     /// public key.
     Keys(secure::KeysArgs),
@@ -46,18 +65,26 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The older commands report every failure as exit code 2; the engine commands tell bad
+    // usage (2) from failed work (1).
+    let usage = |message: String| client::Failure { code: 2, message };
     let result = match cli.command {
-        Command::Sim(args) => sim::run(args),
-        Command::Bench(args) => bench::run(args),
-        Command::BenchChild(args) => bench::run_child(args),
-        Command::Keys(args) => secure::keys(args),
-        Command::Policy(args) => secure::policy(args),
+        Command::Sim(args) => sim::run(args).map_err(usage),
+        Command::Bench(args) => bench::run(args).map_err(usage),
+        Command::BenchChild(args) => bench::run_child(args).map_err(usage),
+        Command::Keys(args) => secure::keys(args).map_err(usage),
+        Command::Policy(args) => secure::policy(args).map_err(usage),
+        Command::Engine(a) => client::engine(a),
+        Command::Pub(a) => client::publish(a),
+        Command::Sub(a) => client::subscribe(a),
+        Command::Stat(a) => client::stat(a),
+        Command::Doctor(a) => client::doctor(a),
     };
     match result {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("intergroup: {e}");
-            ExitCode::from(2)
+        Err(f) => {
+            eprintln!("intergroup: {}", f.message);
+            ExitCode::from(f.code)
         }
     }
 }

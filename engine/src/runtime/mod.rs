@@ -36,6 +36,7 @@ pub mod sys;
 mod worker;
 
 pub use io::BackendKind;
+pub use worker::{SinkRecord, SINK_META_LEN};
 
 use crate::proto::{Counters, MemberConfig, Output};
 use crate::transport::{TransportStats, UdpConfig};
@@ -78,6 +79,9 @@ pub struct EngineConfig {
     /// [`Engine::invoke`] (Aeron's invoker mode). A single-threaded publisher then keeps its
     /// messages on one core from offer to socket. Takes one worker.
     pub invoker: bool,
+    /// Longest an idle worker sleeps, in microseconds (at most 50 ms). Publications in other
+    /// processes cannot wake a sleeping worker, so the engine daemon keeps this short.
+    pub max_idle_us: u64,
 }
 
 impl Default for EngineConfig {
@@ -92,6 +96,7 @@ impl Default for EngineConfig {
             publication_ring_bytes: 4 << 20,
             ring_dir: None,
             invoker: false,
+            max_idle_us: 50_000,
         }
     }
 }
@@ -158,6 +163,8 @@ pub struct GroupStats {
     pub acknowledged: Option<u64>,
     /// Messages a full send queue pushed back into the worker's overflow (none are lost).
     pub pushed_back: u64,
+    /// Messages written into subscription logs for other processes.
+    pub sunk: u64,
 }
 
 impl GroupStats {
@@ -280,6 +287,7 @@ impl Engine {
             let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
             let core = (!cfg.cores.is_empty()).then(|| cfg.cores[i % cfg.cores.len()]);
             let (kind, gso, gro, busy) = (cfg.backend, cfg.gso, cfg.gro, cfg.busy_poll);
+            let max_idle = std::time::Duration::from_micros(cfg.max_idle_us);
             let w = wake.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("intergroup-worker-{i}"))
@@ -291,7 +299,7 @@ impl Engine {
                     match io::Io::open(kind, w.fd.fd()) {
                         Ok(io) => {
                             let _ = ready_tx.send(Ok(io.kind()));
-                            Worker::new(io, w, rx, gso, gro, busy).run();
+                            Worker::new(io, w, rx, gso, gro, busy, max_idle).run();
                         }
                         Err(e) => {
                             let _ = ready_tx.send(Err(EngineError::Io(format!("{kind} backend: {e}"))));
@@ -334,7 +342,8 @@ impl Engine {
         let io = io::Io::open(cfg.backend, wake.fd.fd())
             .map_err(|e| EngineError::Io(format!("{} backend: {e}", cfg.backend)))?;
         let backend = io.kind();
-        let worker = Worker::new(io, wake.clone(), rx, cfg.gso, cfg.gro, cfg.busy_poll);
+        let max_idle = std::time::Duration::from_micros(cfg.max_idle_us);
+        let worker = Worker::new(io, wake.clone(), rx, cfg.gso, cfg.gro, cfg.busy_poll, max_idle);
         Ok(Self {
             cfg,
             workers: vec![WorkerHandle {
@@ -460,6 +469,48 @@ impl Engine {
             wake: self.worker(group).wake.clone(),
             max_message: max,
         })
+    }
+
+    /// Sends what a client process publishes into the broadcast log at `path` to the group on
+    /// `stream`, whenever the group has remote receivers (local subscribers read the log
+    /// themselves). Returns the group's largest message.
+    pub fn log_publication(
+        &self,
+        group: u32,
+        stream: u32,
+        id: u64,
+        path: PathBuf,
+    ) -> Result<usize, EngineError> {
+        self.ask(group, |reply| Command::LogPublication {
+            group,
+            stream,
+            id,
+            path,
+            reply,
+        })
+    }
+
+    /// Stops reading log publication `id` of `group` once what it holds has been sent.
+    pub fn close_log_publication(&self, group: u32, id: u64) -> Result<(), EngineError> {
+        self.tell(group, Command::CloseLogPublication(group, id))
+    }
+
+    /// Writes the group's deliveries on `stream`, and its loss events, into the (lossy)
+    /// broadcast log at `path`, for subscribers in other processes.
+    pub fn sink(&self, group: u32, stream: u32, path: PathBuf) -> Result<(), EngineError> {
+        self.ask(group, |reply| Command::Sink(group, stream, path, reply))
+    }
+
+    /// Stops writing the subscription log of `group` and `stream`.
+    pub fn close_sink(&self, group: u32, stream: u32) -> Result<(), EngineError> {
+        self.tell(group, Command::CloseSink(group, stream))
+    }
+
+    fn tell(&self, group: u32, cmd: Command) -> Result<(), EngineError> {
+        let w = self.worker(group);
+        w.commands.send(cmd).map_err(|_| EngineError::Closed)?;
+        w.wake.fd.notify();
+        Ok(())
     }
 
     /// A snapshot of a group's counters.

@@ -8,7 +8,7 @@ use super::{EngineError, GroupConfig, GroupInfo, GroupStats, Handler};
 use crate::proto::{Destination, Member, Nanos, Output};
 use crate::transport::{open_sockets, ReceiveLoss, TransportStats};
 use crossbeam_channel::{Receiver, Sender};
-use intergroup_ring::RecordConsumer;
+use intergroup_ring::{BroadcastProducer, BroadcastReader, RecordConsumer};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::net::{SocketAddr, UdpSocket};
@@ -29,8 +29,21 @@ const SEND_QUEUE_LOW_WATER: usize = 64 << 10;
 /// How long an idle worker keeps polling (yielding between turns) before it sleeps: work often
 /// comes again within microseconds, and a wake-up costs the waker and the sleeper more.
 const IDLE_SPIN_NS: Nanos = 50_000;
-/// Longest a worker sleeps when no timer is due, so a lost wake-up costs little.
+/// Longest a worker sleeps when no timer is due, so a lost wake-up costs little (a setting
+/// can make it shorter: publications in other processes cannot wake the worker).
 const MAX_IDLE: Duration = Duration::from_millis(50);
+/// Bytes of delivery metadata before each message in a subscription log (see [`SinkRecord`]).
+pub const SINK_META_LEN: usize = 24;
+
+/// Record types of a subscription log written by a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum SinkRecord {
+    /// `sender: u32, stream: u32, sequence: u64, view: u64`, then the message.
+    Message = 1,
+    /// Unrecoverable loss: `sender: u32, 0: u32, first: u64, count: u64`.
+    Loss = 2,
+}
 
 /// How the application wakes a sleeping worker.
 #[derive(Debug)]
@@ -72,6 +85,27 @@ pub enum Command {
     },
     /// Hand every delivery and in-stream event of a group to a handler.
     Subscribe(u32, Handler, Sender<Result<(), EngineError>>),
+    /// Read a publication's broadcast log (written by a client process) whenever the group has
+    /// remote receivers: local subscribers read the log themselves.
+    LogPublication {
+        /// Group id.
+        group: u32,
+        /// Stream the log's messages go on.
+        stream: u32,
+        /// The publication's id.
+        id: u64,
+        /// The log file.
+        path: PathBuf,
+        /// Reply: the group's largest message.
+        reply: Sender<Result<usize, EngineError>>,
+    },
+    /// Stop reading a log publication once what it holds is sent (its client left).
+    CloseLogPublication(u32, u64),
+    /// Write the group's deliveries on `stream` (and its loss events) into the broadcast log
+    /// at the path, for subscribers in other processes.
+    Sink(u32, u32, PathBuf, Sender<Result<(), EngineError>>),
+    /// Stop writing that log.
+    CloseSink(u32, u32),
     /// Counters of a group.
     Stats(u32, Sender<Result<GroupStats, EngineError>>),
     /// Stop: the worker returns after closing everything.
@@ -80,9 +114,73 @@ pub enum Command {
 
 struct Publication {
     stream: u32,
-    consumer: RecordConsumer,
+    source: Source,
     /// Records read while the member's send queue was full, in order, published first.
     overflow: Vec<Vec<u8>>,
+}
+
+/// Where a publication's messages come from.
+enum Source {
+    /// A ring only this worker reads (an embedded publication).
+    Ring(RecordConsumer),
+    /// A client's broadcast log, which local subscribers read too. The worker joins it as a
+    /// reader only while the group has remote receivers, so a host without remote members
+    /// pays nothing for the network.
+    Log {
+        id: u64,
+        path: PathBuf,
+        reader: Option<BroadcastReader>,
+        /// The client left: send what is left, then drop the log.
+        closing: bool,
+    },
+}
+
+impl Source {
+    fn is_empty(&self) -> bool {
+        match self {
+            Source::Ring(c) => c.is_empty(),
+            Source::Log { reader, .. } => reader.as_ref().is_none_or(|r| !r.has_records()),
+        }
+    }
+}
+
+/// A subscription log this worker writes.
+struct Sink {
+    stream: u32,
+    producer: BroadcastProducer,
+}
+
+/// Writes one output of a group into its sinks.
+fn write_sinks(sinks: &mut [Sink], out: Output<'_>, written: &mut u64) {
+    match out {
+        Output::Message(m) => {
+            for s in sinks.iter_mut().filter(|s| s.stream == m.stream) {
+                let len = SINK_META_LEN + m.payload.len();
+                // A message larger than the log's records cannot be handed on; the lossy log
+                // never refuses otherwise.
+                if let Ok(mut c) = s.producer.try_claim(SinkRecord::Message as u32, len) {
+                    let buf = c.buf();
+                    buf[0..4].copy_from_slice(&m.sender.to_le_bytes());
+                    buf[4..8].copy_from_slice(&m.stream.to_le_bytes());
+                    buf[8..16].copy_from_slice(&m.sequence.to_le_bytes());
+                    buf[16..24].copy_from_slice(&u64::from(m.epoch).to_le_bytes());
+                    buf[24..].copy_from_slice(m.payload);
+                    c.commit();
+                    *written += 1;
+                }
+            }
+        }
+        Output::Event(crate::Event::UnrecoverableLoss { sender, first, count }) => {
+            let mut rec = [0u8; 24];
+            rec[0..4].copy_from_slice(&sender.to_le_bytes());
+            rec[8..16].copy_from_slice(&first.to_le_bytes());
+            rec[16..24].copy_from_slice(&count.to_le_bytes());
+            for s in sinks.iter_mut() {
+                let _ = s.producer.offer(SinkRecord::Loss as u32, &rec);
+            }
+        }
+        Output::Event(_) => {}
+    }
 }
 
 struct Group {
@@ -95,6 +193,9 @@ struct Group {
     loss: Option<ReceiveLoss>,
     publications: Vec<Publication>,
     handlers: Vec<Handler>,
+    sinks: Vec<Sink>,
+    /// Messages written into sinks.
+    sunk: u64,
     stats: TransportStats,
     /// The deadline this group's entry in the timer heap stands for.
     deadline: Option<Nanos>,
@@ -115,6 +216,7 @@ pub struct Worker {
     gso: bool,
     gro: bool,
     busy_poll: bool,
+    max_idle: Duration,
     epoch: Instant,
     /// Messages a full send queue pushed back (kept in the overflow, never lost).
     pushed_back: u64,
@@ -143,8 +245,10 @@ impl Worker {
         gso: bool,
         gro: bool,
         busy_poll: bool,
+        max_idle: Duration,
     ) -> Self {
         Self {
+            max_idle: max_idle.min(MAX_IDLE),
             io,
             wake,
             commands,
@@ -216,14 +320,14 @@ impl Worker {
         // Busy-poll yields too: on a host with fewer cores than spinning threads, a spinner that
         // never yields holds a core for a whole time slice while the thread it waits for
         // cannot run.
-        self.idle_for(MAX_IDLE);
+        self.idle_for(self.max_idle);
     }
 
     /// Like [`idle`](Self::idle), sleeping at most `timeout`.
     pub fn idle_for(&mut self, timeout: Duration) {
         let now = self.last_turn;
         if !self.busy_poll && now.saturating_sub(self.last_busy) > IDLE_SPIN_NS {
-            self.park_for(now, timeout.min(MAX_IDLE));
+            self.park_for(now, timeout.min(self.max_idle));
         } else {
             std::thread::yield_now();
         }
@@ -250,7 +354,7 @@ impl Worker {
                         Ok(consumer) => {
                             self.groups[i].publications.push(Publication {
                                 stream,
-                                consumer,
+                                source: Source::Ring(consumer),
                                 overflow: Vec::new(),
                             });
                             Ok(self.groups[i].member.config().max_message_bytes)
@@ -269,6 +373,62 @@ impl Worker {
                     }
                 };
                 let _ = reply.send(r);
+            }
+            Command::LogPublication {
+                group,
+                stream,
+                id,
+                path,
+                reply,
+            } => {
+                let r = match self.group_index(group) {
+                    None => Err(EngineError::UnknownGroup(group)),
+                    Some(i) => {
+                        self.groups[i].publications.push(Publication {
+                            stream,
+                            source: Source::Log {
+                                id,
+                                path,
+                                reader: None,
+                                closing: false,
+                            },
+                            overflow: Vec::new(),
+                        });
+                        self.groups[i].touched = true;
+                        Ok(self.groups[i].member.config().max_message_bytes)
+                    }
+                };
+                let _ = reply.send(r);
+            }
+            Command::CloseLogPublication(group, pub_id) => {
+                if let Some(i) = self.group_index(group) {
+                    for p in &mut self.groups[i].publications {
+                        if let Source::Log { id, closing, .. } = &mut p.source {
+                            if *id == pub_id {
+                                *closing = true;
+                            }
+                        }
+                    }
+                    self.groups[i].touched = true;
+                }
+            }
+            Command::Sink(group, stream, path, reply) => {
+                let r = match self.group_index(group) {
+                    None => Err(EngineError::UnknownGroup(group)),
+                    Some(i) => match BroadcastProducer::open(&path, Duration::from_secs(3600)) {
+                        Ok(producer) => {
+                            self.groups[i].sinks.push(Sink { stream, producer });
+                            Ok(())
+                        }
+                        Err(e) => Err(EngineError::Ring(e.to_string())),
+                    },
+                };
+                let _ = reply.send(r);
+            }
+            Command::CloseSink(group, stream) => {
+                if let Some(i) = self.group_index(group) {
+                    self.groups[i].sinks.retain(|s| s.stream != stream);
+                }
             }
             Command::Stats(group, reply) => {
                 let r = match self.group_index(group) {
@@ -289,10 +449,11 @@ impl Worker {
                                     .flat_map(|p| p.overflow.iter())
                                     .map(Vec::len)
                                     .sum::<usize>(),
-                            unread_publications: g.publications.iter().any(|p| !p.consumer.is_empty()),
+                            unread_publications: g.publications.iter().any(|p| !p.source.is_empty()),
                             receivers,
                             acknowledged: acked,
                             pushed_back: self.pushed_back,
+                            sunk: g.sunk,
                         })
                     }
                 };
@@ -350,6 +511,8 @@ impl Worker {
             loss: (cfg.receive_loss > 0.0).then(|| ReceiveLoss::new(cfg.receive_loss, cfg.loss_seed)),
             publications: Vec::new(),
             handlers: Vec::new(),
+            sinks: Vec::new(),
+            sunk: 0,
             stats: TransportStats::default(),
             deadline: None,
             touched: true,
@@ -365,6 +528,25 @@ impl Worker {
         let mut any = false;
         for g in &mut self.groups {
             let limit = SEND_QUEUE_LOW_WATER.min(g.member.config().send_queue_bytes / 2);
+            let remote = g.member.acknowledged().0 > 0;
+            // Log publications: join while someone remote listens, leave when no one does, and
+            // drop those whose client left once everything they held is read.
+            g.publications.retain_mut(|p| match &mut p.source {
+                Source::Log {
+                    path,
+                    reader,
+                    closing,
+                    ..
+                } => {
+                    if remote && reader.is_none() && !*closing {
+                        *reader = BroadcastReader::open(path).ok();
+                    } else if !remote && reader.is_some() && !*closing {
+                        *reader = None;
+                    }
+                    !(*closing && p.overflow.is_empty() && reader.as_ref().is_none_or(|r| !r.has_records()))
+                }
+                Source::Ring(_) => true,
+            });
             for p in &mut g.publications {
                 while !p.overflow.is_empty() {
                     match g.member.publish(p.stream, &p.overflow[0]) {
@@ -381,13 +563,28 @@ impl Worker {
                 }
                 let (member, overflow, stream) = (&mut g.member, &mut p.overflow, p.stream);
                 let mut pushed_back = 0;
-                let n = p.consumer.read(READ_BATCH, |_, bytes| {
+                let mut take = |bytes: &[u8]| {
                     if !overflow.is_empty() || member.publish(stream, bytes).is_err() {
                         // Only a full send queue refuses (the publication checked the size).
                         overflow.push(bytes.to_vec());
                         pushed_back += 1;
                     }
-                });
+                };
+                let n = match &mut p.source {
+                    Source::Ring(c) => c.read(READ_BATCH, |_, bytes| take(bytes)),
+                    Source::Log { reader, .. } => {
+                        match reader.as_mut().map(|r| r.poll(READ_BATCH, |_, b| take(b))) {
+                            Some(Ok(n)) => n,
+                            // Evicted (this worker was too slow for the client's timeout): join
+                            // again at the tail next turn; the remote receivers see a gap.
+                            Some(Err(_)) => {
+                                *reader = None;
+                                0
+                            }
+                            None => 0,
+                        }
+                    }
+                };
                 self.pushed_back += pushed_back;
                 if n > 0 {
                     any = true;
@@ -420,12 +617,13 @@ impl Worker {
                     }
                 }
                 // Subscribers get in-order messages straight from the receive buffer.
-                let handlers = &mut g.handlers;
+                let (handlers, sinks, sunk) = (&mut g.handlers, &mut g.sinks, &mut g.sunk);
                 g.member
                     .handle_datagram_with(now, r.from, datagram, &mut |out: Output<'_>| {
                         for h in handlers.iter_mut() {
                             h(out);
                         }
+                        write_sinks(sinks, out, sunk);
                     });
             }
             g.touched = true;
@@ -513,11 +711,12 @@ impl Worker {
                 continue;
             }
             any = true;
-            let handlers = &mut g.handlers;
+            let (handlers, sinks, sunk) = (&mut g.handlers, &mut g.sinks, &mut g.sunk);
             g.member.drain(|out: Output<'_>| {
                 for h in handlers.iter_mut() {
                     h(out);
                 }
+                write_sinks(sinks, out, sunk);
             });
             g.touched = true;
         }
@@ -536,7 +735,7 @@ impl Worker {
                 g.member.queued_bytes() <= SEND_QUEUE_LOW_WATER.min(g.member.config().send_queue_bytes / 2)
                     && g.publications
                         .iter()
-                        .any(|p| p.overflow.is_empty() && !p.consumer.is_empty())
+                        .any(|p| p.overflow.is_empty() && !p.source.is_empty())
             });
         if !work_waiting {
             let wait = match self.timers.peek() {

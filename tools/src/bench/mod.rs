@@ -6,6 +6,7 @@
 //! run ends. Every payload starts with its sequence number and the send time
 //! (CLOCK_MONOTONIC, the same clock in every process of the host), so receivers measure latency.
 
+mod ipc;
 mod member;
 mod raw;
 mod udp;
@@ -34,6 +35,9 @@ enum Mode {
     /// An embedded publisher engine -> K subscriber engines (separate processes), reliable
     /// FIFO over loopback multicast; runs raw-udp with the same size and K for `ratio_to_raw`.
     Udp(udp::UdpArgs),
+    /// Publisher -> subscriber through an engine's shared memory (the local path), against
+    /// the minimal ring measured first in the same run.
+    Ipc(ipc::IpcArgs),
 }
 
 /// Runs a bench mode.
@@ -41,6 +45,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
     match args.mode {
         Mode::RawUdp(a) => raw::run(a),
         Mode::Udp(a) => udp::run(a),
+        Mode::Ipc(a) => ipc::run(a),
     }
 }
 

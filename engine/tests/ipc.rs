@@ -1,0 +1,174 @@
+//! The shared-memory binding in one process: an engine daemon (`Driver`) on a private
+//! directory, clients on it.
+
+use intergroup_engine::ipc::{
+    Client, Delivery, Driver, DriverConfig, IpcError, OfferError, Order, SubscriptionEvent,
+};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+static NEXT: AtomicU16 = AtomicU16::new(0);
+
+/// A fresh directory and a config whose groups use a port no other test uses.
+fn setup(name: &str) -> (PathBuf, DriverConfig) {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("ig-ipc-{name}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cfg = DriverConfig {
+        client_timeout_ms: 500,
+        heartbeat_interval_ms: 20,
+        publication_log_bytes: 1 << 16,
+        subscription_log_bytes: 1 << 16,
+        ..DriverConfig::default()
+    };
+    cfg.network.port = 30_000 + (std::process::id() % 2000) as u16 * 8 + n % 8;
+    (dir, cfg)
+}
+
+fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn local_publication_reaches_local_subscription_in_order() {
+    let (dir, cfg) = setup("local");
+    let driver = Driver::start(&dir, cfg).unwrap();
+    let client = Client::connect(&dir).unwrap();
+    let mut publication = client.publication("demo", 1).unwrap();
+    // No one listens yet.
+    assert_eq!(publication.offer(b"early"), Err(OfferError::NotConnected));
+    let mut subscription = client.subscription("demo", 1, Order::Fifo).unwrap();
+    let mut events = Vec::new();
+    until("the image", || {
+        subscription
+            .poll(16, |d| {
+                if let Delivery::Event(e) = d {
+                    events.push(e.clone());
+                }
+            })
+            .unwrap();
+        publication.is_connected()
+    });
+    assert_eq!(
+        events,
+        vec![SubscriptionEvent::ImageAvailable {
+            session: publication.id()
+        }]
+    );
+    let total = 50_000u64;
+    let mut sent = 0u64;
+    let mut got = Vec::new();
+    while (got.len() as u64) < total {
+        while sent < total {
+            let mut claim = match publication.try_claim(8) {
+                Ok(c) => c,
+                Err(OfferError::BackPressured) => break,
+                Err(e) => panic!("{e}"),
+            };
+            claim.buf().copy_from_slice(&sent.to_le_bytes());
+            claim.commit();
+            sent += 1;
+        }
+        subscription
+            .poll(256, |d| {
+                if let Delivery::Message(m) = d {
+                    assert_eq!(m.seq, u64::from_le_bytes(m.payload.try_into().unwrap()));
+                    assert_eq!(m.session, publication.id());
+                    got.push(m.seq);
+                }
+            })
+            .unwrap();
+    }
+    assert!(got.iter().copied().eq(0..total), "every message once, in order");
+    assert_eq!(publication.published(), total);
+    assert_eq!(subscription.received(), total);
+    // The counters reach the control file.
+    until("counters", || {
+        let c = intergroup_engine::ipc::cnc::Cnc::open(&dir.join("cnc"))
+            .unwrap()
+            .counters();
+        let get = |n: &str| c.iter().find(|(k, _)| k == n).map(|(_, v)| *v);
+        get("messages_published") == Some(total) && get("messages_received") == Some(total)
+    });
+    // Closing the publication ends the image after its last message.
+    drop(publication);
+    let mut ended = false;
+    until("the image to end", || {
+        subscription
+            .poll(16, |d| {
+                ended |= matches!(d, Delivery::Event(SubscriptionEvent::ImageUnavailable { .. }))
+            })
+            .unwrap();
+        ended
+    });
+    drop((subscription, client));
+    driver.close();
+    assert!(!dir.join("cnc").exists(), "a closed engine removes its files");
+}
+
+#[test]
+fn a_second_engine_is_refused_and_a_stale_directory_is_cleaned() {
+    let (dir, cfg) = setup("lock");
+    let driver = Driver::start(&dir, cfg.clone()).unwrap();
+    match Driver::start(&dir, cfg.clone()) {
+        Err(IpcError::DirectoryInUse { pid, .. }) => assert_eq!(pid, std::process::id()),
+        other => panic!("expected DirectoryInUse, got {other:?}"),
+    }
+    drop(driver);
+    // Files an engine left behind (as if it crashed) are removed by the next one.
+    std::fs::write(dir.join("pub-99"), b"left over").unwrap();
+    let driver = Driver::start(&dir, cfg).unwrap();
+    assert!(!dir.join("pub-99").exists());
+    drop(driver);
+}
+
+#[test]
+fn clients_of_a_stopped_engine_get_typed_errors_not_hangs() {
+    let (dir, cfg) = setup("dead");
+    let driver = Driver::start(&dir, cfg).unwrap();
+    let client = Client::connect(&dir).unwrap();
+    let mut subscription = client.subscription("g", 2, Order::Fifo).unwrap();
+    let mut publication = client.publication("g", 2).unwrap();
+    until("connected", || {
+        subscription.poll(16, |_| {}).unwrap();
+        publication.is_connected()
+    });
+    driver.close();
+    let start = Instant::now();
+    until("EngineDead", || {
+        publication.offer(b"x") == Err(OfferError::EngineDead)
+    });
+    assert!(start.elapsed() < Duration::from_secs(2));
+    assert_eq!(subscription.poll(16, |_| {}), Err(IpcError::EngineDead));
+    assert!(matches!(client.publication("g", 3), Err(IpcError::EngineDead)));
+    assert!(matches!(Client::connect(&dir), Err(IpcError::NoEngine(_))));
+}
+
+#[test]
+fn bad_requests_are_refused_with_reasons() {
+    let (dir, cfg) = setup("bad");
+    let driver = Driver::start(&dir, cfg).unwrap();
+    let client = Client::connect(&dir).unwrap();
+    assert!(matches!(
+        client.publication("no spaces", 1),
+        Err(IpcError::Config(_))
+    ));
+    assert!(matches!(
+        client.publication(&"x".repeat(65), 1),
+        Err(IpcError::Config(_))
+    ));
+    let mut publication = client.publication("big", 1).unwrap();
+    let _subscription = client.subscription("big", 1, Order::Fifo).unwrap();
+    let max = publication.max_message();
+    assert!(matches!(
+        publication.offer(&vec![0; max + 1]),
+        Err(OfferError::TooLarge { .. })
+    ));
+    drop(client);
+    drop(driver);
+}
