@@ -65,7 +65,7 @@ enum ImageEvent {
     Available {
         session: u64,
         sender: u32,
-        reader: BroadcastReader,
+        reader: Box<BroadcastReader>,
     },
     /// The publication closed.
     Unavailable { session: u64 },
@@ -246,7 +246,7 @@ impl Shared {
                         let _ = route.images.send(ImageEvent::Available {
                             session,
                             sender,
-                            reader,
+                            reader: Box::new(reader),
                         });
                     }
                 }
@@ -711,7 +711,7 @@ impl Subscription {
                     self.images.push(Image {
                         session,
                         sender,
-                        reader,
+                        reader: *reader,
                         closing: false,
                     });
                     self.queued
