@@ -172,3 +172,148 @@ fn bad_requests_are_refused_with_reasons() {
     drop(client);
     drop(driver);
 }
+
+#[test]
+fn a_full_publication_pushes_back_and_loses_nothing() {
+    let (dir, cfg) = setup("full");
+    let driver = Driver::start(&dir, cfg).unwrap();
+    let client = Client::connect(&dir).unwrap();
+    let mut subscription = client.subscription("full", 1, Order::Fifo).unwrap();
+    let mut publication = client.publication("full", 1).unwrap();
+    until("connected", || publication.is_connected());
+    // The subscriber does not poll: the 64 KiB log fills and the publisher is told so.
+    let mut sent = 0u64;
+    loop {
+        match publication.offer(&sent.to_le_bytes()) {
+            Ok(()) => sent += 1,
+            Err(OfferError::BackPressured) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(sent > 1000, "a 64 KiB log holds more than {sent} small messages");
+    assert_eq!(publication.offer(b"more"), Err(OfferError::BackPressured));
+    let mut got = Vec::new();
+    while (got.len() as u64) < sent {
+        subscription
+            .poll(64, |d| {
+                if let Delivery::Message(m) = d {
+                    got.push(u64::from_le_bytes(m.payload.try_into().unwrap()));
+                }
+            })
+            .unwrap();
+    }
+    assert!(
+        got.into_iter().eq(0..sent),
+        "everything accepted arrives, in order"
+    );
+    assert_eq!(publication.offer(b"room again"), Ok(()));
+    drop((publication, subscription, client));
+    driver.close();
+}
+
+#[test]
+fn clients_at_once_each_get_their_own_answers() {
+    let (dir, cfg) = setup("many");
+    let driver = Driver::start(&dir, cfg).unwrap();
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                let client = Client::connect(&dir).unwrap();
+                for i in 0..20 {
+                    let p = client.publication("many", t * 100 + i).unwrap();
+                    let s = client.subscription("many", t * 100 + i, Order::Fifo).unwrap();
+                    drop((p, s));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    driver.close();
+}
+
+#[test]
+fn garbage_in_the_command_ring_is_counted_and_the_engine_goes_on() {
+    let (dir, cfg) = setup("garbage");
+    let driver = Driver::start(&dir, cfg).unwrap();
+    let commands = intergroup_ring::RecordProducer::open(&dir.join("commands")).unwrap();
+    let mut seed = 0x1234_5678_9abc_def0u64;
+    for i in 0..500u32 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let len = (seed % 120) as usize;
+        let bytes: Vec<u8> = (0..len).map(|k| (seed >> (k % 8 * 8)) as u8).collect();
+        let _ = commands.offer(1 + i % 6, &bytes);
+    }
+    let cnc = intergroup_engine::ipc::cnc::Cnc::open(&dir.join("cnc")).unwrap();
+    until("the garbage to be read", || {
+        cnc.counters()
+            .iter()
+            .any(|(k, v)| k == "commands_rejected" && *v >= 400)
+    });
+    // Still serving.
+    let client = Client::connect(&dir).unwrap();
+    let _p = client.publication("after", 1).unwrap();
+    assert!(driver.is_running());
+}
+
+#[test]
+fn a_remote_engine_gets_the_stream_over_udp() {
+    let (dir_a, cfg) = setup("remote-a");
+    let (dir_b, _) = setup("remote-b");
+    // Two engines on one host, one group address: they meet over loopback multicast.
+    let a = Driver::start(
+        &dir_a,
+        DriverConfig {
+            member_id: 1,
+            ..cfg.clone()
+        },
+    )
+    .unwrap();
+    // The remote log holds the whole run: this test checks delivery, not lapping.
+    let b = Driver::start(
+        &dir_b,
+        DriverConfig {
+            member_id: 2,
+            subscription_log_bytes: 4 << 20,
+            ..cfg
+        },
+    )
+    .unwrap();
+    let client_a = Client::connect(&dir_a).unwrap();
+    let client_b = Client::connect(&dir_b).unwrap();
+    let mut subscription = client_b.subscription("wide", 3, Order::Fifo).unwrap();
+    let mut publication = client_a.publication("wide", 3).unwrap();
+    // Connected once engine B reports as a receiver to engine A.
+    until("a remote receiver", || publication.is_connected());
+    let total = 20_000u64;
+    let mut sent = 0;
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (got.len() as u64) < total {
+        assert!(Instant::now() < deadline, "only {} of {total} arrived", got.len());
+        while sent < total && publication.offer(&sent.to_le_bytes()).is_ok() {
+            sent += 1;
+        }
+        subscription
+            .poll(256, |d| match d {
+                Delivery::Message(m) => {
+                    assert_eq!(m.sender, 1);
+                    assert_eq!(m.session, 0, "from the network, not a local image");
+                    got.push(u64::from_le_bytes(m.payload.try_into().unwrap()));
+                }
+                Delivery::Event(e) => panic!("unexpected event {e:?}"),
+            })
+            .unwrap();
+    }
+    assert!(
+        got.into_iter().eq(0..total),
+        "every message once, in order, over UDP"
+    );
+    drop((publication, subscription, client_a, client_b));
+    a.close();
+    b.close();
+}

@@ -329,7 +329,9 @@ impl Client {
             id,
             commands,
             state: AtomicU8::new(ALIVE),
-            correlation: AtomicU64::new(1),
+            // Every client reads every response: correlations start at a random point per client
+            // so no client takes another's answer.
+            correlation: AtomicU64::new(client_id() | 1),
             timeout,
             pending: Mutex::new(HashMap::new()),
             routes: Mutex::new(HashMap::new()),

@@ -187,6 +187,26 @@ struct SendState {
     solo: VecDeque<u64>,
 }
 
+impl SendState {
+    fn new(cfg: &MemberConfig) -> Self {
+        SendState {
+            queue: SendQueue::default(),
+            retransmit: RetransmitBuffer::new(
+                cfg.retransmit_frames,
+                cfg.mtu - wire::DATAGRAM_HEADER_LEN,
+                wire::datagram_header(cfg.group, cfg.member_id),
+            ),
+            flow: FlowControl::new(u64::from(cfg.window_frames), u64::from(cfg.retransmit_frames)),
+            retransmit_queue: VecDeque::new(),
+            heartbeat_due: false,
+            last_send_ns: 0,
+            next_expiry_ns: 0,
+            stalled: false,
+            solo: VecDeque::new(),
+        }
+    }
+}
+
 /// One member of one group: the sans-IO reliable multicast state machine.
 ///
 /// Call order, for drivers: feed input with [`handle_datagram`](Self::handle_datagram),
@@ -281,6 +301,13 @@ impl Member {
         self.sender.as_ref().map_or((0, None), |s| s.flow.acknowledged())
     }
 
+    /// Becomes a sender before the first message: heartbeats start, so receivers find this
+    /// member and report to it (a publisher that waits for receivers needs them to).
+    pub fn announce(&mut self) {
+        let cfg = &self.cfg;
+        self.sender.get_or_insert_with(|| SendState::new(cfg));
+    }
+
     /// Queues `message` on `stream`. It is framed and sent as flow control allows.
     pub fn publish(&mut self, stream: u32, message: &[u8]) -> Result<(), Error> {
         if message.len() > self.cfg.max_message_bytes {
@@ -290,21 +317,7 @@ impl Member {
             });
         }
         let cfg = &self.cfg;
-        let s = self.sender.get_or_insert_with(|| SendState {
-            queue: SendQueue::default(),
-            retransmit: RetransmitBuffer::new(
-                cfg.retransmit_frames,
-                cfg.mtu - wire::DATAGRAM_HEADER_LEN,
-                wire::datagram_header(cfg.group, cfg.member_id),
-            ),
-            flow: FlowControl::new(u64::from(cfg.window_frames), u64::from(cfg.retransmit_frames)),
-            retransmit_queue: VecDeque::new(),
-            heartbeat_due: false,
-            last_send_ns: 0,
-            next_expiry_ns: 0,
-            stalled: false,
-            solo: VecDeque::new(),
-        });
+        let s = self.sender.get_or_insert_with(|| SendState::new(cfg));
         // A message too large to share a datagram, with nothing queued before it and room in
         // the window, is framed now, straight into the retransmit buffer: one copy instead of
         // two, and the datagram can leave from there.

@@ -384,6 +384,9 @@ impl Worker {
                 let r = match self.group_index(group) {
                     None => Err(EngineError::UnknownGroup(group)),
                     Some(i) => {
+                        // Heartbeats from now on: remote receivers find us and report, and
+                        // the worker starts reading the log once one does.
+                        self.groups[i].member.announce();
                         self.groups[i].publications.push(Publication {
                             stream,
                             source: Source::Log {

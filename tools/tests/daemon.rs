@@ -1,0 +1,337 @@
+//! The engine daemon and its command-line clients as separate processes (the real
+//! `intergroup` binary): engine + pub + sub, kill -9 of a client and of the engine, a bad
+//! config, a corrupted control file.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The tests share two cores and start engines: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_intergroup"))
+}
+
+/// A private engine directory and a config on a port of its own; removed on drop.
+struct Setup {
+    dir: PathBuf,
+    config: PathBuf,
+}
+
+impl Setup {
+    fn new(name: &str, n: u16) -> Self {
+        let dir = std::env::temp_dir().join(format!("ig-daemon-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = std::env::temp_dir().join(format!("ig-daemon-{name}-{}.toml", std::process::id()));
+        let port = 46_000 + (std::process::id() % 200) as u16 * 10 + n;
+        std::fs::write(
+            &config,
+            format!("client_timeout_ms = 500\nheartbeat_interval_ms = 20\nlog_level = \"warn\"\n[network]\nport = {port}\n"),
+        )
+        .unwrap();
+        Self { dir, config }
+    }
+
+    fn dir(&self) -> &str {
+        self.dir.to_str().unwrap()
+    }
+
+    fn engine(&self) -> Guard {
+        let child = bin()
+            .args([
+                "engine",
+                "--dir",
+                self.dir(),
+                "--config",
+                self.config.to_str().unwrap(),
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the engine");
+        let guard = Guard(Some(child));
+        until("the engine's control file", || {
+            self.dir.join("cnc").exists() && stat(&self.dir).is_some()
+        });
+        guard
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// A child process of this test, killed (by PID) if the test ends without stopping it.
+struct Guard(Option<Child>);
+
+impl Guard {
+    fn take(&mut self) -> Child {
+        self.0.take().expect("running")
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `intergroup stat --once --json`, when the engine answers.
+fn stat(dir: &Path) -> Option<Value> {
+    let out = bin()
+        .args(["stat", "--once", "--json", "--dir", dir.to_str().unwrap()])
+        .output()
+        .ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+fn counter(dir: &Path, name: &str) -> Option<u64> {
+    stat(dir)?["counters"][name].as_u64()
+}
+
+/// Stops a child of ours by PID (SIGTERM), waiting for it.
+fn terminate(mut g: Guard) -> std::process::ExitStatus {
+    let mut c = g.take();
+    // SAFETY: signals a child this test started.
+    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    c.wait().unwrap()
+}
+
+fn kill9(c: &mut Child) {
+    c.kill().unwrap();
+    c.wait().unwrap();
+}
+
+#[test]
+fn engine_pub_and_sub_move_every_line_once_in_order_and_stat_agrees() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = Setup::new("demo", 0);
+    let engine = s.engine();
+    const N: u64 = 100_000;
+    let mut sub = bin()
+        .args([
+            "sub",
+            "--dir",
+            s.dir(),
+            "--group",
+            "demo",
+            "--count",
+            &N.to_string(),
+            "--format",
+            "jsonl",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut publisher = bin()
+        .args(["pub", "--dir", s.dir(), "--group", "demo"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines: String = (1..=N).map(|i| format!("{i}\n")).collect();
+    let mut stdin = publisher.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || stdin.write_all(lines.as_bytes()));
+    let mut out = String::new();
+    sub.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert!(sub.wait().unwrap().success());
+    feeder.join().unwrap().unwrap();
+    assert!(publisher.wait().unwrap().success());
+    let mut expected = 1u64;
+    let mut seqs = Vec::new();
+    for l in out.lines() {
+        let v: Value = serde_json::from_str(l).unwrap();
+        if v.get("event").is_some() {
+            continue;
+        }
+        assert_eq!(
+            v["payload"],
+            Value::String(expected.to_string()),
+            "line {expected} in order, once"
+        );
+        assert!(v["sender"].as_u64().is_some() && v["view"].as_u64().is_some());
+        seqs.push(v["seq"].as_u64().unwrap());
+        expected += 1;
+    }
+    assert_eq!(expected - 1, N, "every line arrived");
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "sequences consecutive");
+    until("stat to show both sides' counts", || {
+        counter(&s.dir, "messages_published") == Some(N) && counter(&s.dir, "messages_received") == Some(N)
+    });
+    assert!(terminate(engine).success(), "SIGTERM stops the engine cleanly");
+    assert!(!s.dir.join("cnc").exists(), "a stopped engine removes its files");
+}
+
+#[test]
+fn a_killed_publisher_is_reclaimed_and_others_go_on() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = Setup::new("killpub", 1);
+    let engine = s.engine();
+    let mut sub = bin()
+        .args(["sub", "--dir", s.dir(), "--group", "g", "--format", "jsonl"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sub_out = BufReader::new(sub.stdout.take().unwrap());
+    // At a bounded rate, so the subscriber's backlog stays small when the victim dies.
+    let mut victim = bin()
+        .args(["pub", "--dir", s.dir(), "--group", "g", "--rate", "20000"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Keep it offering: kill -9 lands in the middle of its offers.
+    let mut stdin = victim.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || {
+        for i in 0.. {
+            if writeln!(stdin, "victim {i}").is_err() {
+                return;
+            }
+        }
+    });
+    let mut line = String::new();
+    until("the victim's messages", || {
+        line.clear();
+        sub_out.read_line(&mut line).unwrap();
+        line.contains("victim")
+    });
+    kill9(&mut victim);
+    feeder.join().unwrap();
+    until("the engine to reclaim the dead publisher", || {
+        counter(&s.dir, "clients_timed_out") == Some(1) && counter(&s.dir, "publications") == Some(0)
+    });
+    // The subscriber survived: a new publisher reaches it.
+    let mut next = bin()
+        .args(["pub", "--dir", s.dir(), "--group", "g"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    writeln!(next.stdin.take().unwrap(), "after").unwrap();
+    until("the next publisher's message", || {
+        line.clear();
+        sub_out.read_line(&mut line).unwrap();
+        line.contains("\"after\"")
+    });
+    assert!(next.wait().unwrap().success());
+    kill9(&mut sub);
+    assert!(terminate(engine).success());
+}
+
+#[test]
+fn a_killed_engine_is_a_clear_error_for_its_clients_and_leaves_a_directory_the_next_one_takes() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = Setup::new("killengine", 2);
+    let engine = s.engine();
+    let mut sub = bin()
+        .args(["sub", "--dir", s.dir(), "--group", "g"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    until("the subscription", || counter(&s.dir, "subscriptions") == Some(1));
+    let mut engine = engine;
+    kill9(&mut engine.take());
+    let killed = Instant::now();
+    let status = sub.wait().unwrap();
+    let mut err = String::new();
+    sub.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("engine died"), "{err}");
+    assert!(
+        killed.elapsed() < Duration::from_secs(3),
+        "within the timeout, no hang"
+    );
+    // A second engine refuses a directory in use, and takes over a dead one's.
+    let next = s.engine();
+    let out = bin()
+        .args(["engine", "--dir", s.dir(), "--config", s.config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another engine"));
+    assert!(terminate(next).success());
+}
+
+#[test]
+fn a_bad_config_is_refused_with_its_line() {
+    let s = Setup::new("badconfig", 3);
+    std::fs::write(&s.config, "client_timeout_ms = 500\n[network]\nttl = \"high\"\n").unwrap();
+    let out = bin()
+        .args(["engine", "--dir", s.dir(), "--config", s.config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(":3:"), "names line 3: {err}");
+    let defaults = bin().args(["engine", "--print-default-config"]).output().unwrap();
+    assert!(defaults.status.success());
+    assert!(String::from_utf8_lossy(&defaults.stdout).contains("client_timeout_ms = 2000"));
+}
+
+#[test]
+fn a_corrupted_control_file_is_a_clear_error_and_the_next_engine_replaces_it() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = Setup::new("corrupt", 4);
+    std::fs::write(s.dir.join("cnc"), vec![0x5a; 4096]).unwrap();
+    for args in [
+        vec!["stat", "--once"],
+        vec!["sub", "--group", "g"],
+        vec!["pub", "--group", "g"],
+    ] {
+        let out = bin()
+            .args(&args)
+            .args(["--dir", s.dir()])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("corrupt"), "{args:?}: {err}");
+    }
+    let engine = s.engine();
+    assert!(stat(&s.dir).unwrap()["alive"].as_bool().unwrap());
+    assert!(terminate(engine).success());
+}
+
+#[test]
+fn doctor_reports_every_check() {
+    let out = bin().args(["doctor", "--json"]).output().unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["check"].as_str().unwrap())
+        .collect();
+    for n in [
+        "io_uring",
+        "multicast",
+        "shared memory",
+        "memlock limit",
+        "socket buffers",
+        "engine directory",
+    ] {
+        assert!(names.contains(&n), "{n} in {names:?}");
+    }
+    // Loopback multicast works here, so nothing fails.
+    assert!(out.status.success(), "{v}");
+}
