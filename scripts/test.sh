@@ -86,5 +86,40 @@ assert out["retransmissions"] > 0, "5% loss was injected but nothing was retrans
 print(f"udp {backend}: lost 0, {out['msgs_per_sec']:.0f} msgs/s, ratio_to_raw {out['ratio_to_raw']}")
 PY
 done
+out=$("$bin" bench ipc --size 32 --duration 0.5 --json)
+python3 - "$out" <<'PY'
+import json, sys
+out = json.loads(sys.argv[1])
+need = ["msgs_per_sec", "mb_per_sec", "lost", "p50", "p90", "p99", "p999", "max", "ring_baseline_msgs_per_sec", "ratio_to_ring"]
+missing = [k for k in need if k not in out]
+assert not missing, f"bench ipc JSON lacks {missing}"
+assert out["lost"] == 0 and out["out_of_order"] == 0 and out["messages"] > 0, out
+print(f"ipc: {out['msgs_per_sec']:.0f} msgs/s, ratio_to_ring {out['ratio_to_ring']}")
+PY
+echo "== engine daemon contract: engine, then pub and sub as separate processes, then stat"
+dir=$(mktemp -d /dev/shm/ig-test-XXXXXX)
+printf '[network]\nport = %d\n' $((47000 + $$ % 1000)) > "$dir.toml"
+"$bin" engine --dir "$dir" --config "$dir.toml" 2>/dev/null &
+engine_pid=$!
+for _ in $(seq 100); do [ -e "$dir/cnc" ] && break; sleep 0.05; done
+"$bin" sub --dir "$dir" --group demo --count 100000 --format jsonl > "$dir.out" &
+sub_pid=$!
+seq 1 100000 | "$bin" pub --dir "$dir" --group demo 2>/dev/null
+wait "$sub_pid"
+sleep 0.3
+stat=$("$bin" stat --dir "$dir" --once --json)
+kill -TERM "$engine_pid"
+wait "$engine_pid"
+python3 - "$dir.out" "$stat" <<'PY'
+import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1])]
+msgs = [l for l in lines if "event" not in l]
+assert [m["payload"] for m in msgs] == [str(i) for i in range(1, 100001)], "every line once, in order"
+assert all(k in msgs[0] for k in ("sender", "seq", "view", "payload")), msgs[0]
+c = json.loads(sys.argv[2])["counters"]
+assert c["messages_published"] == 100000 and c["messages_received"] == 100000, c
+print("daemon: 100000 lines once and in order; stat messages_published = messages_received = 100000")
+PY
+rm -rf "$dir" "$dir.toml" "$dir.out"
 echo "== all tests passed"
 awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"
