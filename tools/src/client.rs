@@ -393,14 +393,13 @@ pub fn stat(a: StatArgs) -> Result<ExitCode, Failure> {
             );
             println!("{:<32} {:>16} {:>14}", "counter", "value", "per second");
             let rates = previous.as_ref().map(|(t, v)| (t.elapsed().as_secs_f64(), v));
-            for (k, v) in snap["counters"].as_object().into_iter().flatten() {
+            // In the engine's order (its own counters first), not the JSON map's.
+            for (k, v) in cnc.counters() {
                 let rate = rates
-                    .and_then(|(dt, p)| {
-                        Some((v.as_u64()?.saturating_sub(p["counters"][k].as_u64()?)) as f64 / dt)
-                    })
+                    .and_then(|(dt, p)| Some(v.saturating_sub(p["counters"][&k].as_u64()?) as f64 / dt))
                     .map(|r| format!("{r:.0}"))
                     .unwrap_or_default();
-                println!("{k:<32} {:>16} {rate:>14}", v);
+                println!("{k:<32} {v:>16} {rate:>14}");
             }
         }
         let _ = std::io::stdout().flush();

@@ -263,7 +263,9 @@ pub fn run(a: IpcArgs) -> Result<ExitCode, String> {
 fn print_table(r: &Value) {
     println!(
         "intergroup bench ipc: {} B messages, publisher -> subscriber through shared memory ({} engine), {} s",
-        r["size"], r["engine"], r["duration"]
+        r["size"],
+        r["engine"].as_str().unwrap_or(""),
+        r["duration"]
     );
     println!();
     println!("{:<34} {:>14} {:>10}", "", "messages/s", "MB/s");
@@ -275,8 +277,10 @@ fn print_table(r: &Value) {
         ring * r["size"].as_f64().unwrap_or(0.0) / 1e6
     );
     println!(
-        "{:<34} {:>14} {:>10}",
-        "engine: publication -> subscription", r["msgs_per_sec"], r["mb_per_sec"]
+        "{:<34} {:>14.0} {:>10.1}",
+        "engine: publication -> subscription",
+        r["msgs_per_sec"].as_f64().unwrap_or(0.0),
+        r["mb_per_sec"].as_f64().unwrap_or(0.0)
     );
     println!();
     println!("ratio to the ring:  {}", r["ratio_to_ring"]);
