@@ -317,3 +317,39 @@ fn a_remote_engine_gets_the_stream_over_udp() {
     a.close();
     b.close();
 }
+
+#[test]
+fn a_subscriber_beyond_the_reader_slots_is_told_not_left_waiting() {
+    let (dir, mut cfg) = setup("slots");
+    cfg.max_subscribers = 1;
+    let driver = Driver::start(&dir, cfg).unwrap();
+    let client = Client::connect(&dir).unwrap();
+    let mut publication = client.publication("slots", 1).unwrap();
+    // Two slots (one kept for the engine's network reader, unused without remote members):
+    // two subscribers join, the third is told it cannot.
+    let mut first = client.subscription("slots", 1, Order::Fifo).unwrap();
+    let mut other = client.subscription("slots", 1, Order::Fifo).unwrap();
+    until("connected", || publication.is_connected());
+    let mut joined = false;
+    until("the second subscriber to join", || {
+        other
+            .poll(16, |d| {
+                joined |= matches!(d, Delivery::Event(SubscriptionEvent::ImageAvailable { .. }))
+            })
+            .unwrap();
+        joined
+    });
+    let mut second = client.subscription("slots", 1, Order::Fifo).unwrap();
+    let mut told = false;
+    until("the refusal", || {
+        second
+            .poll(16, |d| {
+                told |= matches!(d, Delivery::Event(SubscriptionEvent::ImageUnreadable { .. }))
+            })
+            .unwrap();
+        told
+    });
+    first.poll(16, |_| {}).unwrap();
+    drop((publication, first, other, second, client));
+    driver.close();
+}

@@ -244,6 +244,9 @@ fn event_json(e: &SubscriptionEvent) -> Value {
             json!({"event": "image_unavailable", "session": session})
         }
         SubscriptionEvent::Evicted { session } => json!({"event": "evicted", "session": session}),
+        SubscriptionEvent::ImageUnreadable { session, reason } => {
+            json!({"event": "image_unreadable", "session": session, "reason": reason})
+        }
         SubscriptionEvent::UnrecoverableLoss { sender, first, count } => {
             json!({"event": "unrecoverable_loss", "sender": sender, "first": first, "count": count})
         }

@@ -69,12 +69,17 @@ enum ImageEvent {
     },
     /// The publication closed.
     Unavailable { session: u64 },
+    /// The publication's log could not be joined.
+    Unreadable { session: u64, reason: String },
 }
 
 struct Route {
     group: u32,
     stream: u32,
     images: Sender<ImageEvent>,
+    /// Images already handed over: the engine announces each image again whenever another
+    /// subscription of its stream starts, and a second reader would hold a slot for nothing.
+    known: std::collections::HashSet<u64>,
 }
 
 struct Shared {
@@ -224,6 +229,7 @@ impl Shared {
                             group: *group,
                             stream: *stream,
                             images,
+                            known: Default::default(),
                         },
                     );
                 }
@@ -231,7 +237,9 @@ impl Shared {
             let _ = reply.send(r);
             return;
         }
-        let Ok(routes) = self.routes.lock() else { return };
+        let Ok(mut routes) = self.routes.lock() else {
+            return;
+        };
         match r {
             Response::ImageAvailable {
                 session,
@@ -240,14 +248,29 @@ impl Shared {
                 sender,
                 path,
             } => {
-                for route in routes.values().filter(|x| x.group == group && x.stream == stream) {
-                    // A publication that closed before we looked is simply not there.
-                    if let Ok(reader) = BroadcastReader::open(Path::new(&path)) {
-                        let _ = route.images.send(ImageEvent::Available {
-                            session,
-                            sender,
-                            reader: Box::new(reader),
-                        });
+                for route in routes
+                    .values_mut()
+                    .filter(|x| x.group == group && x.stream == stream && !x.known.contains(&session))
+                {
+                    route.known.insert(session);
+                    match BroadcastReader::open(Path::new(&path)) {
+                        Ok(reader) => {
+                            let _ = route.images.send(ImageEvent::Available {
+                                session,
+                                sender,
+                                reader: Box::new(reader),
+                            });
+                        }
+                        // A publication that closed before we looked is simply not there.
+                        Err(intergroup_ring::Error::Io { .. }) => {}
+                        // Every reader slot taken (or a damaged file): the subscription is
+                        // told, never left waiting in silence.
+                        Err(e) => {
+                            let _ = route.images.send(ImageEvent::Unreadable {
+                                session,
+                                reason: e.to_string(),
+                            });
+                        }
                     }
                 }
             }
@@ -256,7 +279,11 @@ impl Shared {
                 group,
                 stream,
             } => {
-                for route in routes.values().filter(|x| x.group == group && x.stream == stream) {
+                for route in routes
+                    .values_mut()
+                    .filter(|x| x.group == group && x.stream == stream)
+                {
+                    route.known.remove(&session);
                     let _ = route.images.send(ImageEvent::Unavailable { session });
                 }
             }
@@ -624,6 +651,14 @@ pub enum SubscriptionEvent {
         /// Its id.
         session: u64,
     },
+    /// A local publication's log could not be joined (all its reader slots are taken:
+    /// `max_subscribers` in the engine's config); its messages do not arrive here.
+    ImageUnreadable {
+        /// The publication.
+        session: u64,
+        /// Why.
+        reason: String,
+    },
     /// This subscription stopped polling for longer than the timeout and was dropped from a
     /// local publication; its messages no longer arrive here.
     Evicted {
@@ -720,6 +755,10 @@ impl Subscription {
                         .push_back(SubscriptionEvent::ImageAvailable { session });
                 }
                 ImageEvent::Available { .. } => {}
+                ImageEvent::Unreadable { session, reason } => {
+                    self.queued
+                        .push_back(SubscriptionEvent::ImageUnreadable { session, reason });
+                }
                 ImageEvent::Unavailable { session } => {
                     for i in self.images.iter_mut().filter(|i| i.session == session) {
                         i.closing = true;
