@@ -335,3 +335,65 @@ fn doctor_reports_every_check() {
     // Loopback multicast works here, so nothing fails.
     assert!(out.status.success(), "{v}");
 }
+
+#[test]
+fn a_full_publication_holds_the_publisher_back_and_loses_nothing() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = Setup::new("full", 5);
+    // A 64 KiB publication log fills at once; the stopped subscriber stays within the timeout.
+    std::fs::write(
+        &s.config,
+        format!(
+            "client_timeout_ms = 5000\npublication_log_bytes = 65536\nlog_level = \"warn\"\n[network]\nport = {}\n",
+            46_000 + (std::process::id() % 200) as u16 * 10 + 5
+        ),
+    )
+    .unwrap();
+    let engine = s.engine();
+    const N: u64 = 20_000;
+    let mut sub = bin()
+        .args([
+            "sub",
+            "--dir",
+            s.dir(),
+            "--group",
+            "full",
+            "--count",
+            &N.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    until("the subscription", || counter(&s.dir, "subscriptions") == Some(1));
+    let mut publisher = bin()
+        .args(["pub", "--dir", s.dir(), "--group", "full"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = publisher.stdin.take().unwrap();
+    // Connected: the first line gets through.
+    writeln!(stdin, "1").unwrap();
+    until("the first message", || {
+        counter(&s.dir, "messages_published") == Some(1)
+    });
+    // SAFETY: stops a child this test started.
+    unsafe { libc::kill(sub.id() as i32, libc::SIGSTOP) };
+    let lines: String = (2..=N).map(|i| format!("{i}\n")).collect();
+    let feeder = std::thread::spawn(move || stdin.write_all(lines.as_bytes()));
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        publisher.try_wait().unwrap().is_none(),
+        "the publisher waits on a full log"
+    );
+    // SAFETY: resumes it.
+    unsafe { libc::kill(sub.id() as i32, libc::SIGCONT) };
+    let mut out = String::new();
+    sub.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert!(sub.wait().unwrap().success());
+    feeder.join().unwrap().unwrap();
+    assert!(publisher.wait().unwrap().success());
+    let got: Vec<u64> = out.lines().map(|l| l.parse().unwrap()).collect();
+    assert!(got.into_iter().eq(1..=N), "every line once, in order");
+    assert!(terminate(engine).success());
+}
