@@ -86,6 +86,13 @@ impl Drop for Guard {
     }
 }
 
+/// `intergroup <what> --dir DIR --group GROUP <extra...>` on this setup's engine.
+fn client(s: &Setup, what: &str, group: &str, extra: &[&str]) -> Command {
+    let mut cmd = bin();
+    cmd.args([what, "--dir", s.dir(), "--group", group]).args(extra);
+    cmd
+}
+
 fn until(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !f() {
@@ -126,23 +133,16 @@ fn engine_pub_and_sub_move_every_line_once_in_order_and_stat_agrees() {
     let s = Setup::new("demo", 0);
     let engine = s.engine();
     const N: u64 = 100_000;
-    let mut sub = bin()
-        .args([
-            "sub",
-            "--dir",
-            s.dir(),
-            "--group",
-            "demo",
-            "--count",
-            &N.to_string(),
-            "--format",
-            "jsonl",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut publisher = bin()
-        .args(["pub", "--dir", s.dir(), "--group", "demo"])
+    let mut sub = client(
+        &s,
+        "sub",
+        "demo",
+        &["--count", &N.to_string(), "--format", "jsonl"],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut publisher = client(&s, "pub", "demo", &[])
         .stdin(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -185,15 +185,13 @@ fn a_killed_publisher_is_reclaimed_and_others_go_on() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let s = Setup::new("killpub", 1);
     let engine = s.engine();
-    let mut sub = bin()
-        .args(["sub", "--dir", s.dir(), "--group", "g", "--format", "jsonl"])
+    let mut sub = client(&s, "sub", "g", &["--format", "jsonl"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let mut sub_out = BufReader::new(sub.stdout.take().unwrap());
     // At a bounded rate, so the subscriber's backlog stays small when the victim dies.
-    let mut victim = bin()
-        .args(["pub", "--dir", s.dir(), "--group", "g", "--rate", "20000"])
+    let mut victim = client(&s, "pub", "g", &["--rate", "20000"])
         .stdin(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -219,8 +217,7 @@ fn a_killed_publisher_is_reclaimed_and_others_go_on() {
         counter(&s.dir, "clients_timed_out") == Some(1) && counter(&s.dir, "publications") == Some(0)
     });
     // The subscriber survived: a new publisher reaches it.
-    let mut next = bin()
-        .args(["pub", "--dir", s.dir(), "--group", "g"])
+    let mut next = client(&s, "pub", "g", &[])
         .stdin(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -241,8 +238,7 @@ fn a_killed_engine_is_a_clear_error_for_its_clients_and_leaves_a_directory_the_n
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let s = Setup::new("killengine", 2);
     let engine = s.engine();
-    let mut sub = bin()
-        .args(["sub", "--dir", s.dir(), "--group", "g"])
+    let mut sub = client(&s, "sub", "g", &[])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -351,22 +347,12 @@ fn a_full_publication_holds_the_publisher_back_and_loses_nothing() {
     .unwrap();
     let engine = s.engine();
     const N: u64 = 20_000;
-    let mut sub = bin()
-        .args([
-            "sub",
-            "--dir",
-            s.dir(),
-            "--group",
-            "full",
-            "--count",
-            &N.to_string(),
-        ])
+    let mut sub = client(&s, "sub", "full", &["--count", &N.to_string()])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     until("the subscription", || counter(&s.dir, "subscriptions") == Some(1));
-    let mut publisher = bin()
-        .args(["pub", "--dir", s.dir(), "--group", "full"])
+    let mut publisher = client(&s, "pub", "full", &[])
         .stdin(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
