@@ -129,17 +129,24 @@ pub fn engine(a: EngineArgs) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `intergroup pub`.
-#[derive(Debug, Args)]
-pub struct PubArgs {
-    #[command(flatten)]
-    dir: DirArg,
+/// The group and stream `pub` and `sub` work on.
+#[derive(Debug, Clone, Args)]
+pub struct GroupArgs {
     /// Group name.
     #[arg(long)]
     group: String,
     /// Stream number.
     #[arg(long, default_value_t = 1)]
     stream: u32,
+}
+
+/// `intergroup pub`.
+#[derive(Debug, Args)]
+pub struct PubArgs {
+    #[command(flatten)]
+    dir: DirArg,
+    #[command(flatten)]
+    target: GroupArgs,
     /// Messages per second at most (default: as fast as subscribers take them).
     #[arg(long)]
     rate: Option<f64>,
@@ -169,13 +176,15 @@ fn offer_waiting(p: &mut ipc::Publication, msg: &[u8]) -> Result<(), Failure> {
 }
 
 pub fn publish(a: PubArgs) -> Result<ExitCode, Failure> {
-    ipc::check_group_name(&a.group).map_err(usage)?;
+    ipc::check_group_name(&a.target.group).map_err(usage)?;
     if a.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
         return Err(usage("--rate must be a positive number".into()));
     }
     catch_signals();
     let client = Client::connect(a.dir.path()).map_err(fail)?;
-    let mut p = client.publication(&a.group, a.stream).map_err(fail)?;
+    let mut p = client
+        .publication(&a.target.group, a.target.stream)
+        .map_err(fail)?;
     let stdin = std::io::stdin();
     let mut line = Vec::new();
     let mut input = stdin.lock();
@@ -203,7 +212,7 @@ pub fn publish(a: PubArgs) -> Result<ExitCode, Failure> {
     }
     eprintln!(
         "intergroup pub: {sent} messages published to {} stream {}",
-        a.group, a.stream
+        a.target.group, a.target.stream
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -221,12 +230,8 @@ pub enum Format {
 pub struct SubArgs {
     #[command(flatten)]
     dir: DirArg,
-    /// Group name.
-    #[arg(long)]
-    group: String,
-    /// Stream number.
-    #[arg(long, default_value_t = 1)]
-    stream: u32,
+    #[command(flatten)]
+    target: GroupArgs,
     /// Exit after this many messages (default: run until interrupted).
     #[arg(long)]
     count: Option<u64>,
@@ -255,11 +260,11 @@ fn event_json(e: &SubscriptionEvent) -> Value {
 }
 
 pub fn subscribe(a: SubArgs) -> Result<ExitCode, Failure> {
-    ipc::check_group_name(&a.group).map_err(usage)?;
+    ipc::check_group_name(&a.target.group).map_err(usage)?;
     catch_signals();
     let client = Client::connect(a.dir.path()).map_err(fail)?;
     let mut s = client
-        .subscription(&a.group, a.stream, Order::Fifo)
+        .subscription(&a.target.group, a.target.stream, Order::Fifo)
         .map_err(fail)?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());

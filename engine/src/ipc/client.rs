@@ -739,12 +739,12 @@ impl Subscription {
         self.shared.check()?;
         while let Ok(e) = self.events.try_recv() {
             match e {
-                // A second announcement of a known image is dropped (and its reader slot freed).
+                // The client's thread hands each image over once (see `Route::known`).
                 ImageEvent::Available {
                     session,
                     sender,
                     reader,
-                } if !self.images.iter().any(|i| i.session == session) => {
+                } => {
                     self.images.push(Image {
                         session,
                         sender,
@@ -754,7 +754,6 @@ impl Subscription {
                     self.queued
                         .push_back(SubscriptionEvent::ImageAvailable { session });
                 }
-                ImageEvent::Available { .. } => {}
                 ImageEvent::Unreadable { session, reason } => {
                     self.queued
                         .push_back(SubscriptionEvent::ImageUnreadable { session, reason });

@@ -497,12 +497,12 @@ impl Conductor {
     fn run(&mut self, stop: &AtomicBool) {
         let interval = Duration::from_millis(self.cfg.heartbeat_interval_ms);
         let mut next_beat = Instant::now();
+        let mut batch = Vec::with_capacity(64);
         while !stop.load(Ordering::Acquire) {
-            let mut batch = Vec::new();
             let n = self
                 .commands
                 .read(64, |t, bytes| batch.push(Command::decode(t, bytes)));
-            for c in batch {
+            for c in batch.drain(..) {
                 self.counts.commands += 1;
                 match c {
                     Ok(c) => self.handle(c),

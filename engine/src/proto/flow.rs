@@ -63,6 +63,11 @@ impl FlowControl {
         }
     }
 
+    /// Number of live receivers.
+    pub fn receivers(&self) -> usize {
+        self.receivers.len()
+    }
+
     /// Number of live receivers and the lowest position any of them reported (`None` when
     /// there are none).
     pub fn acknowledged(&self) -> (usize, Option<u64>) {

@@ -301,6 +301,12 @@ impl Member {
         self.sender.as_ref().map_or((0, None), |s| s.flow.acknowledged())
     }
 
+    /// As a sender: how many live receivers report to it (0 before its first message or
+    /// [`announce`](Self::announce)).
+    pub fn receivers(&self) -> usize {
+        self.sender.as_ref().map_or(0, |s| s.flow.receivers())
+    }
+
     /// Becomes a sender before the first message: heartbeats start, so receivers find this
     /// member and report to it (a publisher that waits for receivers needs them to).
     pub fn announce(&mut self) {

@@ -531,7 +531,7 @@ impl Worker {
         let mut any = false;
         for g in &mut self.groups {
             let limit = SEND_QUEUE_LOW_WATER.min(g.member.config().send_queue_bytes / 2);
-            let remote = g.member.acknowledged().0 > 0;
+            let remote = g.member.receivers() > 0;
             // Log publications: join while someone remote listens, leave when no one does, and
             // drop those whose client left once everything they held is read.
             g.publications.retain_mut(|p| match &mut p.source {
