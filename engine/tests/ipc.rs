@@ -52,7 +52,9 @@ fn local_publication_reaches_local_subscription_in_order() {
                 }
             })
             .unwrap();
-        publication.is_connected()
+        // The client's thread joins the image (connecting the publication) before the
+        // subscription's poll reports it: wait for both.
+        publication.is_connected() && !events.is_empty()
     });
     assert_eq!(
         events,
