@@ -193,6 +193,14 @@ pub enum Frame<'a> {
     Status(&'a StatusBody),
     /// Sender heartbeat.
     Heartbeat(&'a HeartbeatBody),
+    /// A membership frame (types `FRAME_MEMBERSHIP_FIRST..=FRAME_MEMBERSHIP_LAST`); the group
+    /// layer decodes its body, the reliable-multicast core skips it.
+    Membership {
+        /// The frame type.
+        kind: u8,
+        /// The body after the frame header.
+        body: &'a [u8],
+    },
 }
 
 /// A DATA frame: header and payload, in place.
@@ -339,9 +347,8 @@ fn decode_frame<'a>(header: &FrameHeader, body: &'a [u8]) -> Result<Frame<'a>, W
             }
             Ok(Frame::Heartbeat(hb))
         }
-        t @ (FRAME_MEMBERSHIP_FIRST..=FRAME_MEMBERSHIP_LAST | FRAME_KEY_FIRST..=FRAME_KEY_LAST) => {
-            Err(WireError::ReservedFrameType(t))
-        }
+        kind @ FRAME_MEMBERSHIP_FIRST..=FRAME_MEMBERSHIP_LAST => Ok(Frame::Membership { kind, body }),
+        t @ FRAME_KEY_FIRST..=FRAME_KEY_LAST => Err(WireError::ReservedFrameType(t)),
         t => Err(WireError::UnknownFrameType(t)),
     }
 }
@@ -432,6 +439,15 @@ impl<'a> DatagramWriter<'a> {
             self.buf[start + 1] |= DATA_FLAG_RETRANSMIT;
         }
         true
+    }
+
+    /// Appends a membership frame of type `kind` with `body`; `false` if it does not fit.
+    pub fn push_membership(&mut self, kind: u8, body: &[u8]) -> bool {
+        debug_assert!((FRAME_MEMBERSHIP_FIRST..=FRAME_MEMBERSHIP_LAST).contains(&kind));
+        if FRAME_HEADER_LEN + body.len() > usize::from(u16::MAX) {
+            return false;
+        }
+        self.push_fixed(kind, body)
     }
 
     /// Appends a NAK frame with as many of `ranges` as fit; returns how many were written.
@@ -604,14 +620,14 @@ mod tests {
         // Unknown and reserved frame types, each with a sound length, then a good frame.
         let mut dgram = buf[..len].to_vec();
         dgram.extend_from_slice(&[0x7f, 0, 4, 0]);
-        dgram.extend_from_slice(&[0x11, 0, 4, 0]);
+        dgram.extend_from_slice(&[0x21, 0, 4, 0]);
         let mut tail = [0u8; 64];
         let n = encode_data_frame(&mut tail, &data_header(1, 1, 0), b"z");
         dgram.extend_from_slice(&tail[..n]);
         let (_, frames) = decode_datagram(&dgram).unwrap();
         let got: Vec<_> = frames.collect();
         assert_eq!(got[0].as_ref().err(), Some(&WireError::UnknownFrameType(0x7f)));
-        assert_eq!(got[1].as_ref().err(), Some(&WireError::ReservedFrameType(0x11)));
+        assert_eq!(got[1].as_ref().err(), Some(&WireError::ReservedFrameType(0x21)));
         assert!(matches!(got[2], Ok(Frame::Data(_))));
         // A fragment that runs past its message length.
         let mut dgram = buf[..len].to_vec();

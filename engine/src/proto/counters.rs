@@ -84,6 +84,8 @@ counters! {
     PublishBackPressured = 28, "publish_back_pressured";
     /// Times the sender had data queued but flow control held it back.
     FlowControlStalls = 29, "flow_control_stalls";
+    /// STATUS frames whose position lies beyond what this member sent, ignored.
+    StatusIgnored = 30, "status_ignored";
 }
 
 /// The counters of one member, indexed by [`Counter`].

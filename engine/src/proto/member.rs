@@ -420,6 +420,8 @@ impl Member {
                 Ok(Frame::Heartbeat(hb)) => {
                     self.on_heartbeat(now_ns, source, from, hb, shrink(direct.as_deref_mut()))
                 }
+                // The group layer reads these before the datagram reaches this member.
+                Ok(Frame::Membership { .. }) => {}
                 Err(_) => self.reject(Counter::RejectedFrames, RejectReason::Malformed),
             }
         }
@@ -856,6 +858,14 @@ impl Member {
 
     fn on_status(&mut self, now_ns: Nanos, source: u32, status: &StatusBody) {
         match self.sender.as_mut() {
+            // A position beyond what was sent is not this stream's (a report of an earlier
+            // view's stream, or forged): it must not open the window.
+            Some(s)
+                if status.sender.get() == self.cfg.member_id
+                    && status.position.get() > s.retransmit.next() =>
+            {
+                self.counters.incr(Counter::StatusIgnored);
+            }
             Some(s) if status.sender.get() == self.cfg.member_id => {
                 s.flow
                     .on_status(now_ns, source, status.position.get(), status.window.get());
