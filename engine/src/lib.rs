@@ -6,6 +6,7 @@
 //! with io_uring or the portable backend ([`runtime::Engine`]).
 #![deny(missing_docs)]
 
+pub mod group;
 pub mod ipc;
 pub mod proto;
 pub mod runtime;

@@ -1,0 +1,1620 @@
+//! Membership, virtual synchrony and sequencer-free total order, over the reliable core.
+//!
+//! A [`GroupMember`] wraps one [`Member`] per installed view (its epoch is the view id) and adds
+//! the membership protocol of `docs/protocol.md`: discovery and joins through the group's
+//! address, failure detection by `STATE` heartbeats, graceful leaves, and view changes run by the
+//! coordinator (the lowest id among the members it can reach) in three steps: `PROPOSE` (each
+//! participant stops sending and freezes what it holds), `COMMIT` (the coordinator fixes the cut
+//! of the old view's messages and who relays what), `INSTALL` (every participant holds the cut).
+//! Partitions follow the primary-component model with dynamic voting: a view is primary when it
+//! holds a majority of the last primary view and of every primary view attempted since; members
+//! of a non-primary view deliver nothing and rejoin when the partition heals.
+//!
+//! Deliveries come in three orders, each its own queue ([`Order`]): `Fifo` per sender, `Total`
+//! (by Lamport timestamp and sender id, once every sender of the view is known to be past that
+//! timestamp), and `Safe` (total, and held by every member of the view). View events sit at the
+//! same point relative to the messages in every queue.
+//!
+//! Sans-IO like [`Member`]: feed [`handle_datagram`](GroupMember::handle_datagram),
+//! [`handle_timeout`](GroupMember::handle_timeout) and [`publish`](GroupMember::publish), then
+//! drain [`poll_transmit`](GroupMember::poll_transmit) and
+//! [`poll_output`](GroupMember::poll_output), and ask [`poll_timeout`](GroupMember::poll_timeout).
+
+pub mod control;
+
+use crate::proto::{Destination, Member, MemberConfig, Nanos, Output, Transmit};
+use crate::wire::{self, DatagramWriter, Frame};
+use crate::Error;
+use control::{Control, CutEntry, ViewDesc, STATE_LEAVING, STATE_PRIMARY, STATE_WANTS_SEND};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// The stream that carries flush relays; applications cannot publish on it.
+pub const RELAY_STREAM: u32 = u32::MAX;
+const RELAY_HEADER: usize = 4 + 8 + 8 + 4;
+
+/// A delivery order, chosen per subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Order {
+    /// Per-sender order.
+    Fifo,
+    /// One order at every member.
+    Total,
+    /// Total, and delivered once every member of the view holds the message.
+    Safe,
+}
+
+impl Order {
+    /// Every order.
+    pub const ALL: [Order; 3] = [Order::Fifo, Order::Total, Order::Safe];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The lowercase name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Order::Fifo => "fifo",
+            Order::Total => "total",
+            Order::Safe => "safe",
+        }
+    }
+}
+
+impl std::str::FromStr for Order {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fifo" => Ok(Order::Fifo),
+            "total" => Ok(Order::Total),
+            "safe" => Ok(Order::Safe),
+            other => Err(format!("unknown order {other:?}: use fifo, total or safe")),
+        }
+    }
+}
+
+/// Settings of a group member. Defaults suit a LAN: a crash is noticed in about a second.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupConfig {
+    /// The reliable-multicast settings (`epoch` is set to each view's id).
+    pub member: MemberConfig,
+    /// Ask to be a sender from the start (publishing asks too).
+    pub sender: bool,
+    /// The orders whose queues are filled.
+    pub orders: Vec<Order>,
+    /// A `STATE` heartbeat goes out at least this often.
+    pub hello_interval_ns: Nanos,
+    /// A member not heard from for this long is suspected and removed by the next view.
+    pub fail_timeout_ns: Nanos,
+    /// A new member listens this long for an existing group before it forms one.
+    pub join_timeout_ns: Nanos,
+    /// Membership work (coordinator checks, retransmission of view-change frames) runs this often.
+    pub tick_ns: Nanos,
+    /// A view change not finished in this time restarts without the members that did not answer.
+    pub flush_timeout_ns: Nanos,
+    /// Least time between two `STATE` frames sent because something changed (ordering promises,
+    /// stability for safe delivery).
+    pub ack_interval_ns: Nanos,
+    /// The first view a new group forms is primary only with at least this many members.
+    pub initial_members: usize,
+    /// Bytes of messages published while the member may not send (joining, a view change).
+    pub max_pending_bytes: usize,
+}
+
+impl Default for GroupConfig {
+    fn default() -> Self {
+        Self {
+            member: MemberConfig::default(),
+            sender: false,
+            orders: Order::ALL.to_vec(),
+            hello_interval_ns: 100_000_000,
+            fail_timeout_ns: 1_000_000_000,
+            join_timeout_ns: 500_000_000,
+            tick_ns: 20_000_000,
+            flush_timeout_ns: 2_000_000_000,
+            ack_interval_ns: 200_000,
+            initial_members: 1,
+            max_pending_bytes: 4 << 20,
+        }
+    }
+}
+
+impl GroupConfig {
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<(), Error> {
+        self.member.validate()?;
+        let bad = |m: &str| Err(Error::Config(m.to_string()));
+        if self.hello_interval_ns == 0 || self.tick_ns == 0 || self.ack_interval_ns == 0 {
+            return bad("hello_interval_ns, tick_ns and ack_interval_ns must be above zero");
+        }
+        if self.fail_timeout_ns <= self.hello_interval_ns {
+            return bad("fail_timeout_ns must exceed hello_interval_ns");
+        }
+        if self.flush_timeout_ns <= self.tick_ns {
+            return bad("flush_timeout_ns must exceed tick_ns");
+        }
+        Ok(())
+    }
+}
+
+/// A view as applications see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ViewInfo {
+    /// View id, increasing at each member; unique among primary views (both sides of a
+    /// partition may number a non-primary view alike: `coordinator` tells them apart).
+    pub id: u32,
+    /// The member that coordinated the view change.
+    pub coordinator: u32,
+    /// Member ids, ascending.
+    pub members: Vec<u32>,
+    /// The senders, ascending (a subset of `members`).
+    pub senders: Vec<u32>,
+    /// Whether the view is primary: only primary views deliver.
+    pub primary: bool,
+}
+
+/// An event in the delivery stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupEvent {
+    /// A primary view was installed; the messages that follow belong to it.
+    View(ViewInfo),
+    /// This member is in a non-primary component: nothing is delivered until it rejoins the
+    /// primary (the application may then need a state transfer).
+    NonPrimary(ViewInfo),
+    /// The view is ending: the safe messages that follow (up to the next view) are held by
+    /// every member of `members`, the survivors, not by every member of the view.
+    Transitional {
+        /// The members that flushed the view together.
+        members: Vec<u32>,
+    },
+    /// This member left the group.
+    Left,
+}
+
+/// A delivered message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupMessage {
+    /// The sender.
+    pub sender: u32,
+    /// The view it was sent and delivered in.
+    pub view: u32,
+    /// Its index among the sender's messages of that view.
+    pub index: u64,
+    /// The sender's Lamport timestamp.
+    pub timestamp: u64,
+    /// The stream.
+    pub stream: u32,
+    /// The bytes.
+    pub payload: Vec<u8>,
+}
+
+/// One item of a delivery queue.
+#[derive(Debug, Clone)]
+pub enum GroupOutput {
+    /// A message.
+    Message(Arc<GroupMessage>),
+    /// An event.
+    Event(Arc<GroupEvent>),
+}
+
+/// Counters of the membership layer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GroupStats {
+    /// Views installed, primary or not.
+    pub views_installed: u64,
+    /// Non-primary views installed.
+    pub non_primary_views: u64,
+    /// View changes started as coordinator.
+    pub rounds_started: u64,
+    /// View changes abandoned (refused, timed out, or no longer coordinator).
+    pub rounds_abandoned: u64,
+    /// Members suspected because they did not answer a view change in time.
+    pub suspected_in_flush: u64,
+    /// Messages relayed to other survivors in a flush.
+    pub relays_sent: u64,
+    /// Relayed messages taken in.
+    pub relays_accepted: u64,
+    /// Old-view messages dropped because they lay beyond the flush cut.
+    pub dropped_beyond_cut: u64,
+    /// Messages from a member that is not a sender of the view, dropped.
+    pub rejected_not_sender: u64,
+    /// Membership frames that failed to decode.
+    pub control_malformed: u64,
+    /// Membership frames sent.
+    pub control_sent: u64,
+    /// Data losses the reliable layer could not repair inside a view.
+    pub unrecoverable: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+struct PeerInfo {
+    last_heard: Nanos,
+    view: u32,
+    leaving: bool,
+    wants_send: bool,
+}
+
+/// The messages of one sender in the current view.
+#[derive(Debug, Default)]
+struct SenderLog {
+    /// Messages `base..base + msgs.len()`.
+    msgs: VecDeque<Arc<GroupMessage>>,
+    base: u64,
+    /// Messages the reliable layer handed on from this sender (its next index there).
+    via_member: u64,
+    next: [u64; 3],
+    /// The sender's last `STATE` promise: after `sent` messages, timestamps exceed `clock`.
+    promise: (u64, u64),
+}
+
+impl SenderLog {
+    fn count(&self) -> u64 {
+        self.base + self.msgs.len() as u64
+    }
+    fn get(&self, index: u64) -> Option<&Arc<GroupMessage>> {
+        index
+            .checked_sub(self.base)
+            .and_then(|i| self.msgs.get(i as usize))
+    }
+}
+
+/// What a member keeps of its installed primary view.
+#[derive(Debug)]
+struct ViewData {
+    view: ViewDesc,
+    logs: Vec<SenderLog>,
+    /// Per member of the view: its last reported prefixes.
+    reports: BTreeMap<u32, Vec<u64>>,
+    /// Deliveries stop here while a view change is under way (the counts reported, then the cut).
+    limit: Option<Vec<u64>>,
+    member: Member,
+}
+
+impl ViewData {
+    fn sender_pos(&self, sender: u32) -> Option<usize> {
+        self.view.senders.binary_search(&sender).ok()
+    }
+    fn counts(&self) -> Vec<u64> {
+        self.logs.iter().map(SenderLog::count).collect()
+    }
+    fn avail(&self, s: usize) -> u64 {
+        let c = self.logs[s].count();
+        self.limit.as_ref().map_or(c, |l| c.min(l[s]))
+    }
+}
+
+/// A proposal this member accepted as a participant.
+#[derive(Debug, Clone)]
+struct Accepted {
+    view: ViewDesc,
+    coord: u32,
+    extra: Vec<u32>,
+    commit: Option<(bool, u32, Vec<CutEntry>)>,
+    done: bool,
+}
+
+/// A view change this member runs as coordinator.
+#[derive(Debug)]
+struct Round {
+    view: ViewDesc,
+    extra: Vec<u32>,
+    started: Nanos,
+    last_send: Nanos,
+    states: BTreeMap<u32, Control>,
+    commit: Option<Control>,
+    done: BTreeSet<u32>,
+}
+
+impl Round {
+    fn participants(&self) -> impl Iterator<Item = u32> + '_ {
+        self.view.members.iter().chain(&self.extra).copied()
+    }
+}
+
+/// One member of a group with membership, virtual synchrony and ordered delivery.
+#[derive(Debug)]
+pub struct GroupMember {
+    cfg: GroupConfig,
+    id: u32,
+    rng: ChaCha8Rng,
+    started: Option<Nanos>,
+    /// The time of the current call.
+    now: Nanos,
+    left: bool,
+    /// When [`leave`](Self::leave) was called.
+    leaving_since: Option<Nanos>,
+    leaving: bool,
+    wants_send: bool,
+    /// The installed view (primary or not); `id` 0 before the first.
+    view: ViewDesc,
+    primary: bool,
+    data: Option<ViewData>,
+    last_primary: ViewDesc,
+    attempts: Vec<ViewDesc>,
+    max_seen: u32,
+    peers: BTreeMap<u32, PeerInfo>,
+    suspects: BTreeMap<u32, Nanos>,
+    accepted: Option<Accepted>,
+    /// A proposal this member finished the flush of when a later proposal came; installed if
+    /// anyone is seen to have installed it, dropped when a later view commits without it.
+    pending_install: Option<Accepted>,
+    round: Option<Round>,
+    control_out: VecDeque<Control>,
+    next_hello: Nanos,
+    next_tick: Nanos,
+    last_state: Nanos,
+    last_state_sent: (u64, u64, Vec<u64>),
+    pending: VecDeque<(u32, Vec<u8>)>,
+    pending_bytes: usize,
+    relays: VecDeque<(usize, u64)>,
+    outputs: [VecDeque<GroupOutput>; 3],
+    enabled: [bool; 3],
+    stats: GroupStats,
+    scratch: Vec<u8>,
+}
+
+fn majority(members: &[u32], of: &ViewDesc) -> bool {
+    let present = of
+        .members
+        .iter()
+        .filter(|m| members.binary_search(m).is_ok())
+        .count();
+    present * 2 > of.members.len()
+}
+
+impl GroupMember {
+    /// A member with `cfg`; `seed` seeds the reliable layer's back-off of every view.
+    pub fn new(cfg: GroupConfig, seed: u64) -> Result<Self, Error> {
+        cfg.validate()?;
+        let mut enabled = [false; 3];
+        for o in &cfg.orders {
+            enabled[o.index()] = true;
+        }
+        Ok(Self {
+            id: cfg.member.member_id,
+            wants_send: cfg.sender,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            started: None,
+            now: 0,
+            left: false,
+            leaving_since: None,
+            leaving: false,
+            view: ViewDesc::default(),
+            primary: false,
+            data: None,
+            last_primary: ViewDesc::default(),
+            attempts: Vec::new(),
+            max_seen: 0,
+            peers: BTreeMap::new(),
+            suspects: BTreeMap::new(),
+            accepted: None,
+            pending_install: None,
+            round: None,
+            control_out: VecDeque::new(),
+            next_hello: 0,
+            next_tick: 0,
+            last_state: 0,
+            last_state_sent: (0, 0, Vec::new()),
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            relays: VecDeque::new(),
+            outputs: Default::default(),
+            enabled,
+            stats: GroupStats::default(),
+            scratch: Vec::new(),
+            cfg,
+        })
+    }
+
+    /// This member's id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The installed view, if any.
+    pub fn view(&self) -> Option<ViewInfo> {
+        (self.view.id != 0).then(|| ViewInfo {
+            id: self.view.id,
+            coordinator: self.view.coord,
+            members: self.view.members.clone(),
+            senders: self.view.senders.clone(),
+            primary: self.primary,
+        })
+    }
+
+    /// Whether this member left the group (after [`leave`](Self::leave)).
+    pub fn has_left(&self) -> bool {
+        self.left
+    }
+
+    /// The membership counters.
+    pub fn stats(&self) -> &GroupStats {
+        &self.stats
+    }
+
+    /// The reliable layer of the installed primary view.
+    pub fn member(&self) -> Option<&Member> {
+        self.data.as_ref().map(|d| &d.member)
+    }
+
+    /// Whether this member holds message `index` of `sender` in view `view`: `None` if it is
+    /// no longer (or not yet) in that view.
+    pub fn holds(&self, view: u32, sender: u32, index: u64) -> Option<bool> {
+        let d = self.data.as_ref().filter(|d| d.view.id == view)?;
+        Some(d.sender_pos(sender).is_some_and(|s| d.logs[s].count() > index))
+    }
+
+    /// Bytes published but not yet handed to the reliable layer.
+    pub fn pending_bytes(&self) -> usize {
+        self.pending_bytes
+    }
+
+    /// Leaves the group gracefully: the next view excludes this member, which delivers the
+    /// rest of its view and then reports [`GroupEvent::Left`].
+    ///
+    /// If no view change takes this member out within `flush_timeout_ns` (the others are
+    /// unreachable, say), it leaves on its own: it delivers nothing more and reports `Left`.
+    pub fn leave(&mut self) {
+        self.leaving = true;
+        self.leaving_since.get_or_insert(self.now);
+        self.next_hello = 0;
+    }
+
+    /// Publishes `message` on `stream`: sent now if this member may send, else queued until it
+    /// may (it asks to become a sender, or waits out a view change).
+    pub fn publish(&mut self, stream: u32, message: &[u8]) -> Result<(), Error> {
+        if stream == RELAY_STREAM {
+            return Err(Error::Config(format!("stream {RELAY_STREAM} is reserved")));
+        }
+        if self.left || self.leaving {
+            return Err(Error::Config("this member has left the group".into()));
+        }
+        if message.len() > self.cfg.member.max_message_bytes {
+            return Err(Error::MessageTooLarge {
+                len: message.len(),
+                max: self.cfg.member.max_message_bytes,
+            });
+        }
+        self.wants_send = true;
+        if self.pending.is_empty() && self.may_send() {
+            return self.send_now(stream, message);
+        }
+        if self.pending_bytes + message.len() > self.cfg.max_pending_bytes && !self.pending.is_empty() {
+            return Err(Error::BackPressured);
+        }
+        self.pending_bytes += message.len();
+        self.pending.push_back((stream, message.to_vec()));
+        Ok(())
+    }
+
+    fn may_send(&self) -> bool {
+        self.accepted.is_none()
+            && !self.leaving
+            && self
+                .data
+                .as_ref()
+                .is_some_and(|d| d.sender_pos(self.id).is_some())
+    }
+
+    fn send_now(&mut self, stream: u32, message: &[u8]) -> Result<(), Error> {
+        let id = self.id;
+        let d = self.data.as_mut().expect("may_send checked");
+        d.member.publish(stream, message)?;
+        let s = d.sender_pos(id).expect("may_send checked");
+        let log = &mut d.logs[s];
+        let msg = GroupMessage {
+            sender: id,
+            view: d.view.id,
+            index: log.count(),
+            timestamp: d.member.clock(),
+            stream,
+            payload: message.to_vec(),
+        };
+        log.msgs.push_back(Arc::new(msg));
+        log.promise = (log.count(), d.member.clock());
+        self.deliver();
+        Ok(())
+    }
+
+    fn pump_pending(&mut self) {
+        while self.may_send() {
+            let Some((stream, msg)) = self.pending.pop_front() else {
+                break;
+            };
+            match self.send_now(stream, &msg) {
+                Ok(()) => self.pending_bytes -= msg.len(),
+                Err(_) => {
+                    self.pending.push_front((stream, msg));
+                    break;
+                }
+            }
+        }
+    }
+
+    fn start(&mut self, now: Nanos) {
+        self.now = self.now.max(now);
+        if self.started.is_none() {
+            self.started = Some(now);
+            self.next_tick = now + self.cfg.join_timeout_ns;
+            self.next_hello = now;
+        }
+    }
+
+    /// Takes one datagram received at `now` from `from`.
+    pub fn handle_datagram(&mut self, now: Nanos, from: SocketAddr, bytes: &[u8]) {
+        self.start(now);
+        if self.left {
+            return;
+        }
+        let Ok((header, frames)) = wire::decode_datagram(bytes) else {
+            // The reliable layer counts malformed datagrams.
+            if let Some(d) = self.data.as_mut() {
+                d.member.handle_datagram(now, from, bytes);
+            }
+            return;
+        };
+        if header.group.get() != self.cfg.member.group {
+            if let Some(d) = self.data.as_mut() {
+                d.member.handle_datagram(now, from, bytes);
+            }
+            return;
+        }
+        let source = header.source.get();
+        if source == self.id {
+            return;
+        }
+        self.peers.entry(source).or_default().last_heard = now;
+        let mut other = false;
+        let mut controls = Vec::new();
+        for f in frames {
+            match f {
+                Ok(Frame::Membership { kind, body }) => match Control::decode(kind, body) {
+                    Ok(c) => controls.push(c),
+                    Err(_) => self.stats.control_malformed += 1,
+                },
+                _ => other = true,
+            }
+        }
+        for c in controls {
+            self.on_control(now, source, c);
+        }
+        if other {
+            if let Some(d) = self.data.as_mut() {
+                d.member.handle_datagram(now, from, bytes);
+            }
+            self.absorb();
+        }
+    }
+
+    /// Runs the timers due at `now`.
+    pub fn handle_timeout(&mut self, now: Nanos) {
+        self.start(now);
+        if self.left {
+            return;
+        }
+        if let Some(d) = self.data.as_mut() {
+            d.member.handle_timeout(now);
+        }
+        self.absorb();
+        if now >= self.next_tick {
+            self.next_tick = now + self.cfg.tick_ns;
+            self.tick(now);
+        }
+    }
+
+    /// The next time [`handle_timeout`](Self::handle_timeout) has work.
+    pub fn poll_timeout(&self) -> Option<Nanos> {
+        if self.left {
+            return None;
+        }
+        let mut t = self.next_tick.min(self.next_hello);
+        if self.state_changed() {
+            t = t.min(self.last_state + self.cfg.ack_interval_ns);
+        }
+        if let Some(m) = self.data.as_ref().and_then(|d| d.member.poll_timeout()) {
+            t = t.min(m);
+        }
+        Some(t)
+    }
+
+    /// Writes the next datagram into `buf`: membership frames first, then the reliable layer's.
+    pub fn poll_transmit(&mut self, now: Nanos, buf: &mut [u8]) -> Option<Transmit> {
+        if self.left {
+            return None;
+        }
+        self.start(now);
+        self.pump_relays();
+        self.pump_pending();
+        if now >= self.next_hello
+            || (self.state_changed() && now >= self.last_state + self.cfg.ack_interval_ns)
+        {
+            self.queue_state(now);
+        }
+        if let Some(c) = self.control_out.pop_front() {
+            c.encode(&mut self.scratch);
+            let mtu = self.cfg.member.mtu.min(buf.len());
+            let mut w = DatagramWriter::new(&mut buf[..mtu], self.cfg.member.group, self.id)?;
+            if !w.push_membership(c.kind(), &self.scratch) {
+                // Larger than the MTU allows (a view beyond the member limit): not sendable.
+                self.stats.control_malformed += 1;
+                return self.poll_transmit(now, buf);
+            }
+            self.stats.control_sent += 1;
+            return Some(Transmit {
+                destination: Destination::Group,
+                len: w.len(),
+                new_data_frames: 0,
+                in_place: None,
+            });
+        }
+        self.data.as_mut()?.member.poll_transmit(now, buf)
+    }
+
+    /// The next item of `order`'s delivery queue.
+    pub fn poll_output(&mut self, order: Order) -> Option<GroupOutput> {
+        self.outputs[order.index()].pop_front()
+    }
+
+    fn state_changed(&self) -> bool {
+        let Some(d) = &self.data else {
+            return false;
+        };
+        let (sent, clock, ref counts) = self.last_state_sent;
+        let own = d.sender_pos(self.id).map_or(0, |s| d.logs[s].count());
+        own != sent || d.member.clock() != clock || *counts != d.counts()
+    }
+
+    fn queue_state(&mut self, now: Nanos) {
+        self.next_hello = now + self.cfg.hello_interval_ns;
+        self.last_state = now;
+        let mut flags = 0;
+        if self.primary {
+            flags |= STATE_PRIMARY;
+        }
+        if self.leaving {
+            flags |= STATE_LEAVING;
+        }
+        if self.wants_send {
+            flags |= STATE_WANTS_SEND;
+        }
+        let (sent, clock, prefixes) = match &self.data {
+            Some(d) => (
+                d.sender_pos(self.id).map_or(0, |s| d.logs[s].count()),
+                d.member.clock(),
+                d.counts(),
+            ),
+            None => (0, 0, Vec::new()),
+        };
+        self.last_state_sent = (sent, clock, prefixes.clone());
+        self.control_out.push_back(Control::State {
+            view: self.view.id,
+            coord: self.view.coord,
+            flags,
+            sent,
+            clock,
+            prefixes,
+        });
+    }
+
+    /// Takes what the reliable layer delivered into the sender logs.
+    fn absorb(&mut self) {
+        let Some(d) = self.data.as_mut() else {
+            return;
+        };
+        let ViewData {
+            view,
+            logs,
+            limit,
+            member,
+            ..
+        } = d;
+        let stats = &mut self.stats;
+        let frozen_cut =
+            self.accepted.as_ref().is_some_and(|a| a.commit.is_some()) || self.pending_install.is_some();
+        member.drain(|out| match out {
+            // Relays come from any member of the view, only while a flush cut is fixed.
+            Output::Message(m) if m.stream == RELAY_STREAM => {
+                if !frozen_cut || view.members.binary_search(&m.sender).is_err() {
+                    stats.rejected_not_sender += 1;
+                    return;
+                }
+                let Some((s, idx, msg)) = parse_relay(m.payload) else {
+                    stats.control_malformed += 1;
+                    return;
+                };
+                let Ok(spos) = view.senders.binary_search(&s) else {
+                    stats.rejected_not_sender += 1;
+                    return;
+                };
+                if idx == logs[spos].count() && limit.as_ref().is_some_and(|l| idx < l[spos]) {
+                    stats.relays_accepted += 1;
+                    logs[spos].msgs.push_back(Arc::new(GroupMessage {
+                        view: view.id,
+                        index: idx,
+                        ..msg
+                    }));
+                }
+            }
+            Output::Message(m) => {
+                let Ok(pos) = view.senders.binary_search(&m.sender) else {
+                    stats.rejected_not_sender += 1;
+                    return;
+                };
+                let index = logs[pos].via_member;
+                logs[pos].via_member += 1;
+                take(
+                    logs,
+                    limit,
+                    frozen_cut,
+                    stats,
+                    view.id,
+                    pos,
+                    index,
+                    m.sender,
+                    m.timestamp,
+                    m.stream,
+                    m.payload,
+                );
+            }
+            Output::Event(_) => stats.unrecoverable += 1,
+        });
+        self.deliver();
+        self.check_done();
+    }
+
+    /// Hands on what each order may deliver now.
+    fn deliver(&mut self) {
+        let Some(d) = self.data.as_mut() else {
+            return;
+        };
+        if !self.primary {
+            return;
+        }
+        let clock = d.member.clock();
+        if self.enabled[0] {
+            deliver_fifo(d, &mut self.outputs[0]);
+        }
+        for (o, safe) in [(1, false), (2, true)] {
+            if self.enabled[o] {
+                deliver_ordered(d, self.id, clock, o, safe, false, &mut self.outputs[o]);
+            }
+        }
+        collect_garbage(d, self.id);
+    }
+
+    fn tick(&mut self, now: Nanos) {
+        self.suspects.retain(|_, until| *until > now);
+        if self
+            .leaving_since
+            .is_some_and(|t| now >= t + self.cfg.flush_timeout_ns)
+        {
+            self.left = true;
+            self.data = None;
+            self.control_out.clear();
+            self.push_event(GroupEvent::Left);
+            return;
+        }
+        if let Some(a) = &self.accepted {
+            // Resend what the coordinator is waiting for from us.
+            if a.done {
+                self.send_to(a.coord, Control::FlushDone { proposal: a.view.id });
+            }
+        }
+        self.coordinate(now);
+    }
+
+    fn reachable(&self, now: Nanos) -> Vec<u32> {
+        let mut r: Vec<u32> = self
+            .peers
+            .iter()
+            .filter(|(id, p)| {
+                now < p.last_heard + self.cfg.fail_timeout_ns && !p.leaving && !self.suspects.contains_key(id)
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        if !self.leaving {
+            r.push(self.id);
+        }
+        r.sort_unstable();
+        r
+    }
+
+    fn coordinate(&mut self, now: Nanos) {
+        let reachable = self.reachable(now);
+        if self.leaving || reachable.first() != Some(&self.id) {
+            if self.round.take().is_some() {
+                self.stats.rounds_abandoned += 1;
+            }
+            return;
+        }
+        if self.round.is_some() {
+            self.progress_round(now);
+            return;
+        }
+        let senders: Vec<u32> = reachable
+            .iter()
+            .copied()
+            .filter(|&m| {
+                self.view.senders.binary_search(&m).is_ok()
+                    || if m == self.id {
+                        self.wants_send
+                    } else {
+                        self.peers.get(&m).is_some_and(|p| p.wants_send)
+                    }
+            })
+            .collect();
+        let extra: Vec<u32> = self
+            .view
+            .members
+            .iter()
+            .copied()
+            .filter(|m| {
+                *m != self.id
+                    && self
+                        .peers
+                        .get(m)
+                        .is_some_and(|p| p.leaving && now < p.last_heard + self.cfg.fail_timeout_ns)
+            })
+            .collect();
+        let mut lagging = Vec::new();
+        let mut ahead = false;
+        for m in &reachable {
+            if *m == self.id {
+                continue;
+            }
+            let v = self.peers[m].view;
+            if v > self.view.id {
+                ahead = true;
+            } else if v < self.view.id && self.view.members.binary_search(m).is_ok() {
+                lagging.push(*m);
+            }
+        }
+        let stable = self.view.id != 0
+            && self.view.members == reachable
+            && (self.view.senders == senders || !self.primary)
+            && extra.is_empty()
+            && !ahead;
+        if stable {
+            if !lagging.is_empty() {
+                // Members that agreed to this view but missed its INSTALL (its coordinator may
+                // be gone): the view is committed and every participant was done.
+                self.control_out.push_back(Control::Install {
+                    view: self.view.clone(),
+                });
+            }
+            return;
+        }
+        self.max_seen = self.max_seen.max(self.view.id);
+        let round = Round {
+            view: ViewDesc {
+                id: self.max_seen + 1,
+                coord: self.id,
+                members: reachable,
+                senders,
+            },
+            extra,
+            started: now,
+            last_send: 0,
+            states: BTreeMap::new(),
+            commit: None,
+            done: BTreeSet::new(),
+        };
+        self.max_seen = round.view.id;
+        self.stats.rounds_started += 1;
+        self.round = Some(round);
+        self.progress_round(now);
+    }
+
+    fn progress_round(&mut self, now: Nanos) {
+        let Some(r) = self.round.as_mut() else {
+            return;
+        };
+        if now >= r.started + self.cfg.flush_timeout_ns {
+            let waiting_on: Vec<u32> = r
+                .participants()
+                .filter(|p| {
+                    *p != self.id
+                        && if r.commit.is_none() {
+                            !r.states.contains_key(p)
+                        } else {
+                            !r.done.contains(p)
+                        }
+                })
+                .collect();
+            for p in waiting_on {
+                self.stats.suspected_in_flush += 1;
+                self.suspects.insert(p, now + self.cfg.fail_timeout_ns);
+            }
+            self.round = None;
+            self.stats.rounds_abandoned += 1;
+            return;
+        }
+        if now < r.last_send + self.cfg.tick_ns && r.last_send != 0 {
+            return;
+        }
+        r.last_send = now;
+        let msg = match &r.commit {
+            None => Control::Propose {
+                view: r.view.clone(),
+                extra: r.extra.clone(),
+            },
+            Some(c) => c.clone(),
+        };
+        self.control_out.push_back(msg.clone());
+        self.on_control(now, self.id, msg);
+    }
+
+    fn send_to(&mut self, coord: u32, c: Control) {
+        if coord == self.id {
+            self.on_coordinator_input(self.now, self.id, c);
+        } else {
+            self.control_out.push_back(c);
+        }
+    }
+
+    fn on_control(&mut self, now: Nanos, source: u32, c: Control) {
+        match c {
+            Control::State {
+                view,
+                coord,
+                flags,
+                sent,
+                clock,
+                prefixes,
+            } => {
+                // Proof that a view this member finished the flush of was installed.
+                let proof = |a: &Option<Accepted>| {
+                    a.as_ref().is_some_and(|a| {
+                        a.done
+                            && a.view.id == view
+                            && a.view.coord == coord
+                            && a.view.members.binary_search(&source).is_ok()
+                    })
+                };
+                if proof(&self.pending_install) || proof(&self.accepted) {
+                    let v = if proof(&self.pending_install) {
+                        self.pending_install.as_ref()
+                    } else {
+                        self.accepted.as_ref()
+                    }
+                    .expect("proved")
+                    .view
+                    .clone();
+                    self.on_install(&v);
+                }
+                let p = self.peers.entry(source).or_default();
+                p.view = view;
+                p.leaving = flags & STATE_LEAVING != 0;
+                p.wants_send = flags & STATE_WANTS_SEND != 0;
+                self.max_seen = self.max_seen.max(view);
+                if let Some(d) = self.data.as_mut().filter(|d| d.view.id == view) {
+                    if prefixes.len() == d.logs.len() && d.view.members.binary_search(&source).is_ok() {
+                        if let Some(s) = d.sender_pos(source) {
+                            d.logs[s].promise = (sent, clock);
+                        }
+                        d.reports.insert(source, prefixes);
+                        self.deliver();
+                    }
+                }
+            }
+            Control::Propose { view, extra } => self.on_propose(source, view, extra),
+            Control::Commit {
+                view,
+                extra,
+                primary,
+                flushes,
+            } => {
+                // The flush of the view this member holds data of, if any.
+                let mine = self.data.as_ref().map_or(0, |d| d.view.id);
+                let (old_view, cut) = flushes.into_iter().find(|(v, _)| *v == mine).unwrap_or_default();
+                self.on_commit(source, view, extra, primary, old_view, cut)
+            }
+            Control::Install { view } => self.on_install(&view),
+            c @ (Control::FlushState { .. } | Control::FlushDone { .. } | Control::Refuse { .. }) => {
+                self.on_coordinator_input(now, source, c)
+            }
+        }
+    }
+
+    fn on_propose(&mut self, coord: u32, view: ViewDesc, extra: Vec<u32>) {
+        self.max_seen = self.max_seen.max(view.id);
+        if view.members.binary_search(&self.id).is_err() && !extra.contains(&self.id) {
+            return;
+        }
+        if let Some(a) = &self.accepted {
+            if a.view.id > view.id || (a.view.id == view.id && a.coord != coord) {
+                let refuse = Control::Refuse {
+                    proposal: view.id,
+                    seen: self.max_seen,
+                };
+                self.send_to(coord, refuse);
+                return;
+            }
+            if a.view.id == view.id {
+                // A repeat: answer again with the same frozen state.
+                let state = self.flush_state(view.id);
+                self.send_to(coord, state);
+                return;
+            }
+        }
+        if view.id <= self.view.id {
+            let refuse = Control::Refuse {
+                proposal: view.id,
+                seen: self.max_seen,
+            };
+            self.send_to(coord, refuse);
+            return;
+        }
+        if let Some(a) = self.accepted.take() {
+            if a.done {
+                self.pending_install = Some(a);
+            }
+        }
+        if let Some(d) = self.data.as_mut() {
+            // Freeze: deliver nothing beyond what is reported, send nothing new. Nothing was
+            // delivered beyond the current counts, whatever an earlier round fixed.
+            d.limit = Some(d.counts());
+        }
+        self.accepted = Some(Accepted {
+            view,
+            coord,
+            extra,
+            commit: None,
+            done: false,
+        });
+        let proposal = self.accepted.as_ref().expect("set").view.id;
+        let state = self.flush_state(proposal);
+        self.send_to(coord, state);
+    }
+
+    fn flush_state(&self, proposal: u32) -> Control {
+        let prefixes = match &self.data {
+            Some(d) => d
+                .view
+                .senders
+                .iter()
+                .enumerate()
+                .map(|(s, &id)| (id, d.avail(s)))
+                .collect(),
+            None => Vec::new(),
+        };
+        Control::FlushState {
+            proposal,
+            view: self.view.id,
+            view_coord: self.view.coord,
+            pending: self
+                .pending_install
+                .as_ref()
+                .map(|a| a.view.clone())
+                .unwrap_or_default(),
+            primary: self.primary,
+            last_primary: self.last_primary.clone(),
+            attempts: self.attempts.clone(),
+            prefixes,
+        }
+    }
+
+    fn on_commit(
+        &mut self,
+        coord: u32,
+        view: ViewDesc,
+        extra: Vec<u32>,
+        primary: bool,
+        old_view: u32,
+        cut: Vec<CutEntry>,
+    ) {
+        let Some(a) = self.accepted.as_mut() else {
+            return;
+        };
+        if a.view.id != view.id || a.coord != coord {
+            return;
+        }
+        if a.commit.is_none() {
+            // A later view committed: whatever this member had pending was never installed by
+            // any participant (the coordinator checked), so it is dropped.
+            self.pending_install = None;
+            if primary && !self.attempts.iter().any(|x| x.id == view.id) {
+                self.attempts.push(view.clone());
+            }
+            a.view = view;
+            a.extra = extra;
+            a.commit = Some((primary, old_view, cut.clone()));
+            if let Some(d) = self.data.as_mut().filter(|d| d.view.id == old_view) {
+                let mut limit = vec![0; d.logs.len()];
+                for e in &cut {
+                    if let Some(s) = d.sender_pos(e.sender) {
+                        limit[s] = e.count;
+                        let log = &mut d.logs[s];
+                        while log.count() > e.count {
+                            log.msgs.pop_back();
+                            self.stats.dropped_beyond_cut += 1;
+                        }
+                        if e.holder == self.id {
+                            for i in e.from.max(log.base)..log.count() {
+                                self.relays.push_back((s, i));
+                            }
+                        }
+                    }
+                }
+                d.limit = Some(limit);
+            }
+            self.pump_relays();
+        }
+        self.check_done();
+        if let Some(a) = &self.accepted {
+            if a.done {
+                let (coord, proposal) = (a.coord, a.view.id);
+                self.send_to(coord, Control::FlushDone { proposal });
+            }
+        }
+    }
+
+    fn pump_relays(&mut self) {
+        let Some(d) = self.data.as_mut() else {
+            self.relays.clear();
+            return;
+        };
+        while let Some(&(s, i)) = self.relays.front() {
+            let Some(m) = d.logs[s].get(i).cloned() else {
+                self.relays.pop_front();
+                continue;
+            };
+            let mut env = Vec::with_capacity(RELAY_HEADER + m.payload.len());
+            env.extend_from_slice(&m.sender.to_le_bytes());
+            env.extend_from_slice(&m.index.to_le_bytes());
+            env.extend_from_slice(&m.timestamp.to_le_bytes());
+            env.extend_from_slice(&m.stream.to_le_bytes());
+            env.extend_from_slice(&m.payload);
+            if d.member.publish(RELAY_STREAM, &env).is_err() {
+                break;
+            }
+            self.stats.relays_sent += 1;
+            self.relays.pop_front();
+        }
+    }
+
+    fn check_done(&mut self) {
+        let Some(a) = self.accepted.as_mut() else {
+            return;
+        };
+        let Some((_, old_view, cut)) = &a.commit else {
+            return;
+        };
+        if a.done {
+            return;
+        }
+        let done = match self.data.as_ref().filter(|d| d.view.id == *old_view) {
+            None => true,
+            Some(d) => cut.iter().all(|e| {
+                d.sender_pos(e.sender)
+                    .is_none_or(|s| d.logs[s].count() >= e.count)
+            }),
+        };
+        if done {
+            a.done = true;
+            let (coord, proposal) = (a.coord, a.view.id);
+            self.send_to(coord, Control::FlushDone { proposal });
+        }
+    }
+
+    fn on_coordinator_input(&mut self, now: Nanos, source: u32, c: Control) {
+        let Some(r) = self.round.as_mut() else {
+            return;
+        };
+        match c {
+            Control::Refuse { proposal, seen } if proposal == r.view.id => {
+                self.max_seen = self.max_seen.max(seen);
+                self.round = None;
+                self.stats.rounds_abandoned += 1;
+            }
+            Control::FlushState {
+                proposal,
+                view,
+                ref last_primary,
+                ref attempts,
+                ..
+            } if proposal == r.view.id && r.commit.is_none() => {
+                let newest = attempts
+                    .iter()
+                    .map(|a| a.id)
+                    .chain([view, last_primary.id])
+                    .max()
+                    .unwrap_or(0);
+                if newest >= r.view.id {
+                    // Our number is stale: start again above it.
+                    self.max_seen = self.max_seen.max(newest);
+                    self.round = None;
+                    self.stats.rounds_abandoned += 1;
+                    return;
+                }
+                if r.participants().any(|p| p == source) {
+                    r.states.insert(source, c);
+                }
+                if r.participants().all(|p| r.states.contains_key(&p)) {
+                    if let Some(v) = installed_pending(r) {
+                        // Some participant finished a view that another installed: it must
+                        // install it before any further view.
+                        self.round = None;
+                        self.stats.rounds_abandoned += 1;
+                        self.control_out.push_back(Control::Install { view: v.clone() });
+                        self.on_install(&v);
+                        return;
+                    }
+                    let commit = make_commit(r, self.cfg.initial_members);
+                    r.commit = Some(commit);
+                    r.last_send = 0;
+                    self.progress_round(now);
+                }
+            }
+            Control::FlushDone { proposal } if proposal == r.view.id && r.commit.is_some() => {
+                r.done.insert(source);
+                if r.participants().all(|p| r.done.contains(&p)) {
+                    let view = r.view.clone();
+                    self.round = None;
+                    self.control_out
+                        .push_back(Control::Install { view: view.clone() });
+                    self.on_install(&view);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_install(&mut self, view: &ViewDesc) {
+        let matches = |a: &Option<Accepted>| a.as_ref().is_some_and(|a| a.done && a.view == *view);
+        let a = if matches(&self.accepted) {
+            self.accepted.take().expect("checked")
+        } else if matches(&self.pending_install) {
+            // A later proposal is accepted too: it is void now that this view is installed
+            // (its coordinator gives it up on seeing this), and delivery must resume.
+            self.accepted = None;
+            self.pending_install.take().expect("checked")
+        } else {
+            return;
+        };
+        self.pending_install = None;
+        let (primary, old_view, _) = a.commit.expect("done implies committed");
+        // The rest of the old view, in every order, before the new view's event.
+        if let Some(mut d) = self.data.take() {
+            if d.view.id == old_view && self.primary {
+                let clock = d.member.clock();
+                if self.enabled[0] {
+                    deliver_fifo(&mut d, &mut self.outputs[0]);
+                }
+                if self.enabled[1] {
+                    deliver_ordered(&mut d, self.id, clock, 1, false, true, &mut self.outputs[1]);
+                }
+                if self.enabled[2] {
+                    let survivors: Vec<u32> = d
+                        .view
+                        .members
+                        .iter()
+                        .copied()
+                        .filter(|m| a.view.members.binary_search(m).is_ok() || a.extra.contains(m))
+                        .collect();
+                    let remaining = (0..d.logs.len()).any(|s| d.logs[s].next[2] < d.logs[s].count());
+                    if remaining {
+                        self.outputs[2].push_back(GroupOutput::Event(Arc::new(GroupEvent::Transitional {
+                            members: survivors,
+                        })));
+                    }
+                    deliver_ordered(&mut d, self.id, clock, 2, true, true, &mut self.outputs[2]);
+                }
+            }
+        }
+        self.relays.clear();
+        if a.view.members.binary_search(&self.id).is_err() {
+            self.view = ViewDesc::default();
+            self.primary = false;
+            if self.leaving {
+                self.left = true;
+                self.control_out.clear();
+                self.push_event(GroupEvent::Left);
+            }
+            return;
+        }
+        self.view = a.view.clone();
+        self.primary = primary;
+        self.max_seen = self.max_seen.max(a.view.id);
+        self.stats.views_installed += 1;
+        let info = ViewInfo {
+            id: a.view.id,
+            coordinator: a.view.coord,
+            members: a.view.members.clone(),
+            senders: a.view.senders.clone(),
+            primary,
+        };
+        if primary {
+            self.last_primary = a.view.clone();
+            self.attempts.retain(|x| x.id > a.view.id);
+            let mut mc = self.cfg.member.clone();
+            mc.epoch = a.view.id;
+            mc.group_size_hint = (a.view.members.len() as u32).max(1);
+            let member = Member::new(mc, self.rng.random()).expect("validated at construction");
+            let logs = a.view.senders.iter().map(|_| SenderLog::default()).collect();
+            let mut d = ViewData {
+                view: a.view,
+                logs,
+                reports: BTreeMap::new(),
+                limit: None,
+                member,
+            };
+            if d.sender_pos(self.id).is_some() {
+                d.member.announce();
+            }
+            self.data = Some(d);
+            self.push_event(GroupEvent::View(info));
+            self.pump_pending();
+        } else {
+            self.stats.non_primary_views += 1;
+            self.push_event(GroupEvent::NonPrimary(info));
+        }
+        self.next_hello = 0;
+    }
+
+    fn push_event(&mut self, e: GroupEvent) {
+        let e = Arc::new(e);
+        for o in 0..3 {
+            if self.enabled[o] {
+                self.outputs[o].push_back(GroupOutput::Event(e.clone()));
+            }
+        }
+    }
+}
+
+/// A view some participant finished the flush of and another participant installed.
+fn installed_pending(r: &Round) -> Option<ViewDesc> {
+    for st in r.states.values() {
+        let Control::FlushState { pending, .. } = st else {
+            continue;
+        };
+        if pending.id == 0 {
+            continue;
+        }
+        let installed = r.states.values().any(|o| {
+            matches!(o, Control::FlushState { view, view_coord, .. } if *view == pending.id && *view_coord == pending.coord)
+        });
+        if installed {
+            return Some(pending.clone());
+        }
+    }
+    None
+}
+
+/// Builds the commit of a round whose participants all answered.
+fn make_commit(r: &Round, initial_members: usize) -> Control {
+    let mut last_primary = ViewDesc::default();
+    for st in r.states.values() {
+        if let Control::FlushState { last_primary: lp, .. } = st {
+            if lp.id > last_primary.id {
+                last_primary = lp.clone();
+            }
+        }
+    }
+    let mut attempts: BTreeMap<u32, &ViewDesc> = BTreeMap::new();
+    // Per old primary view: per sender, the cut.
+    let mut cuts: BTreeMap<u32, BTreeMap<u32, CutEntry>> = BTreeMap::new();
+    for (&who, st) in &r.states {
+        if let Control::FlushState {
+            view,
+            primary,
+            attempts: at,
+            prefixes,
+            ..
+        } = st
+        {
+            for a in at.iter().filter(|a| a.id > last_primary.id) {
+                attempts.insert(a.id, a);
+            }
+            if *primary && *view != 0 {
+                let cut = cuts.entry(*view).or_default();
+                for &(s, c) in prefixes {
+                    let e = cut.entry(s).or_insert(CutEntry {
+                        sender: s,
+                        count: c,
+                        holder: who,
+                        from: c,
+                    });
+                    if c > e.count {
+                        e.count = c;
+                        e.holder = who;
+                    }
+                    e.from = e.from.min(c);
+                }
+            }
+        }
+    }
+    let members = &r.view.members;
+    let primary = if last_primary.id == 0 && attempts.is_empty() {
+        members.len() >= initial_members
+    } else {
+        (last_primary.id == 0 || majority(members, &last_primary))
+            && attempts.values().all(|a| majority(members, a))
+    };
+    Control::Commit {
+        view: r.view.clone(),
+        extra: r.extra.clone(),
+        primary,
+        flushes: cuts
+            .into_iter()
+            .map(|(v, cut)| (v, cut.into_values().collect()))
+            .collect(),
+    }
+}
+
+/// Takes message `index` of sender position `pos` from the reliable layer into its log.
+#[allow(clippy::too_many_arguments)]
+fn take(
+    logs: &mut [SenderLog],
+    limit: &Option<Vec<u64>>,
+    frozen_cut: bool,
+    stats: &mut GroupStats,
+    view: u32,
+    pos: usize,
+    index: u64,
+    sender: u32,
+    timestamp: u64,
+    stream: u32,
+    payload: &[u8],
+) {
+    let log = &mut logs[pos];
+    if index != log.count() {
+        // Already taken in from a relay, or (index beyond) impossible from an in-order layer.
+        return;
+    }
+    if frozen_cut && limit.as_ref().is_some_and(|l| index >= l[pos]) {
+        stats.dropped_beyond_cut += 1;
+        return;
+    }
+    log.msgs.push_back(Arc::new(GroupMessage {
+        sender,
+        view,
+        index,
+        timestamp,
+        stream,
+        payload: payload.to_vec(),
+    }));
+}
+
+fn parse_relay(b: &[u8]) -> Option<(u32, u64, GroupMessage)> {
+    if b.len() < RELAY_HEADER {
+        return None;
+    }
+    let sender = u32::from_le_bytes(b[0..4].try_into().ok()?);
+    let index = u64::from_le_bytes(b[4..12].try_into().ok()?);
+    let timestamp = u64::from_le_bytes(b[12..20].try_into().ok()?);
+    let stream = u32::from_le_bytes(b[20..24].try_into().ok()?);
+    if stream == RELAY_STREAM {
+        return None;
+    }
+    Some((
+        sender,
+        index,
+        GroupMessage {
+            sender,
+            view: 0,
+            index,
+            timestamp,
+            stream,
+            payload: b[RELAY_HEADER..].to_vec(),
+        },
+    ))
+}
+
+/// How many of sender `s`'s messages every member of the view is known to hold.
+fn stable_of(d: &ViewData, me: u32, s: usize) -> u64 {
+    d.view
+        .members
+        .iter()
+        .map(|m| {
+            if *m == me {
+                d.logs[s].count()
+            } else {
+                d.reports.get(m).map_or(0, |r| r[s])
+            }
+        })
+        .min()
+        .unwrap_or(0)
+}
+
+/// Delivers, per sender, every message held and not held back by a view change.
+fn deliver_fifo(d: &mut ViewData, out: &mut VecDeque<GroupOutput>) {
+    for s in 0..d.logs.len() {
+        let avail = d.avail(s);
+        let log = &mut d.logs[s];
+        while log.next[0] < avail {
+            let m = log.get(log.next[0]).expect("below count").clone();
+            if m.stream != RELAY_STREAM {
+                out.push_back(GroupOutput::Message(m));
+            }
+            log.next[0] += 1;
+        }
+    }
+}
+
+/// The highest timestamp sender `s` is known to be past at this member.
+fn horizon(d: &ViewData, s: usize, own: bool, clock: u64) -> u64 {
+    let log = &d.logs[s];
+    let avail = d.avail(s);
+    let last = if avail == 0 {
+        0
+    } else {
+        log.get(avail - 1).map_or(0, |m| m.timestamp)
+    };
+    if own {
+        return last.max(clock);
+    }
+    if avail == log.count() && log.count() >= log.promise.0 {
+        last.max(log.promise.1)
+    } else {
+        last
+    }
+}
+
+/// Delivers in (timestamp, sender) order what order `o` may deliver; `all` at the end of a view
+/// (every survivor holds the same set, so no horizon or stability is needed).
+fn deliver_ordered(
+    d: &mut ViewData,
+    me: u32,
+    clock: u64,
+    o: usize,
+    safe: bool,
+    all: bool,
+    out: &mut VecDeque<GroupOutput>,
+) {
+    let n = d.logs.len();
+    let stable: Vec<u64> = if safe && !all {
+        (0..n).map(|s| stable_of(d, me, s)).collect()
+    } else {
+        Vec::new()
+    };
+    loop {
+        let mut best: Option<(u64, u32, usize)> = None;
+        for s in 0..n {
+            let log = &d.logs[s];
+            if log.next[o] < d.avail(s) {
+                let m = log.get(log.next[o]).expect("below count");
+                let key = (m.timestamp, m.sender, s);
+                if best.is_none_or(|b| (key.0, key.1) < (b.0, b.1)) {
+                    best = Some(key);
+                }
+            }
+        }
+        let Some((ts, _, s)) = best else {
+            return;
+        };
+        if !all {
+            let blocked = (0..n).any(|r| r != s && horizon(d, r, d.view.senders[r] == me, clock) < ts);
+            if blocked || (safe && d.logs[s].next[o] >= stable[s]) {
+                return;
+            }
+        }
+        let log = &mut d.logs[s];
+        let m = log.get(log.next[o]).expect("below count").clone();
+        log.next[o] += 1;
+        if m.stream != RELAY_STREAM {
+            out.push_back(GroupOutput::Message(m));
+        }
+    }
+}
+
+/// Drops messages every order delivered and every member holds.
+fn collect_garbage(d: &mut ViewData, me: u32) {
+    if d.limit.is_some() {
+        return;
+    }
+    for s in 0..d.logs.len() {
+        let stable = stable_of(d, me, s);
+        let log = &mut d.logs[s];
+        let keep_from = log.next.iter().copied().min().unwrap_or(0).min(stable);
+        while log.base < keep_from && !log.msgs.is_empty() {
+            log.msgs.pop_front();
+            log.base += 1;
+        }
+    }
+}
