@@ -3,6 +3,8 @@
 //! A seeded network drops, duplicates, reorders, delays and partitions datagrams; one seed is one
 //! exact run. A checker verifies every delivery: exactly once, intact, in per-sender order.
 
+pub mod group;
+
 use crate::proto::{Counter, Counters, Destination, Event, Member, MemberConfig, Nanos, Output};
 use crate::Error;
 use rand::{Rng, SeedableRng};
@@ -157,7 +159,7 @@ pub fn member_addr(index: usize) -> SocketAddr {
     ))
 }
 
-fn addr_index(addr: SocketAddr) -> Option<usize> {
+pub(crate) fn addr_index(addr: SocketAddr) -> Option<usize> {
     match addr {
         SocketAddr::V4(v4) => {
             let [_, a, b, c] = v4.ip().octets();
@@ -289,7 +291,7 @@ impl Checker {
 
 /// Arrival times are kept to the microsecond: copies due in the same microsecond arrive in the
 /// order they were sent, which keeps the queue small and the run deterministic.
-const TICK_NS: Nanos = 1000;
+pub(crate) const TICK_NS: Nanos = 1000;
 
 #[derive(Debug)]
 struct InFlight {
