@@ -177,9 +177,15 @@ impl UdpTransport {
                 revents: 0,
             })
             .collect();
-        let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
-        // SAFETY: `fds` is a live array of `fds.len()` pollfd structs for the call's duration.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        // ppoll, not poll: poll counts whole milliseconds, so a sub-millisecond wait would
+        // become a busy loop that keeps other threads off a small machine's cores.
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
+            tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+        };
+        // SAFETY: `fds` is a live array of `fds.len()` pollfd structs and `ts` a live timespec
+        // for the call's duration; a null signal mask leaves the thread's mask as it is.
+        let rc = unsafe { libc::ppoll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, &ts, std::ptr::null()) };
         if rc < 0 {
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {
