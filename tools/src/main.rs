@@ -2,6 +2,7 @@
 
 mod bench;
 mod client;
+mod node;
 mod secure;
 mod sim;
 
@@ -58,6 +59,11 @@ enum Command {
     Keys(secure::KeysArgs),
     /// Signed group policies: `policy new|add|remove|sign|show`.
     Policy(secure::PolicyArgs),
+    /// Run one group member with membership, views and ordered delivery over UDP.
+    ///
+    /// Publishes --send messages at --rate and prints each delivery of --order (fifo, total,
+    /// safe) and each view event as one JSON line; exits after --duration seconds.
+    Node(node::NodeArgs),
     /// The receiving side of a bench (started by `intergroup bench`).
     #[command(hide = true)]
     BenchChild(bench::ChildArgs),
@@ -70,6 +76,7 @@ fn main() -> ExitCode {
     let usage = |message: String| client::Failure { code: 2, message };
     let result = match cli.command {
         Command::Sim(args) => sim::run(args).map_err(usage),
+        Command::Node(args) => node::run(args).map_err(usage),
         Command::Bench(args) => bench::run(args).map_err(usage),
         Command::BenchChild(args) => bench::run_child(args).map_err(usage),
         Command::Keys(args) => secure::keys(args).map_err(usage),

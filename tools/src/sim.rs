@@ -71,6 +71,11 @@ pub struct SimArgs {
     /// Group layer: microseconds between two messages of one sender.
     #[arg(long, default_value_t = 2000)]
     interval_us: u64,
+    /// Group layer: least microseconds between two STATE frames sent because something
+    /// changed: how soon a quiet sender promises its clock to total order, and how soon
+    /// stability for safe order spreads.
+    #[arg(long, default_value_t = 200)]
+    ack_interval_us: u64,
     /// Print one JSON object instead of the report.
     #[arg(long)]
     json: bool,
@@ -190,6 +195,7 @@ fn run_group(args: SimArgs) -> Result<ExitCode, String> {
     if args.dup > 0.0 || args.reorder > 0.0 {
         return Err("--dup and --reorder apply to the core simulator only, not with the group layer".into());
     }
+    cfg.group.ack_interval_ns = args.ack_interval_us.max(1) * 1000;
     cfg.group.member.mtu = args.mtu;
     cfg.group.member.window_frames = args.window;
     cfg.group.member.retransmit_frames = (args.window.max(1) * 4).next_power_of_two();

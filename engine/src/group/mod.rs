@@ -21,6 +21,7 @@
 //! [`poll_output`](GroupMember::poll_output), and ask [`poll_timeout`](GroupMember::poll_timeout).
 
 pub mod control;
+pub mod udp;
 
 use crate::proto::{Destination, Member, MemberConfig, Nanos, Output, Transmit};
 use crate::wire::{self, DatagramWriter, Frame};

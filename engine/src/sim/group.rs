@@ -331,7 +331,11 @@ impl GroupSimulation {
             events.push(Reverse((t, Ev::Leave(i))));
         }
         for s in 0..cfg.senders {
-            events.push(Reverse((cfg.group.join_timeout_ns / 2, Ev::Publish(s))));
+            // After the first view has formed, so latency figures are those of a running group.
+            let first_view = cfg.group.join_timeout_ns + 5 * cfg.group.tick_ns;
+            // Staggered, so senders are not in lockstep (which would flatter total order).
+            let offset = cfg.interval_ns * s as u64 / cfg.senders.max(1) as u64;
+            events.push(Reverse((first_view + offset, Ev::Publish(s))));
         }
         let last_fault = cfg
             .crashes

@@ -8,6 +8,7 @@
 
 mod ipc;
 mod member;
+mod order;
 mod raw;
 mod udp;
 
@@ -38,6 +39,9 @@ enum Mode {
     /// Publisher -> subscriber through an engine's shared memory (the local path), against
     /// the minimal ring measured first in the same run.
     Ipc(ipc::IpcArgs),
+    /// K senders at once in a group whose members all subscribe, with membership: delivered
+    /// messages per second and latency in FIFO, then in total (or safe) order, same run.
+    Order(order::OrderArgs),
 }
 
 /// Runs a bench mode.
@@ -46,6 +50,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
         Mode::RawUdp(a) => raw::run(a),
         Mode::Udp(a) => udp::run(a),
         Mode::Ipc(a) => ipc::run(a),
+        Mode::Order(a) => order::run(a),
     }
 }
 
