@@ -165,6 +165,20 @@ impl UdpTransport {
         Ok(None)
     }
 
+    /// Blocks until a socket is readable, the protocol's `deadline` (in the clock of `now`)
+    /// comes, or `max_wait` passes; returns at once when the deadline has passed.
+    pub fn wait_until(&self, now: Nanos, deadline: Option<Nanos>, max_wait: Duration) -> io::Result<()> {
+        let wait = match deadline {
+            Some(d) if d <= now => return Ok(()),
+            Some(d) => max_wait.min(Duration::from_nanos(d - now)),
+            None => max_wait,
+        };
+        if wait.is_zero() {
+            return Ok(());
+        }
+        self.wait(wait)
+    }
+
     /// Blocks until a socket is readable or `timeout` passes.
     pub fn wait(&self, timeout: Duration) -> io::Result<()> {
         let mut fds: Vec<libc::pollfd> = self
@@ -277,14 +291,7 @@ impl UdpMember {
     ) -> io::Result<()> {
         self.flush();
         let now = self.now_ns();
-        let wait = match self.member.poll_timeout() {
-            Some(deadline) if deadline <= now => Duration::ZERO,
-            Some(deadline) => max_wait.min(Duration::from_nanos(deadline - now)),
-            None => max_wait,
-        };
-        if !wait.is_zero() {
-            self.transport.wait(wait)?;
-        }
+        self.transport.wait_until(now, self.member.poll_timeout(), max_wait)?;
         while let Some((n, from)) = self.transport.try_recv(&mut self.rx)? {
             if let Some(loss) = self.loss.as_mut() {
                 if loss.drop_next() {

@@ -76,14 +76,7 @@ impl UdpGroupMember {
     pub fn turn(&mut self, max_wait: Duration, mut out: impl FnMut(Order, GroupOutput)) -> io::Result<()> {
         self.flush();
         let now = self.now_ns();
-        let wait = match self.member.poll_timeout() {
-            Some(deadline) if deadline <= now => Duration::ZERO,
-            Some(deadline) => max_wait.min(Duration::from_nanos(deadline - now)),
-            None => max_wait,
-        };
-        if !wait.is_zero() {
-            self.transport.wait(wait)?;
-        }
+        self.transport.wait_until(now, self.member.poll_timeout(), max_wait)?;
         let mut taken = 0;
         while let Some((n, from)) = self.transport.try_recv(&mut self.rx)? {
             if self.loss.as_mut().is_some_and(|l| l.drop_next()) {
