@@ -61,6 +61,29 @@ if "$bin" sim --members 3 --messages 10 --loss 0.999999 --seed 1 --max-virtual-s
   echo "intergroup sim exited 0 although its checker cannot have passed" >&2
   exit 1
 fi
+echo "== group layer contract: intergroup sim --members 7 --senders 3 --order total --crash 2 --partition 1 --loss 0.1"
+for seed in 1 2 3; do
+  out=$("$bin" sim --members 7 --senders 3 --order total --crash 2 --partition 1 --loss 0.1 --seed "$seed" --json)
+  python3 - "$out" <<'PY'
+import json, sys
+out = json.loads(sys.argv[1])
+need = ["delivered_ok", "virtual_synchrony_ok", "views_installed", "order"]
+missing = [k for k in need if k not in out]
+assert not missing, f"group sim JSON lacks {missing}"
+assert out["delivered_ok"] and out["virtual_synchrony_ok"] and out["order"] == "total", out
+print(f"seed {out['seed']}: {out['views_installed']} primary views, {out['delivered_messages']} total-order deliveries, delivered_ok and virtual_synchrony_ok")
+PY
+done
+out=$("$bin" bench order --senders 3 --size 64 --duration 0.5 --json)
+python3 - "$out" <<'PY'
+import json, sys
+out = json.loads(sys.argv[1])
+need = ["msgs_per_sec", "ratio_to_fifo", "p50", "p90", "p99", "p999", "max", "fifo", "ordered"]
+missing = [k for k in need if k not in out]
+assert not missing, f"bench order JSON lacks {missing}"
+assert out["msgs_per_sec"] > 0 and out["fifo"]["msgs_per_sec"] > 0, out
+print(f"bench order: total {out['msgs_per_sec']:.0f} msgs/s at every member, ratio_to_fifo {out['ratio_to_fifo']}")
+PY
 echo "== intergroup bench contract (raw-udp and udp on both backends over loopback, short runs; speed is not judged here)"
 out=$("$bin" bench raw-udp --subscribers 2 --size 1024 --duration 0.3 --json)
 python3 - "$out" <<'PY'
