@@ -291,7 +291,8 @@ impl UdpMember {
     ) -> io::Result<()> {
         self.flush();
         let now = self.now_ns();
-        self.transport.wait_until(now, self.member.poll_timeout(), max_wait)?;
+        self.transport
+            .wait_until(now, self.member.poll_timeout(), max_wait)?;
         while let Some((n, from)) = self.transport.try_recv(&mut self.rx)? {
             if let Some(loss) = self.loss.as_mut() {
                 if loss.drop_next() {

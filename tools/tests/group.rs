@@ -52,6 +52,11 @@ fn spawn(netns: Option<&str>, id: u32, args: &[String], log: &Path) -> Node {
     }
 }
 
+/// A view: (id, coordinator).
+type ViewKey = (u64, u64);
+/// A delivered message: (sender, seq).
+type Msg = (u64, u64);
+
 /// One member's log: views in order, and per view the messages `(sender, seq)` delivered.
 #[derive(Debug, Default)]
 struct Log {
@@ -110,8 +115,7 @@ fn check(survivors: &[&Node], complete: &[u32], senders: &[u32], sent: u64) {
     assert!(last.3, "the final view must be primary: {last:?}");
     assert_eq!(last.2, ids, "the final view must hold exactly the survivors");
     // Per (view, next view): the sequence.
-    let mut by_transition: BTreeMap<((u64, u64), Option<(u64, u64)>), (u32, Vec<(u64, u64)>)> =
-        BTreeMap::new();
+    let mut by_transition: BTreeMap<(ViewKey, Option<ViewKey>), (u32, Vec<Msg>)> = BTreeMap::new();
     for (id, log) in &logs {
         for (i, v) in log.views.iter().enumerate() {
             let key = (v.0, v.1);

@@ -76,7 +76,8 @@ impl UdpGroupMember {
     pub fn turn(&mut self, max_wait: Duration, mut out: impl FnMut(Order, GroupOutput)) -> io::Result<()> {
         self.flush();
         let now = self.now_ns();
-        self.transport.wait_until(now, self.member.poll_timeout(), max_wait)?;
+        self.transport
+            .wait_until(now, self.member.poll_timeout(), max_wait)?;
         let mut taken = 0;
         while let Some((n, from)) = self.transport.try_recv(&mut self.rx)? {
             if self.loss.as_mut().is_some_and(|l| l.drop_next()) {
