@@ -355,3 +355,112 @@ fn a_subscriber_beyond_the_reader_slots_is_told_not_left_waiting() {
     drop((publication, first, other, second, client));
     driver.close();
 }
+
+#[test]
+fn two_engines_with_membership_deliver_one_total_order() {
+    let (dir_a, mut cfg) = setup("total-a");
+    let (dir_b, _) = setup("total-b");
+    cfg.groups.push(toml_group("ordered"));
+    cfg.subscription_log_bytes = 4 << 20;
+    let a = Driver::start(
+        &dir_a,
+        DriverConfig {
+            member_id: 1,
+            ..cfg.clone()
+        },
+    )
+    .unwrap();
+    let b = Driver::start(
+        &dir_b,
+        DriverConfig {
+            member_id: 2,
+            ..cfg.clone()
+        },
+    )
+    .unwrap();
+    let client_a = Client::connect(&dir_a).unwrap();
+    let client_b = Client::connect(&dir_b).unwrap();
+    let mut subs = [
+        client_a.subscription("ordered", 1, Order::Total).unwrap(),
+        client_b.subscription("ordered", 1, Order::Total).unwrap(),
+    ];
+    // A group without membership refuses total order, with a reason.
+    match client_a.subscription("plain", 1, Order::Total) {
+        Err(IpcError::Refused { message, .. }) => assert!(message.contains("membership"), "{message}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let mut pubs = [
+        client_a.publication("ordered", 1).unwrap(),
+        client_b.publication("ordered", 1).unwrap(),
+    ];
+    let per = 2_000u32;
+    let mut sent = [0u32; 2];
+    let mut got: [Vec<(u32, u32)>; 2] = [Vec::new(), Vec::new()];
+    let mut views = [0u32; 2];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got.iter().any(|g| g.len() < 2 * per as usize) {
+        assert!(
+            Instant::now() < deadline,
+            "only {} and {} of {} arrived",
+            got[0].len(),
+            got[1].len(),
+            2 * per
+        );
+        for (i, p) in pubs.iter_mut().enumerate() {
+            while sent[i] < per {
+                let mut msg = [0u8; 8];
+                msg[..4].copy_from_slice(&(i as u32).to_le_bytes());
+                msg[4..].copy_from_slice(&sent[i].to_le_bytes());
+                if p.offer(&msg).is_err() {
+                    break;
+                }
+                sent[i] += 1;
+            }
+        }
+        for (i, s) in subs.iter_mut().enumerate() {
+            s.poll(256, |d| match d {
+                Delivery::Message(m) => {
+                    assert!(views[i] > 0, "a message before any view");
+                    let who = u32::from_le_bytes(m.payload[..4].try_into().unwrap());
+                    let k = u32::from_le_bytes(m.payload[4..].try_into().unwrap());
+                    got[i].push((who, k));
+                }
+                Delivery::Event(SubscriptionEvent::View {
+                    view,
+                    members,
+                    primary,
+                    ..
+                }) => {
+                    assert!(*primary, "one host, no partition: the view is primary");
+                    if *members == 2 {
+                        views[i] = *view;
+                    }
+                }
+                Delivery::Event(e) => panic!("unexpected event {e:?}"),
+            })
+            .unwrap();
+        }
+    }
+    assert_eq!(got[0], got[1], "both engines deliver one total order");
+    for who in 0..2u32 {
+        let mine: Vec<u32> = got[0].iter().filter(|m| m.0 == who).map(|m| m.1).collect();
+        assert!(
+            mine.into_iter().eq(0..per),
+            "every message of engine {who} once, in its order"
+        );
+    }
+    drop((pubs, subs, client_a, client_b));
+    a.close();
+    b.close();
+}
+
+fn toml_group(name: &str) -> intergroup_engine::ipc::GroupEntry {
+    intergroup_engine::ipc::GroupEntry {
+        name: name.into(),
+        address: None,
+        peers: Vec::new(),
+        unicast_port: 0,
+        membership: true,
+        initial_members: 2,
+    }
+}

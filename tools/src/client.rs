@@ -238,6 +238,10 @@ pub struct SubArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
+    /// Delivery order: fifo (per sender), or total or safe (the same order at every engine;
+    /// the group needs `membership = true` in the engines' [[group]] entry).
+    #[arg(long, default_value = "fifo")]
+    order: Order,
 }
 
 fn event_json(e: &SubscriptionEvent) -> Value {
@@ -256,6 +260,19 @@ fn event_json(e: &SubscriptionEvent) -> Value {
             json!({"event": "unrecoverable_loss", "sender": sender, "first": first, "count": count})
         }
         SubscriptionEvent::Lapped { missed } => json!({"event": "lapped", "missed": missed}),
+        SubscriptionEvent::View {
+            view,
+            coordinator,
+            members,
+            primary,
+        } => json!({
+            "event": if *primary { "view" } else { "non_primary" },
+            "view": view,
+            "coordinator": coordinator,
+            "members": members,
+        }),
+        SubscriptionEvent::Transitional { members } => json!({"event": "transitional", "members": members}),
+        SubscriptionEvent::Left => json!({"event": "left"}),
     }
 }
 
@@ -264,7 +281,7 @@ pub fn subscribe(a: SubArgs) -> Result<ExitCode, Failure> {
     catch_signals();
     let client = Client::connect(a.dir.path()).map_err(fail)?;
     let mut s = client
-        .subscription(&a.target.group, a.target.stream, Order::Fifo)
+        .subscription(&a.target.group, a.target.stream, a.order)
         .map_err(fail)?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());

@@ -38,10 +38,11 @@ pub const RELAY_STREAM: u32 = u32::MAX;
 const RELAY_HEADER: usize = 4 + 8 + 8 + 4;
 
 /// A delivery order, chosen per subscription.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Order {
     /// Per-sender order.
+    #[default]
     Fifo,
     /// One order at every member.
     Total,
@@ -55,6 +56,16 @@ impl Order {
 
     fn index(self) -> usize {
         self as usize
+    }
+
+    /// Wire code (in the client binding's requests).
+    pub fn code(self) -> u32 {
+        self as u32
+    }
+
+    /// The order of a wire code.
+    pub fn from_code(code: u32) -> Option<Order> {
+        Order::ALL.get(code as usize).copied()
     }
 
     /// The lowercase name.
@@ -450,6 +461,21 @@ impl GroupMember {
         Some(d.sender_pos(sender).is_some_and(|s| d.logs[s].count() > index))
     }
 
+    /// The reliable-multicast settings every view's member starts from.
+    pub fn member_config(&self) -> &MemberConfig {
+        &self.cfg.member
+    }
+
+    /// Asks to become a sender in the next view (publishing asks too).
+    pub fn want_to_send(&mut self) {
+        self.wants_send = true;
+    }
+
+    /// Items waiting in `order`'s delivery queue.
+    pub fn pending_outputs(&self, order: Order) -> usize {
+        self.outputs[order.index()].len()
+    }
+
     /// Bytes published but not yet handed to the reliable layer.
     pub fn pending_bytes(&self) -> usize {
         self.pending_bytes
@@ -785,7 +811,7 @@ impl GroupMember {
                 deliver_ordered(d, self.id, clock, o, safe, false, &mut self.outputs[o]);
             }
         }
-        collect_garbage(d, self.id);
+        collect_garbage(d, self.id, &self.enabled);
     }
 
     fn tick(&mut self, now: Nanos) {
@@ -1605,14 +1631,20 @@ fn deliver_ordered(
 }
 
 /// Drops messages every order delivered and every member holds.
-fn collect_garbage(d: &mut ViewData, me: u32) {
+fn collect_garbage(d: &mut ViewData, me: u32, enabled: &[bool; 3]) {
     if d.limit.is_some() {
         return;
     }
     for s in 0..d.logs.len() {
         let stable = stable_of(d, me, s);
         let log = &mut d.logs[s];
-        let keep_from = log.next.iter().copied().min().unwrap_or(0).min(stable);
+        // Orders nobody reads never move their pointer: they must not pin messages.
+        let delivered = (0..3)
+            .filter(|&o| enabled[o])
+            .map(|o| log.next[o])
+            .min()
+            .unwrap_or(u64::MAX);
+        let keep_from = delivered.min(stable);
         while log.base < keep_from && !log.msgs.is_empty() {
             log.msgs.pop_front();
             log.base += 1;

@@ -681,6 +681,27 @@ pub enum SubscriptionEvent {
         /// How many.
         missed: u64,
     },
+    /// (Groups with membership) a view was installed: the messages that follow belong to it
+    /// (their `view`), and `seq` counts each sender's messages within it. `primary: false`:
+    /// this engine is in a non-primary component and delivers nothing until it rejoins.
+    View {
+        /// View id.
+        view: u32,
+        /// The engine that coordinated it.
+        coordinator: u32,
+        /// Number of engines in it.
+        members: u32,
+        /// Whether it is primary.
+        primary: bool,
+    },
+    /// (Safe order) the view ends: the safe messages up to the next view are held by the
+    /// `members` engines that survived it, not by every member of the view.
+    Transitional {
+        /// How many.
+        members: u32,
+    },
+    /// (Groups with membership) this engine left the group.
+    Left,
 }
 
 /// What [`Subscription::poll`] hands out.
@@ -807,7 +828,15 @@ impl Subscription {
         }
         if handed < limit {
             let r = self.remote.poll(limit - handed, |t, rec| {
-                if rec.len() < SINK_META_LEN {
+                // The engine writes these logs, but their bytes are still checked: a short
+                // record is skipped, never read past.
+                let need = match t {
+                    1 | 2 => SINK_META_LEN,
+                    3 => 16,
+                    4 | 5 => 4,
+                    _ => usize::MAX,
+                };
+                if rec.len() < need {
                     return;
                 }
                 let u32_at = |a: usize| u32::from_le_bytes(rec[a..a + 4].try_into().unwrap_or_default());
@@ -829,6 +858,16 @@ impl Subscription {
                         first: u64_at(8),
                         count: u64_at(16),
                     })),
+                    3 => f(Delivery::Event(&SubscriptionEvent::View {
+                        view: u32_at(0),
+                        coordinator: u32_at(4),
+                        members: u32_at(8),
+                        primary: u32_at(12) != 0,
+                    })),
+                    4 => f(Delivery::Event(&SubscriptionEvent::Transitional {
+                        members: u32_at(0),
+                    })),
+                    5 => f(Delivery::Event(&SubscriptionEvent::Left)),
                     _ => {}
                 }
             });

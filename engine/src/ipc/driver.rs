@@ -4,7 +4,7 @@
 
 use super::cnc::{self, Cnc, SlotField};
 use super::protocol::{Command, Response};
-use super::{check_group_name, files, group_id, ErrorCode, IpcError};
+use super::{check_group_name, files, group_id, ErrorCode, IpcError, Order};
 use crate::proto::{Counters, MemberConfig};
 use crate::runtime::{Engine, EngineConfig, GroupConfig};
 use crate::transport::UdpConfig;
@@ -76,6 +76,18 @@ pub struct GroupEntry {
     /// Fixed port of this engine's unicast socket (peers need one); 0 picks any.
     #[serde(default)]
     pub unicast_port: u16,
+    /// Run the group with membership (views, virtual synchrony) so that subscriptions may ask
+    /// for total or safe order. Every engine of the group must agree.
+    #[serde(default)]
+    pub membership: bool,
+    /// With membership: the first view is primary only with at least this many engines (a
+    /// majority of those you expect, so a partition at start-up cannot make two primaries).
+    #[serde(default = "one")]
+    pub initial_members: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Default for NetworkConfig {
@@ -170,6 +182,8 @@ socket_buffer_bytes = 8388608
 # address = "239.255.10.1:40500"
 # peers = []          # unicast peers ("10.0.0.2:40500") instead of multicast
 # unicast_port = 0    # fixed port of this engine's unicast socket (peers need one)
+# membership = false  # views and virtual synchrony: subscriptions may ask for total or safe order
+# initial_members = 1 # with membership: engines needed for the first primary view
 "#;
 
 impl DriverConfig {
@@ -441,6 +455,7 @@ impl Drop for Driver {
 
 struct JoinedGroup {
     id: u32,
+    membership: bool,
 }
 
 struct Pub {
@@ -454,6 +469,7 @@ struct Sub {
     client: u64,
     group: u32,
     stream: u32,
+    order: Order,
 }
 
 #[derive(Default)]
@@ -475,8 +491,8 @@ struct Conductor {
     groups: HashMap<String, JoinedGroup>,
     publications: HashMap<u64, Pub>,
     subscriptions: HashMap<u64, Sub>,
-    /// Per (group, stream): the log path and how many subscriptions read it.
-    sinks: HashMap<(u32, u32), (PathBuf, usize)>,
+    /// Per (group, stream, order): the log path and how many subscriptions read it.
+    sinks: HashMap<(u32, u32, Order), (PathBuf, usize)>,
     next_id: u64,
     /// Per client slot: when it was first seen being claimed.
     claiming: Vec<Option<Instant>>,
@@ -549,9 +565,11 @@ impl Conductor {
         match c {
             Command::AddPublication { stream, group, .. } => {
                 match self.add_publication(client, correlation, &group, stream) {
-                    Ok(ready) => {
-                        self.respond(&ready.0);
-                        self.respond(&ready.1);
+                    Ok((ready, image)) => {
+                        self.respond(&ready);
+                        if let Some(image) = image {
+                            self.respond(&image);
+                        }
                     }
                     Err((code, m)) => self.refuse(correlation, code, m),
                 }
@@ -559,14 +577,16 @@ impl Conductor {
             Command::AddSubscription {
                 stream, order, group, ..
             } => {
-                if order != super::Order::Fifo.code() {
+                let Some(order) = Order::from_code(order) else {
                     return self.refuse(
                         correlation,
                         ErrorCode::Unsupported,
-                        format!("ordering {order} is not offered by this engine (FIFO is)"),
+                        format!(
+                            "ordering {order} is not offered by this engine (0 fifo, 1 total, 2 safe are)"
+                        ),
                     );
-                }
-                match self.add_subscription(client, correlation, &group, stream) {
+                };
+                match self.add_subscription(client, correlation, &group, stream, order) {
                     Ok((ready, images)) => {
                         self.respond(&ready);
                         for i in images {
@@ -609,6 +629,7 @@ impl Conductor {
         if let Some(g) = self.groups.get(name) {
             return Ok(g.id);
         }
+        let membership = self.cfg.groups.iter().any(|g| g.name == name && g.membership);
         let id = group_id(name);
         if self.groups.values().any(|g| g.id == id) {
             return Err((
@@ -635,11 +656,18 @@ impl Conductor {
             unicast_port: entry.map_or(0, |e| e.unicast_port),
             peers: entry.map_or_else(Vec::new, |e| e.peers.clone()),
         };
+        if membership {
+            group.membership = Some(crate::group::GroupConfig {
+                initial_members: entry.map_or(1, |e| e.initial_members),
+                ..crate::group::GroupConfig::default()
+            });
+        }
         self.engine()
             .join(group)
             .map_err(|e| (ErrorCode::Failed, format!("joining group {name}: {e}")))?;
         tracing::info!(group = name, id, %address, "joined group");
-        self.groups.insert(name.to_string(), JoinedGroup { id });
+        self.groups
+            .insert(name.to_string(), JoinedGroup { id, membership });
         Ok(id)
     }
 
@@ -649,8 +677,9 @@ impl Conductor {
         correlation: u64,
         name: &str,
         stream: u32,
-    ) -> Result<(Response, Response), (ErrorCode, String)> {
+    ) -> Result<(Response, Option<Response>), (ErrorCode, String)> {
         let group = self.ensure_group(name)?;
+        let membership = self.groups.values().any(|g| g.id == group && g.membership);
         let id = self.next_id;
         self.next_id += 1;
         let path = self.dir.join(format!("pub-{id}"));
@@ -693,13 +722,15 @@ impl Conductor {
                 sender: self.member_id,
                 path: path.clone(),
             },
-            Response::ImageAvailable {
+            // With membership local subscribers get every message through the ordering, not
+            // from the log.
+            (!membership).then_some(Response::ImageAvailable {
                 session: id,
                 group,
                 stream,
                 sender: self.member_id,
                 path,
-            },
+            }),
         ))
     }
 
@@ -709,23 +740,33 @@ impl Conductor {
         correlation: u64,
         name: &str,
         stream: u32,
+        order: Order,
     ) -> Result<(Response, Vec<Response>), (ErrorCode, String)> {
         let group = self.ensure_group(name)?;
-        let path = match self.sinks.get_mut(&(group, stream)) {
+        let membership = self.groups.values().any(|g| g.id == group && g.membership);
+        if order != Order::Fifo && !membership {
+            return Err((
+                ErrorCode::Unsupported,
+                format!(
+                    "group {name:?} runs without membership: only fifo order is offered (set membership = true in its [[group]] entry)"
+                ),
+            ));
+        }
+        let path = match self.sinks.get_mut(&(group, stream, order)) {
             Some((path, readers)) => {
                 *readers += 1;
                 path.clone()
             }
             None => {
-                let path = self.dir.join(format!("sub-{group}-{stream}"));
+                let path = self.dir.join(format!("sub-{group}-{stream}-{}", order.name()));
                 let failed = |e: String| (ErrorCode::Failed, e);
                 intergroup_ring::broadcast::create(&path, self.cfg.subscription_log_bytes, 1, Mode::Lossy)
                     .map_err(|e| failed(e.to_string()))?;
-                if let Err(e) = self.engine().sink(group, stream, path.clone()) {
+                if let Err(e) = self.engine().sink(group, stream, order, path.clone()) {
                     let _ = std::fs::remove_file(&path);
                     return Err(failed(e.to_string()));
                 }
-                self.sinks.insert((group, stream), (path.clone(), 1));
+                self.sinks.insert((group, stream, order), (path.clone(), 1));
                 path
             }
         };
@@ -737,13 +778,16 @@ impl Conductor {
                 client,
                 group,
                 stream,
+                order,
             },
         );
         tracing::debug!(id, group = name, stream, client, "subscription added");
+        // With membership every delivery, local ones too, goes through the group's ordering:
+        // no image is read directly.
         let images = self
             .publications
             .iter()
-            .filter(|(_, p)| p.group == group && p.stream == stream)
+            .filter(|(_, p)| p.group == group && p.stream == stream && !membership)
             .map(|(&session, p)| Response::ImageAvailable {
                 session,
                 group,
@@ -784,13 +828,13 @@ impl Conductor {
         let Some(s) = self.subscriptions.remove(&id) else {
             return;
         };
-        let key = (s.group, s.stream);
+        let key = (s.group, s.stream, s.order);
         if let Some((path, readers)) = self.sinks.get_mut(&key) {
             *readers -= 1;
             if *readers == 0 {
                 let path = path.clone();
                 self.sinks.remove(&key);
-                let _ = self.engine().close_sink(s.group, s.stream);
+                let _ = self.engine().close_sink(s.group, s.stream, s.order);
                 let _ = std::fs::remove_file(path);
             }
         }

@@ -73,23 +73,9 @@ pub mod files {
     pub const RESPONSES: &str = "responses";
 }
 
-/// How a subscription wants its group's messages ordered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum Order {
-    /// In each sender's order (per publication on the local path).
-    #[default]
-    Fifo,
-}
-
-impl Order {
-    /// Wire code.
-    pub fn code(self) -> u32 {
-        match self {
-            Order::Fifo => 0,
-        }
-    }
-}
+/// How a subscription wants its group's messages ordered: `Fifo` always; `Total` and `Safe`
+/// in groups configured with `membership = true`.
+pub use crate::group::Order;
 
 /// Error codes in an engine's error responses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -71,6 +71,26 @@ pub enum Event {
         /// Why it was rejected.
         reason: RejectReason,
     },
+    /// (Groups with membership) a view was installed; the messages that follow belong to it.
+    /// `primary: false` is a non-primary component: nothing is delivered until it rejoins.
+    View {
+        /// View id.
+        view: u32,
+        /// The member that coordinated it.
+        coordinator: u32,
+        /// Number of members.
+        members: u32,
+        /// Whether it is primary.
+        primary: bool,
+    },
+    /// (Groups with membership, safe order) the view is ending: the safe messages up to the
+    /// next view are held by the `members` survivors, not by every member of the view.
+    Transitional {
+        /// Number of survivors.
+        members: u32,
+    },
+    /// (Groups with membership) this member left the group.
+    Left,
 }
 
 /// What a receiver keeps about one remote sender.

@@ -32,9 +32,11 @@
 //! ```
 
 pub mod io;
+mod proto;
 pub mod sys;
 mod worker;
 
+use crate::group::Order;
 pub use io::BackendKind;
 pub use worker::{SinkRecord, SINK_META_LEN};
 
@@ -114,6 +116,9 @@ pub struct GroupConfig {
     pub loss_seed: u64,
     /// Seed of the member's NAK back-off.
     pub seed: u64,
+    /// Membership, views and fifo/total/safe order (its `member` field is replaced by
+    /// `member` above); `None` runs reliable FIFO multicast without membership.
+    pub membership: Option<crate::group::GroupConfig>,
 }
 
 impl GroupConfig {
@@ -125,6 +130,7 @@ impl GroupConfig {
             udp: UdpConfig::default(),
             receive_loss: 0.0,
             loss_seed: 1,
+            membership: None,
         }
     }
 }
@@ -422,13 +428,29 @@ impl Engine {
         self.ask(id, |tx| Command::Join(Box::new(group), tx))
     }
 
-    /// Calls `handler` on the worker thread with every delivery and in-stream event of `group`.
+    /// Calls `handler` on the worker thread with every delivery and in-stream event of `group`
+    /// (in FIFO order).
     pub fn subscribe(
         &self,
         group: u32,
         handler: impl FnMut(Output<'_>) + Send + 'static,
     ) -> Result<(), EngineError> {
-        self.ask(group, |tx| Command::Subscribe(group, Box::new(handler), tx))
+        self.subscribe_ordered(group, Order::Fifo, handler)
+    }
+
+    /// Like [`subscribe`](Self::subscribe), in `order`: total and safe need a group joined
+    /// with [`GroupConfig::membership`]. View events ([`crate::Event::View`]) come in the
+    /// stream; a message's `sequence` is then its index among its sender's messages of the
+    /// view and its `epoch` the view.
+    pub fn subscribe_ordered(
+        &self,
+        group: u32,
+        order: Order,
+        handler: impl FnMut(Output<'_>) + Send + 'static,
+    ) -> Result<(), EngineError> {
+        self.ask(group, |tx| {
+            Command::Subscribe(group, order, Box::new(handler), tx)
+        })
     }
 
     /// A publication of `group` on `stream`: a single-producer ring the owning worker reads.
@@ -497,13 +519,13 @@ impl Engine {
 
     /// Writes the group's deliveries on `stream`, and its loss events, into the (lossy)
     /// broadcast log at `path`, for subscribers in other processes.
-    pub fn sink(&self, group: u32, stream: u32, path: PathBuf) -> Result<(), EngineError> {
-        self.ask(group, |reply| Command::Sink(group, stream, path, reply))
+    pub fn sink(&self, group: u32, stream: u32, order: Order, path: PathBuf) -> Result<(), EngineError> {
+        self.ask(group, |reply| Command::Sink(group, stream, order, path, reply))
     }
 
-    /// Stops writing the subscription log of `group` and `stream`.
-    pub fn close_sink(&self, group: u32, stream: u32) -> Result<(), EngineError> {
-        self.tell(group, Command::CloseSink(group, stream))
+    /// Stops writing the subscription log of `group`, `stream` and `order`.
+    pub fn close_sink(&self, group: u32, stream: u32, order: Order) -> Result<(), EngineError> {
+        self.tell(group, Command::CloseSink(group, stream, order))
     }
 
     fn tell(&self, group: u32, cmd: Command) -> Result<(), EngineError> {

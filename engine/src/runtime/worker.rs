@@ -3,8 +3,10 @@
 //! worker through rings (publications), a command channel (set-up) and an eventfd (wake-up).
 
 use super::io::{Io, Received, Send, SendBatch};
+use super::proto::Proto;
 use super::sys::{self, EventFd};
 use super::{EngineError, GroupConfig, GroupInfo, GroupStats, Handler};
+use crate::group::{GroupMember, Order};
 use crate::proto::{Destination, Member, Nanos, Output};
 use crate::transport::{open_sockets, ReceiveLoss, TransportStats};
 use crossbeam_channel::{Receiver, Sender};
@@ -43,6 +45,13 @@ pub enum SinkRecord {
     Message = 1,
     /// Unrecoverable loss: `sender: u32, 0: u32, first: u64, count: u64`.
     Loss = 2,
+    /// (Groups with membership) a view: `view: u32, coordinator: u32, members: u32,
+    /// primary: u32` (1 primary, 0 not).
+    View = 3,
+    /// (Safe order) the view ends; the rest is held by the survivors: `members: u32`.
+    Transitional = 4,
+    /// (Groups with membership) this member left: four zero bytes.
+    Left = 5,
 }
 
 /// How the application wakes a sleeping worker.
@@ -83,8 +92,8 @@ pub enum Command {
         /// Reply: the group's largest message.
         reply: Sender<Result<usize, EngineError>>,
     },
-    /// Hand every delivery and in-stream event of a group to a handler.
-    Subscribe(u32, Handler, Sender<Result<(), EngineError>>),
+    /// Hand every delivery and in-stream event of a group, in an order, to a handler.
+    Subscribe(u32, Order, Handler, Sender<Result<(), EngineError>>),
     /// Read a publication's broadcast log (written by a client process) whenever the group has
     /// remote receivers: local subscribers read the log themselves.
     LogPublication {
@@ -103,9 +112,9 @@ pub enum Command {
     CloseLogPublication(u32, u64),
     /// Write the group's deliveries on `stream` (and its loss events) into the broadcast log
     /// at the path, for subscribers in other processes.
-    Sink(u32, u32, PathBuf, Sender<Result<(), EngineError>>),
+    Sink(u32, u32, Order, PathBuf, Sender<Result<(), EngineError>>),
     /// Stop writing that log.
-    CloseSink(u32, u32),
+    CloseSink(u32, u32, Order),
     /// Counters of a group.
     Stats(u32, Sender<Result<GroupStats, EngineError>>),
     /// Stop: the worker returns after closing everything.
@@ -147,14 +156,18 @@ impl Source {
 /// A subscription log this worker writes.
 struct Sink {
     stream: u32,
+    order: Order,
     producer: BroadcastProducer,
 }
 
-/// Writes one output of a group into its sinks.
-fn write_sinks(sinks: &mut [Sink], out: Output<'_>, written: &mut u64) {
+/// Writes one output of a group, delivered in `order`, into the sinks of that order.
+fn write_sinks(sinks: &mut [Sink], order: Order, out: Output<'_>, written: &mut u64) {
     match out {
         Output::Message(m) => {
-            for s in sinks.iter_mut().filter(|s| s.stream == m.stream) {
+            for s in sinks
+                .iter_mut()
+                .filter(|s| s.stream == m.stream && s.order == order)
+            {
                 let len = SINK_META_LEN + m.payload.len();
                 // A message larger than the log's records cannot be handed on; the lossy log
                 // never refuses otherwise.
@@ -175,8 +188,35 @@ fn write_sinks(sinks: &mut [Sink], out: Output<'_>, written: &mut u64) {
             rec[0..4].copy_from_slice(&sender.to_le_bytes());
             rec[8..16].copy_from_slice(&first.to_le_bytes());
             rec[16..24].copy_from_slice(&count.to_le_bytes());
-            for s in sinks.iter_mut() {
+            for s in sinks.iter_mut().filter(|s| s.order == order) {
                 let _ = s.producer.offer(SinkRecord::Loss as u32, &rec);
+            }
+        }
+        Output::Event(crate::Event::View {
+            view,
+            coordinator,
+            members,
+            primary,
+        }) => {
+            let mut rec = [0u8; 16];
+            rec[0..4].copy_from_slice(&view.to_le_bytes());
+            rec[4..8].copy_from_slice(&coordinator.to_le_bytes());
+            rec[8..12].copy_from_slice(&members.to_le_bytes());
+            rec[12..16].copy_from_slice(&u32::from(primary).to_le_bytes());
+            for s in sinks.iter_mut().filter(|s| s.order == order) {
+                let _ = s.producer.offer(SinkRecord::View as u32, &rec);
+            }
+        }
+        Output::Event(crate::Event::Transitional { members }) => {
+            for s in sinks.iter_mut().filter(|s| s.order == order) {
+                let _ = s
+                    .producer
+                    .offer(SinkRecord::Transitional as u32, &members.to_le_bytes());
+            }
+        }
+        Output::Event(crate::Event::Left) => {
+            for s in sinks.iter_mut().filter(|s| s.order == order) {
+                let _ = s.producer.offer(SinkRecord::Left as u32, &[0u8; 4]);
             }
         }
         Output::Event(_) => {}
@@ -185,14 +225,14 @@ fn write_sinks(sinks: &mut [Sink], out: Output<'_>, written: &mut u64) {
 
 struct Group {
     id: u32,
-    member: Member,
+    proto: Proto,
     _group_socket: Option<UdpSocket>,
     unicast: UdpSocket,
     /// Where group datagrams go: the multicast group, or each unicast peer.
     group_dests: Vec<libc::sockaddr_in>,
     loss: Option<ReceiveLoss>,
     publications: Vec<Publication>,
-    handlers: Vec<Handler>,
+    handlers: Vec<(Order, Handler)>,
     sinks: Vec<Sink>,
     /// Messages written into sinks.
     sunk: u64,
@@ -357,18 +397,23 @@ impl Worker {
                                 source: Source::Ring(consumer),
                                 overflow: Vec::new(),
                             });
-                            Ok(self.groups[i].member.config().max_message_bytes)
+                            Ok(self.groups[i].proto.config().max_message_bytes)
                         }
                         Err(e) => Err(EngineError::Ring(e.to_string())),
                     },
                 };
                 let _ = reply.send(r);
             }
-            Command::Subscribe(group, handler, reply) => {
+            Command::Subscribe(group, order, handler, reply) => {
                 let r = match self.group_index(group) {
                     None => Err(EngineError::UnknownGroup(group)),
+                    Some(i) if order != Order::Fifo && !self.groups[i].proto.has_membership() => {
+                        Err(EngineError::Config(format!(
+                            "group {group} has no membership: only fifo order is offered"
+                        )))
+                    }
                     Some(i) => {
-                        self.groups[i].handlers.push(handler);
+                        self.groups[i].handlers.push((order, handler));
                         Ok(())
                     }
                 };
@@ -386,7 +431,7 @@ impl Worker {
                     Some(i) => {
                         // Heartbeats from now on: remote receivers find us and report, and
                         // the worker starts reading the log once one does.
-                        self.groups[i].member.announce();
+                        self.groups[i].proto.announce();
                         self.groups[i].publications.push(Publication {
                             stream,
                             source: Source::Log {
@@ -398,7 +443,7 @@ impl Worker {
                             overflow: Vec::new(),
                         });
                         self.groups[i].touched = true;
-                        Ok(self.groups[i].member.config().max_message_bytes)
+                        Ok(self.groups[i].proto.config().max_message_bytes)
                     }
                 };
                 let _ = reply.send(r);
@@ -415,12 +460,21 @@ impl Worker {
                     self.groups[i].touched = true;
                 }
             }
-            Command::Sink(group, stream, path, reply) => {
+            Command::Sink(group, stream, order, path, reply) => {
                 let r = match self.group_index(group) {
                     None => Err(EngineError::UnknownGroup(group)),
+                    Some(i) if order != Order::Fifo && !self.groups[i].proto.has_membership() => {
+                        Err(EngineError::Config(format!(
+                            "group {group} has no membership: only fifo order is offered"
+                        )))
+                    }
                     Some(i) => match BroadcastProducer::open(&path, Duration::from_secs(3600)) {
                         Ok(producer) => {
-                            self.groups[i].sinks.push(Sink { stream, producer });
+                            self.groups[i].sinks.push(Sink {
+                                stream,
+                                order,
+                                producer,
+                            });
                             Ok(())
                         }
                         Err(e) => Err(EngineError::Ring(e.to_string())),
@@ -428,9 +482,11 @@ impl Worker {
                 };
                 let _ = reply.send(r);
             }
-            Command::CloseSink(group, stream) => {
+            Command::CloseSink(group, stream, order) => {
                 if let Some(i) = self.group_index(group) {
-                    self.groups[i].sinks.retain(|s| s.stream != stream);
+                    self.groups[i]
+                        .sinks
+                        .retain(|s| s.stream != stream || s.order != order);
                 }
             }
             Command::Stats(group, reply) => {
@@ -438,15 +494,15 @@ impl Worker {
                     None => Err(EngineError::UnknownGroup(group)),
                     Some(i) => {
                         let g = &self.groups[i];
-                        let (receivers, acked) = g.member.acknowledged();
+                        let (receivers, acked) = g.proto.acknowledged();
                         Ok(GroupStats {
                             backend: self.io.kind(),
                             gso: self.gso,
                             gro: self.gro,
-                            counters: g.member.counters().clone(),
+                            counters: g.proto.counters().clone(),
                             transport: g.stats,
-                            next_sequence: g.member.next_sequence(),
-                            queued_bytes: g.member.queued_bytes()
+                            next_sequence: g.proto.next_sequence(),
+                            queued_bytes: g.proto.queued_bytes()
                                 + g.publications
                                     .iter()
                                     .flat_map(|p| p.overflow.iter())
@@ -470,11 +526,23 @@ impl Worker {
         if self.group_index(cfg.member.group).is_some() {
             return Err(EngineError::GroupExists(cfg.member.group));
         }
-        let mut member =
-            Member::new(cfg.member.clone(), cfg.seed).map_err(|e| EngineError::Config(e.to_string()))?;
-        // The worker sends with iovecs: datagrams of one new frame leave from the retransmit
-        // buffer without a copy.
-        member.set_in_place_transmit(true);
+        let proto = match &cfg.membership {
+            None => {
+                let mut member = Member::new(cfg.member.clone(), cfg.seed)
+                    .map_err(|e| EngineError::Config(e.to_string()))?;
+                // The worker sends with iovecs: datagrams of one new frame leave from the
+                // retransmit buffer without a copy.
+                member.set_in_place_transmit(true);
+                Proto::Plain(member)
+            }
+            Some(m) => {
+                let mut gc = m.clone();
+                gc.member = cfg.member.clone();
+                Proto::Group(Box::new(
+                    GroupMember::new(gc, cfg.seed).map_err(|e| EngineError::Config(e.to_string()))?,
+                ))
+            }
+        };
         let (group_socket, unicast) = open_sockets(&cfg.udp).map_err(|e| EngineError::Io(e.to_string()))?;
         let local = unicast.local_addr().map_err(|e| EngineError::Io(e.to_string()))?;
         if let (Some(g), SocketAddr::V4(own)) = (&group_socket, local) {
@@ -507,7 +575,7 @@ impl Worker {
         };
         self.groups.push(Group {
             id: cfg.member.group,
-            member,
+            proto,
             _group_socket: group_socket,
             unicast,
             group_dests,
@@ -530,8 +598,8 @@ impl Worker {
     fn take_publications(&mut self) -> bool {
         let mut any = false;
         for g in &mut self.groups {
-            let limit = SEND_QUEUE_LOW_WATER.min(g.member.config().send_queue_bytes / 2);
-            let remote = g.member.receivers() > 0;
+            let limit = SEND_QUEUE_LOW_WATER.min(g.proto.config().send_queue_bytes / 2);
+            let remote = g.proto.must_read_publications();
             // Log publications: join while someone remote listens, leave when no one does, and
             // drop those whose client left once everything they held is read.
             g.publications.retain_mut(|p| match &mut p.source {
@@ -552,7 +620,7 @@ impl Worker {
             });
             for p in &mut g.publications {
                 while !p.overflow.is_empty() {
-                    match g.member.publish(p.stream, &p.overflow[0]) {
+                    match g.proto.publish(p.stream, &p.overflow[0]) {
                         Ok(()) => {
                             p.overflow.remove(0);
                             any = true;
@@ -561,10 +629,10 @@ impl Worker {
                         Err(_) => break,
                     }
                 }
-                if !p.overflow.is_empty() || g.member.queued_bytes() > limit {
+                if !p.overflow.is_empty() || g.proto.queued_bytes() > limit {
                     continue;
                 }
-                let (member, overflow, stream) = (&mut g.member, &mut p.overflow, p.stream);
+                let (member, overflow, stream) = (&mut g.proto, &mut p.overflow, p.stream);
                 let mut pushed_back = 0;
                 let mut take = |bytes: &[u8]| {
                     if !overflow.is_empty() || member.publish(stream, bytes).is_err() {
@@ -606,7 +674,7 @@ impl Worker {
             };
             // Our own multicast comes back to us (loopback); a GRO buffer holds one flow, so
             // one look at its first datagram's source tells for all of them.
-            if is_own(r.bytes, g.member.id()) {
+            if is_own(r.bytes, g.proto.id()) {
                 return;
             }
             let segment = r.segment.unwrap_or(r.bytes.len()).max(1);
@@ -621,12 +689,14 @@ impl Worker {
                 }
                 // Subscribers get in-order messages straight from the receive buffer.
                 let (handlers, sinks, sunk) = (&mut g.handlers, &mut g.sinks, &mut g.sunk);
-                g.member
-                    .handle_datagram_with(now, r.from, datagram, &mut |out: Output<'_>| {
-                        for h in handlers.iter_mut() {
-                            h(out);
+                g.proto
+                    .handle_datagram_with(now, r.from, datagram, &mut |order, out: Output<'_>| {
+                        for (o, h) in handlers.iter_mut() {
+                            if *o == order {
+                                h(out);
+                            }
                         }
-                        write_sinks(sinks, out, sunk);
+                        write_sinks(sinks, order, out, sunk);
                     });
             }
             g.touched = true;
@@ -647,7 +717,7 @@ impl Worker {
             // Stale entries (the group's deadline moved) are skipped.
             if g.deadline == Some(deadline) {
                 g.deadline = None;
-                g.member.handle_timeout(now);
+                g.proto.handle_timeout(now);
                 g.touched = true;
             }
         }
@@ -659,7 +729,7 @@ impl Worker {
                 continue;
             }
             g.touched = false;
-            let next = g.member.poll_timeout();
+            let next = g.proto.poll_timeout();
             if next != g.deadline {
                 g.deadline = next;
                 if let Some(d) = next {
@@ -710,16 +780,18 @@ impl Worker {
     fn deliver(&mut self) -> bool {
         let mut any = false;
         for g in &mut self.groups {
-            if g.member.pending_deliveries() == 0 {
+            if g.proto.pending_deliveries() == 0 {
                 continue;
             }
             any = true;
             let (handlers, sinks, sunk) = (&mut g.handlers, &mut g.sinks, &mut g.sunk);
-            g.member.drain(|out: Output<'_>| {
-                for h in handlers.iter_mut() {
-                    h(out);
+            g.proto.drain(&mut |order, out: Output<'_>| {
+                for (o, h) in handlers.iter_mut() {
+                    if *o == order {
+                        h(out);
+                    }
                 }
-                write_sinks(sinks, out, sunk);
+                write_sinks(sinks, order, out, sunk);
             });
             g.touched = true;
         }
@@ -735,7 +807,7 @@ impl Worker {
         // flow control sleeps until a STATUS (a datagram) or a timer wakes it.
         let work_waiting = !self.commands.is_empty()
             || self.groups.iter().any(|g| {
-                g.member.queued_bytes() <= SEND_QUEUE_LOW_WATER.min(g.member.config().send_queue_bytes / 2)
+                g.proto.queued_bytes() <= SEND_QUEUE_LOW_WATER.min(g.proto.config().send_queue_bytes / 2)
                     && g.publications
                         .iter()
                         .any(|p| p.overflow.is_empty() && !p.source.is_empty())
@@ -799,9 +871,9 @@ struct Run {
 /// sends; true when the batch filled before the member ran out. `pieces` is scratch space.
 fn build_sends(g: &mut Group, now: Nanos, batch: &mut SendBatch, scratch: &mut Scratch, gso: bool) -> bool {
     let Scratch { pieces, plan } = scratch;
-    let mtu = g.member.config().mtu;
+    let mtu = g.proto.config().mtu;
     // In-place datagrams stay valid until the retransmit buffer takes this many more frames.
-    let max_in_place = (g.member.config().retransmit_frames as usize / 2).clamp(1, 1024);
+    let max_in_place = (g.proto.config().retransmit_frames as usize / 2).clamp(1, 1024);
     let fd = g.unicast.as_raw_fd();
     pieces.clear();
     plan.clear();
@@ -814,7 +886,7 @@ fn build_sends(g: &mut Group, now: Nanos, batch: &mut SendBatch, scratch: &mut S
             break;
         }
         let start = batch.used;
-        let Some(t) = g.member.poll_transmit(now, &mut batch.arena[start..start + mtu]) else {
+        let Some(t) = g.proto.poll_transmit(now, &mut batch.arena[start..start + mtu]) else {
             break;
         };
         let piece = match t.in_place {
@@ -877,7 +949,7 @@ fn build_sends(g: &mut Group, now: Nanos, batch: &mut SendBatch, scratch: &mut S
     for &p in pieces.iter() {
         let bytes: &[u8] = match p {
             Piece::Arena { start, len } => &batch.arena[start..start + len],
-            Piece::InPlace { seq, .. } => g.member.transmitted(seq).unwrap_or(&[]),
+            Piece::InPlace { seq, .. } => g.proto.transmitted(seq).unwrap_or(&[]),
         };
         debug_assert_eq!(bytes.len(), p.len());
         let iov = libc::iovec {
