@@ -275,9 +275,80 @@ impl SenderLog {
     }
 }
 
+/// Message buffers the log let go of while nobody else held them, for the next messages:
+/// in steady state a message costs no allocation.
+#[derive(Debug, Default)]
+struct MessagePool {
+    spare: Vec<Arc<GroupMessage>>,
+    /// Let go of by the log while a delivery queue (or the application) still held them, in
+    /// the order they went: the oldest is the first to be free.
+    shared: VecDeque<Arc<GroupMessage>>,
+}
+
+/// Most buffers kept, and the largest payload capacity worth keeping.
+const POOL_MAX: usize = 8192;
+const POOL_MAX_PAYLOAD: usize = 64 << 10;
+
+impl MessagePool {
+    fn make(
+        &mut self,
+        sender: u32,
+        view: u32,
+        index: u64,
+        timestamp: u64,
+        stream: u32,
+        payload: &[u8],
+    ) -> Arc<GroupMessage> {
+        let reusable = self.spare.pop().or_else(|| {
+            self.shared
+                .front()
+                .is_some_and(|a| Arc::strong_count(a) == 1)
+                .then(|| self.shared.pop_front())
+                .flatten()
+        });
+        if let Some(mut a) = reusable {
+            if let Some(m) = Arc::get_mut(&mut a) {
+                m.sender = sender;
+                m.view = view;
+                m.index = index;
+                m.timestamp = timestamp;
+                m.stream = stream;
+                m.payload.clear();
+                m.payload.extend_from_slice(payload);
+                return a;
+            }
+        }
+        Arc::new(GroupMessage {
+            sender,
+            view,
+            index,
+            timestamp,
+            stream,
+            payload: payload.to_vec(),
+        })
+    }
+
+    fn recycle(&mut self, m: Arc<GroupMessage>) {
+        if m.payload.capacity() > POOL_MAX_PAYLOAD {
+            return;
+        }
+        if Arc::strong_count(&m) == 1 {
+            if self.spare.len() < POOL_MAX {
+                self.spare.push(m);
+            }
+        } else {
+            if self.shared.len() >= POOL_MAX {
+                self.shared.pop_front();
+            }
+            self.shared.push_back(m);
+        }
+    }
+}
+
 /// What a member keeps of its installed primary view.
 #[derive(Debug)]
 struct ViewData {
+    pool: MessagePool,
     view: ViewDesc,
     logs: Vec<SenderLog>,
     /// Per member of the view: its last reported prefixes.
@@ -534,15 +605,10 @@ impl GroupMember {
         d.member.publish(stream, message)?;
         let s = d.sender_pos(id).expect("may_send checked");
         let log = &mut d.logs[s];
-        let msg = GroupMessage {
-            sender: id,
-            view: d.view.id,
-            index: log.count(),
-            timestamp: d.member.clock(),
-            stream,
-            payload: message.to_vec(),
-        };
-        log.msgs.push_back(Arc::new(msg));
+        let msg = d
+            .pool
+            .make(id, d.view.id, log.count(), d.member.clock(), stream, message);
+        log.msgs.push_back(msg);
         log.promise = (log.count(), d.member.clock());
         self.deliver();
         Ok(())
@@ -612,7 +678,22 @@ impl GroupMember {
         }
         if other {
             if let Some(d) = self.data.as_mut() {
-                d.member.handle_datagram(now, from, bytes);
+                // In-order messages come straight out of the datagram, with no queue or copy in
+                // the reliable layer.
+                let frozen_cut = self.accepted.as_ref().is_some_and(|a| a.commit.is_some())
+                    || self.pending_install.is_some();
+                let ViewData {
+                    view,
+                    logs,
+                    limit,
+                    member,
+                    pool,
+                    ..
+                } = d;
+                let stats = &mut self.stats;
+                member.handle_datagram_with(now, from, bytes, &mut |out| {
+                    take_output(view, logs, limit, pool, stats, frozen_cut, out)
+                });
             }
             self.absorb();
         }
@@ -693,7 +774,9 @@ impl GroupMember {
         };
         let (sent, clock, ref counts) = self.last_state_sent;
         let own = d.sender_pos(self.id).map_or(0, |s| d.logs[s].count());
-        own != sent || d.member.clock() != clock || *counts != d.counts()
+        own != sent
+            || d.member.clock() != clock
+            || !counts.iter().copied().eq(d.logs.iter().map(SenderLog::count))
     }
 
     fn queue_state(&mut self, now: Nanos) {
@@ -738,58 +821,13 @@ impl GroupMember {
             logs,
             limit,
             member,
+            pool,
             ..
         } = d;
         let stats = &mut self.stats;
         let frozen_cut =
             self.accepted.as_ref().is_some_and(|a| a.commit.is_some()) || self.pending_install.is_some();
-        member.drain(|out| match out {
-            // Relays come from any member of the view, only while a flush cut is fixed.
-            Output::Message(m) if m.stream == RELAY_STREAM => {
-                if !frozen_cut || view.members.binary_search(&m.sender).is_err() {
-                    stats.rejected_not_sender += 1;
-                    return;
-                }
-                let Some((s, idx, msg)) = parse_relay(m.payload) else {
-                    stats.control_malformed += 1;
-                    return;
-                };
-                let Ok(spos) = view.senders.binary_search(&s) else {
-                    stats.rejected_not_sender += 1;
-                    return;
-                };
-                if idx == logs[spos].count() && limit.as_ref().is_some_and(|l| idx < l[spos]) {
-                    stats.relays_accepted += 1;
-                    logs[spos].msgs.push_back(Arc::new(GroupMessage {
-                        view: view.id,
-                        index: idx,
-                        ..msg
-                    }));
-                }
-            }
-            Output::Message(m) => {
-                let Ok(pos) = view.senders.binary_search(&m.sender) else {
-                    stats.rejected_not_sender += 1;
-                    return;
-                };
-                let index = logs[pos].via_member;
-                logs[pos].via_member += 1;
-                take(
-                    logs,
-                    limit,
-                    frozen_cut,
-                    stats,
-                    view.id,
-                    pos,
-                    index,
-                    m.sender,
-                    m.timestamp,
-                    m.stream,
-                    m.payload,
-                );
-            }
-            Output::Event(_) => stats.unrecoverable += 1,
-        });
+        member.drain(|out| take_output(view, logs, limit, pool, stats, frozen_cut, out));
         self.deliver();
         self.check_done();
     }
@@ -1365,6 +1403,7 @@ impl GroupMember {
             let member = Member::new(mc, self.rng.random()).expect("validated at construction");
             let logs = a.view.senders.iter().map(|_| SenderLog::default()).collect();
             let mut d = ViewData {
+                pool: MessagePool::default(),
                 view: a.view,
                 logs,
                 reports: BTreeMap::new(),
@@ -1474,38 +1513,62 @@ fn make_commit(r: &Round, initial_members: usize) -> Control {
     }
 }
 
-/// Takes message `index` of sender position `pos` from the reliable layer into its log.
-#[allow(clippy::too_many_arguments)]
-fn take(
+/// Takes one output of the reliable layer into the sender logs: a message of a sender of the
+/// view in its place, a relay during a flush, a loss counted.
+fn take_output(
+    view: &ViewDesc,
     logs: &mut [SenderLog],
     limit: &Option<Vec<u64>>,
-    frozen_cut: bool,
+    pool: &mut MessagePool,
     stats: &mut GroupStats,
-    view: u32,
-    pos: usize,
-    index: u64,
-    sender: u32,
-    timestamp: u64,
-    stream: u32,
-    payload: &[u8],
+    frozen_cut: bool,
+    out: Output<'_>,
 ) {
-    let log = &mut logs[pos];
-    if index != log.count() {
-        // Already taken in from a relay, or (index beyond) impossible from an in-order layer.
-        return;
+    match out {
+        // Relays come from any member of the view, only while a flush cut is fixed.
+        Output::Message(m) if m.stream == RELAY_STREAM => {
+            if !frozen_cut || view.members.binary_search(&m.sender).is_err() {
+                stats.rejected_not_sender += 1;
+                return;
+            }
+            let Some((s, idx, msg)) = parse_relay(m.payload) else {
+                stats.control_malformed += 1;
+                return;
+            };
+            let Ok(spos) = view.senders.binary_search(&s) else {
+                stats.rejected_not_sender += 1;
+                return;
+            };
+            if idx == logs[spos].count() && limit.as_ref().is_some_and(|l| idx < l[spos]) {
+                stats.relays_accepted += 1;
+                logs[spos].msgs.push_back(Arc::new(GroupMessage {
+                    view: view.id,
+                    index: idx,
+                    ..msg
+                }));
+            }
+        }
+        Output::Message(m) => {
+            let Ok(pos) = view.senders.binary_search(&m.sender) else {
+                stats.rejected_not_sender += 1;
+                return;
+            };
+            let index = logs[pos].via_member;
+            logs[pos].via_member += 1;
+            let log = &mut logs[pos];
+            if index != log.count() {
+                // Already taken in from a relay.
+                return;
+            }
+            if frozen_cut && limit.as_ref().is_some_and(|l| index >= l[pos]) {
+                stats.dropped_beyond_cut += 1;
+                return;
+            }
+            log.msgs
+                .push_back(pool.make(m.sender, view.id, index, m.timestamp, m.stream, m.payload));
+        }
+        Output::Event(_) => stats.unrecoverable += 1,
     }
-    if frozen_cut && limit.as_ref().is_some_and(|l| index >= l[pos]) {
-        stats.dropped_beyond_cut += 1;
-        return;
-    }
-    log.msgs.push_back(Arc::new(GroupMessage {
-        sender,
-        view,
-        index,
-        timestamp,
-        stream,
-        payload: payload.to_vec(),
-    }));
 }
 
 fn parse_relay(b: &[u8]) -> Option<(u32, u64, GroupMessage)> {
@@ -1600,6 +1663,21 @@ fn deliver_ordered(
     } else {
         Vec::new()
     };
+    // Horizons depend on what is logged, not on what was delivered: the two lowest (and whose
+    // the lowest is) tell, for any candidate, the lowest horizon among the other senders.
+    let (mut low, mut low_at, mut second) = (u64::MAX, usize::MAX, u64::MAX);
+    if !all {
+        for r in 0..n {
+            let h = horizon(d, r, d.view.senders[r] == me, clock);
+            if h < low {
+                second = low;
+                low = h;
+                low_at = r;
+            } else if h < second {
+                second = h;
+            }
+        }
+    }
     loop {
         let mut best: Option<(u64, u32, usize)> = None;
         for s in 0..n {
@@ -1616,7 +1694,8 @@ fn deliver_ordered(
             return;
         };
         if !all {
-            let blocked = (0..n).any(|r| r != s && horizon(d, r, d.view.senders[r] == me, clock) < ts);
+            let others = if s == low_at { second } else { low };
+            let blocked = others < ts;
             if blocked || (safe && d.logs[s].next[o] >= stable[s]) {
                 return;
             }
@@ -1637,7 +1716,8 @@ fn collect_garbage(d: &mut ViewData, me: u32, enabled: &[bool; 3]) {
     }
     for s in 0..d.logs.len() {
         let stable = stable_of(d, me, s);
-        let log = &mut d.logs[s];
+        let ViewData { logs, pool, .. } = d;
+        let log = &mut logs[s];
         // Orders nobody reads never move their pointer: they must not pin messages.
         let delivered = (0..3)
             .filter(|&o| enabled[o])
@@ -1645,8 +1725,11 @@ fn collect_garbage(d: &mut ViewData, me: u32, enabled: &[bool; 3]) {
             .min()
             .unwrap_or(u64::MAX);
         let keep_from = delivered.min(stable);
-        while log.base < keep_from && !log.msgs.is_empty() {
-            log.msgs.pop_front();
+        while log.base < keep_from {
+            let Some(m) = log.msgs.pop_front() else {
+                break;
+            };
+            pool.recycle(m);
             log.base += 1;
         }
     }
