@@ -677,25 +677,7 @@ impl GroupMember {
             self.on_control(now, source, c);
         }
         if other {
-            if let Some(d) = self.data.as_mut() {
-                // In-order messages come straight out of the datagram, with no queue or copy in
-                // the reliable layer.
-                let frozen_cut = self.accepted.as_ref().is_some_and(|a| a.commit.is_some())
-                    || self.pending_install.is_some();
-                let ViewData {
-                    view,
-                    logs,
-                    limit,
-                    member,
-                    pool,
-                    ..
-                } = d;
-                let stats = &mut self.stats;
-                member.handle_datagram_with(now, from, bytes, &mut |out| {
-                    take_output(view, logs, limit, pool, stats, frozen_cut, out)
-                });
-            }
-            self.absorb();
+            self.absorb(Some((now, from, bytes)));
         }
     }
 
@@ -708,7 +690,7 @@ impl GroupMember {
         if let Some(d) = self.data.as_mut() {
             d.member.handle_timeout(now);
         }
-        self.absorb();
+        self.absorb(None);
         if now >= self.next_tick {
             self.next_tick = now + self.cfg.tick_ns;
             self.tick(now);
@@ -811,8 +793,10 @@ impl GroupMember {
         });
     }
 
-    /// Takes what the reliable layer delivered into the sender logs.
-    fn absorb(&mut self) {
+    /// Takes what the reliable layer delivered into the sender logs: first what `datagram`
+    /// makes deliverable (in-order messages come straight out of it, with no queue or copy in
+    /// the reliable layer), then anything queued.
+    fn absorb(&mut self, datagram: Option<(Nanos, SocketAddr, &[u8])>) {
         let Some(d) = self.data.as_mut() else {
             return;
         };
@@ -827,7 +811,11 @@ impl GroupMember {
         let stats = &mut self.stats;
         let frozen_cut =
             self.accepted.as_ref().is_some_and(|a| a.commit.is_some()) || self.pending_install.is_some();
-        member.drain(|out| take_output(view, logs, limit, pool, stats, frozen_cut, out));
+        let mut take = |out: Output<'_>| take_output(view, logs, limit, pool, stats, frozen_cut, out);
+        if let Some((now, from, bytes)) = datagram {
+            member.handle_datagram_with(now, from, bytes, &mut take);
+        }
+        member.drain(take);
         self.deliver();
         self.check_done();
     }
