@@ -320,3 +320,158 @@ fn unsafe_free_euid() -> u32 {
         .map(|m| m.uid())
         .unwrap_or(u32::MAX)
 }
+
+/// The engine daemon runs the group layer too: three `intergroup engine` processes with a
+/// membership group, each with `pub` and `sub --order total --format jsonl` processes. One
+/// engine is killed with SIGKILL mid-stream; the two other subscribers' logs agree on the
+/// views and hold one total order with every message of the two live publishers once.
+#[test]
+fn engine_daemons_with_membership_agree_after_one_is_killed() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let exe = env!("CARGO_BIN_EXE_intergroup");
+    let d = dir("daemons");
+    let port = port(3);
+    let lines = 3000u32;
+    struct Proc(Child);
+    impl Drop for Proc {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut engines = Vec::new();
+    let mut subs = Vec::new();
+    let mut pubs = Vec::new();
+    for i in 1..=3u32 {
+        let edir = d.join(format!("e{i}"));
+        let cfg = d.join(format!("e{i}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "member_id = {i}\nclient_timeout_ms = 500\nheartbeat_interval_ms = 20\nlog_level = \"warn\"\n\
+                 [network]\nport = {port}\n[[group]]\nname = \"ord\"\nmembership = true\ninitial_members = 3\n"
+            ),
+        )
+        .unwrap();
+        let e = Command::new(exe)
+            .args([
+                "engine",
+                "--dir",
+                edir.to_str().unwrap(),
+                "--config",
+                cfg.to_str().unwrap(),
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        engines.push(Proc(e));
+        for _ in 0..500 {
+            if edir.join("cnc").exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let out = std::fs::File::create(d.join(format!("sub{i}.jsonl"))).unwrap();
+        let s = Command::new(exe)
+            .args([
+                "sub",
+                "--dir",
+                edir.to_str().unwrap(),
+                "--group",
+                "ord",
+                "--order",
+                "total",
+            ])
+            .args(["--format", "jsonl"])
+            .stdout(out)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        subs.push(Proc(s));
+        // Each publisher sends "<engine>:<n>" lines at 2000 a second.
+        let input: String = (0..lines).map(|n| format!("{i}:{n}\n")).collect();
+        let mut p = Command::new(exe)
+            .args([
+                "pub",
+                "--dir",
+                edir.to_str().unwrap(),
+                "--group",
+                "ord",
+                "--rate",
+                "2000",
+            ])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = p.stdin.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = stdin.write_all(input.as_bytes());
+        });
+        pubs.push(Proc(p));
+    }
+    // The group forms after the join timeout (0.5 s); then 1.5 s of publishing: kill at 1.2 s.
+    std::thread::sleep(Duration::from_millis(1200));
+    let _ = engines[2].0.kill();
+    let _ = engines[2].0.wait();
+    // The two live publishers finish; the survivors' view changes after about a second.
+    for p in pubs.iter_mut().take(2) {
+        let _ = p.0.wait();
+    }
+    let want = 2 * lines as usize;
+    let count = |i: u32| {
+        let text = std::fs::read_to_string(d.join(format!("sub{i}.jsonl"))).unwrap_or_default();
+        text.lines()
+            .filter(|l| l.contains("\"payload\"") && (l.contains("\"1:") || l.contains("\"2:")))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while (count(1) < want || count(2) < want) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Stop the subscribers (SIGTERM: they flush and exit) before reading their logs.
+    for s in subs.iter_mut().take(2) {
+        unsafe_free_kill(s.0.id());
+        let _ = s.0.wait();
+    }
+    let parse = |i: u32| -> Vec<(Option<u64>, String)> {
+        std::fs::read_to_string(d.join(format!("sub{i}.jsonl")))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                match v["event"].as_str() {
+                    Some(e) => (None, format!("{e}:{}", v["view"])),
+                    None => (v["view"].as_u64(), v["payload"].as_str().unwrap().to_string()),
+                }
+            })
+            .collect()
+    };
+    let (a, b) = (parse(1), parse(2));
+    assert!(
+        a.iter().any(|(_, e)| e.starts_with("view:")),
+        "engine 1's subscriber saw no view: {:?}",
+        &a[..a.len().min(5)]
+    );
+    assert_eq!(
+        a, b,
+        "the two live engines' subscribers must hold the same views and total order"
+    );
+    for who in ["1:", "2:"] {
+        let got: Vec<&String> = a.iter().map(|(_, p)| p).filter(|p| p.starts_with(who)).collect();
+        let want: Vec<String> = (0..lines).map(|n| format!("{who}{n}")).collect();
+        assert!(
+            got.iter().map(|s| s.as_str()).eq(want.iter().map(|s| s.as_str())),
+            "every line of publisher {who} once and in order ({} of {lines})",
+            got.len()
+        );
+    }
+    let views: Vec<&String> = a.iter().filter(|(v, _)| v.is_none()).map(|(_, e)| e).collect();
+    assert!(views.len() >= 2, "the kill must show as a view change: {views:?}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+fn unsafe_free_kill(pid: u32) {
+    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+}
