@@ -265,11 +265,13 @@ fn event_json(e: &SubscriptionEvent) -> Value {
             coordinator,
             members,
             primary,
+            joined,
         } => json!({
             "event": if *primary { "view" } else { "non_primary" },
             "view": view,
             "coordinator": coordinator,
             "members": members,
+            "joined": joined,
         }),
         SubscriptionEvent::Transitional { members } => json!({"event": "transitional", "members": members}),
         SubscriptionEvent::Left => json!({"event": "left"}),

@@ -190,6 +190,7 @@ fn line(o: &GroupOutput) -> Result<serde_json::Value, String> {
                 "coordinator": v.coordinator,
                 "members": v.members,
                 "senders": v.senders,
+                "joined": v.joined,
             }),
             GroupEvent::Transitional { members } => json!({"event": "transitional", "members": members}),
             GroupEvent::Left => json!({"event": "left"}),

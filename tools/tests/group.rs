@@ -61,6 +61,8 @@ type Msg = (u64, u64);
 #[derive(Debug, Default)]
 struct Log {
     views: Vec<(u64, u64, Vec<u64>, bool)>,
+    /// Per view event, in order: whether it said `joined`.
+    joined: Vec<bool>,
     segments: BTreeMap<(u64, u64), Vec<(u64, u64)>>,
     left: bool,
 }
@@ -82,6 +84,7 @@ fn read_log(path: &Path) -> Log {
                     .map(|m| m.as_u64().unwrap())
                     .collect();
                 log.views.push((key.0, key.1, members, v["event"] == "view"));
+                log.joined.push(v["joined"].as_bool().unwrap_or(false));
                 log.segments.insert(key, Vec::new());
                 cur = Some(key);
             }
@@ -300,11 +303,35 @@ fn in_network_namespaces_a_kill_and_a_partition_that_heals() {
     let mut live: Vec<&mut Node> = nodes[..4].iter_mut().collect();
     wait_all(&mut live);
     let cut = read_log(&nodes[2].log);
+    let np = cut.views.iter().position(|v| !v.3);
     assert!(
-        cut.views.iter().any(|v| !v.3),
+        np.is_some(),
         "the cut member must report a non-primary view: {:?}",
         cut.views
     );
+    // Back in the primary it is told it missed history (the state-transfer hook); the members
+    // that stayed are never told so after the first view.
+    let back = cut
+        .views
+        .iter()
+        .skip(np.unwrap())
+        .position(|v| v.3)
+        .map(|k| k + np.unwrap());
+    assert!(
+        back.is_some_and(|k| cut.joined[k]),
+        "the rejoining member's view must say joined: {:?} {:?}",
+        cut.views,
+        cut.joined
+    );
+    for n in [&nodes[0], &nodes[1], &nodes[3]] {
+        let l = read_log(&n.log);
+        assert!(
+            !l.joined.iter().any(|j| *j),
+            "member {} never left the primary: {:?}",
+            n.id,
+            l.joined
+        );
+    }
     // Member 3 misses what the primary delivered while it was cut off (it rejoins, as the
     // primary-component model says); the members that stayed get every message of the
     // senders that stayed.

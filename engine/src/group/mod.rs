@@ -168,6 +168,10 @@ pub struct ViewInfo {
     pub senders: Vec<u32>,
     /// Whether the view is primary: only primary views deliver.
     pub primary: bool,
+    /// The state-transfer hook: this member did not end the primary view this one continues
+    /// (it is new, or comes back from a crash or a non-primary component), so it missed what
+    /// that view delivered; fetch the application's state from a member that did.
+    pub joined: bool,
 }
 
 /// An event in the delivery stream.
@@ -378,6 +382,8 @@ struct Accepted {
     coord: u32,
     extra: Vec<u32>,
     commit: Option<(bool, u32, Vec<CutEntry>)>,
+    /// The newest old primary view the commit flushes (0: none): the view the next continues.
+    continues: u32,
     done: bool,
 }
 
@@ -416,6 +422,8 @@ pub struct GroupMember {
     /// The installed view (primary or not); `id` 0 before the first.
     view: ViewDesc,
     primary: bool,
+    /// See [`ViewInfo::joined`], for the installed view.
+    joined: bool,
     data: Option<ViewData>,
     last_primary: ViewDesc,
     attempts: Vec<ViewDesc>,
@@ -469,6 +477,7 @@ impl GroupMember {
             leaving: false,
             view: ViewDesc::default(),
             primary: false,
+            joined: false,
             data: None,
             last_primary: ViewDesc::default(),
             attempts: Vec::new(),
@@ -507,6 +516,7 @@ impl GroupMember {
             members: self.view.members.clone(),
             senders: self.view.senders.clone(),
             primary: self.primary,
+            joined: self.joined,
         })
     }
 
@@ -1064,8 +1074,12 @@ impl GroupMember {
             } => {
                 // The flush of the view this member holds data of, if any.
                 let mine = self.data.as_ref().map_or(0, |d| d.view.id);
+                let continues = flushes.iter().map(|f| f.0).max().unwrap_or(0);
                 let (old_view, cut) = flushes.into_iter().find(|(v, _)| *v == mine).unwrap_or_default();
-                self.on_commit(source, view, extra, primary, old_view, cut)
+                self.on_commit(source, view, extra, primary, old_view, cut);
+                if let Some(a) = self.accepted.as_mut().filter(|a| a.commit.is_some()) {
+                    a.continues = continues;
+                }
             }
             Control::Install { view } => self.on_install(&view),
             c @ (Control::FlushState { .. } | Control::FlushDone { .. } | Control::Refuse { .. }) => {
@@ -1118,6 +1132,7 @@ impl GroupMember {
             coord,
             extra,
             commit: None,
+            continues: 0,
             done: false,
         });
         let proposal = self.accepted.as_ref().expect("set").view.id;
@@ -1332,6 +1347,16 @@ impl GroupMember {
         };
         self.pending_install = None;
         let (primary, old_view, _) = a.commit.expect("done implies committed");
+        let mine = self
+            .data
+            .as_ref()
+            .filter(|_| self.primary)
+            .map_or(0, |d| d.view.id);
+        // Missed history unless this member ends the primary view the new one continues, or the
+        // group is new (no primary view flushed, and this member was never in one).
+        let continuing = a.continues != 0 && mine == a.continues;
+        let fresh = a.continues == 0 && self.last_primary.id == 0;
+        let joined = primary && !continuing && !fresh;
         // The rest of the old view, in every order, before the new view's event.
         if let Some(mut d) = self.data.take() {
             if d.view.id == old_view && self.primary {
@@ -1373,6 +1398,7 @@ impl GroupMember {
         }
         self.view = a.view.clone();
         self.primary = primary;
+        self.joined = joined;
         self.max_seen = self.max_seen.max(a.view.id);
         self.stats.views_installed += 1;
         let info = ViewInfo {
@@ -1381,6 +1407,7 @@ impl GroupMember {
             members: a.view.members.clone(),
             senders: a.view.senders.clone(),
             primary,
+            joined,
         };
         if primary {
             self.last_primary = a.view.clone();

@@ -693,6 +693,10 @@ pub enum SubscriptionEvent {
         members: u32,
         /// Whether it is primary.
         primary: bool,
+        /// The state-transfer hook: this engine missed what the primary view this one
+        /// continues delivered (it is new, or comes back from a crash or a partition); fetch
+        /// the application's state from a member that has it.
+        joined: bool,
     },
     /// (Safe order) the view ends: the safe messages up to the next view are held by the
     /// `members` engines that survived it, not by every member of the view.
@@ -862,7 +866,8 @@ impl Subscription {
                         view: u32_at(0),
                         coordinator: u32_at(4),
                         members: u32_at(8),
-                        primary: u32_at(12) != 0,
+                        primary: u32_at(12) & 1 != 0,
+                        joined: u32_at(12) & 2 != 0,
                     })),
                     4 => f(Delivery::Event(&SubscriptionEvent::Transitional {
                         members: u32_at(0),

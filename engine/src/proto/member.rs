@@ -82,6 +82,9 @@ pub enum Event {
         members: u32,
         /// Whether it is primary.
         primary: bool,
+        /// This member missed the history of the primary view this one continues: the
+        /// application's state-transfer hook (see `group::ViewInfo::joined`).
+        joined: bool,
     },
     /// (Groups with membership, safe order) the view is ending: the safe messages up to the
     /// next view are held by the `members` survivors, not by every member of the view.

@@ -177,6 +177,7 @@ fn drain_group(g: &mut GroupMember, deliver: &mut dyn FnMut(Order, Output<'_>)) 
                             coordinator: v.coordinator,
                             members: v.members.len() as u32,
                             primary: v.primary,
+                            joined: v.joined,
                         },
                         GroupEvent::Transitional { members } => Event::Transitional {
                             members: members.len() as u32,

@@ -46,7 +46,7 @@ pub enum SinkRecord {
     /// Unrecoverable loss: `sender: u32, 0: u32, first: u64, count: u64`.
     Loss = 2,
     /// (Groups with membership) a view: `view: u32, coordinator: u32, members: u32,
-    /// primary: u32` (1 primary, 0 not).
+    /// flags: u32` (bit 0 primary, bit 1 joined: this member missed the history).
     View = 3,
     /// (Safe order) the view ends; the rest is held by the survivors: `members: u32`.
     Transitional = 4,
@@ -197,12 +197,14 @@ fn write_sinks(sinks: &mut [Sink], order: Order, out: Output<'_>, written: &mut 
             coordinator,
             members,
             primary,
+            joined,
         }) => {
             let mut rec = [0u8; 16];
             rec[0..4].copy_from_slice(&view.to_le_bytes());
             rec[4..8].copy_from_slice(&coordinator.to_le_bytes());
             rec[8..12].copy_from_slice(&members.to_le_bytes());
-            rec[12..16].copy_from_slice(&u32::from(primary).to_le_bytes());
+            let flags = u32::from(primary) | u32::from(joined) << 1;
+            rec[12..16].copy_from_slice(&flags.to_le_bytes());
             for s in sinks.iter_mut().filter(|s| s.order == order) {
                 let _ = s.producer.offer(SinkRecord::View as u32, &rec);
             }

@@ -592,6 +592,21 @@ impl GroupSimulation {
                         if o == Order::Fifo {
                             self.checker.current[i] = (v.id, v.senders.clone());
                         }
+                        // The state-transfer hook: a member that says it did not miss the
+                        // history must come straight from a primary view, unless it was never
+                        // in one (then it has no history to miss).
+                        if o == Order::Fifo && v.primary && !v.joined {
+                            let previous = self.view_of(i, 0);
+                            let was_primary = self.checker.logs[i][0]
+                                .iter()
+                                .any(|e| matches!(e, Entry::View { primary: true, .. }));
+                            if previous.is_some_and(|p| !p.2) && was_primary {
+                                self.checker.fail(format!(
+                                    "member {i} installed view {} as continuing, coming from a non-primary view",
+                                    v.id
+                                ));
+                            }
+                        }
                         if !v.members.contains(&member_id(i)) {
                             self.checker
                                 .fail(format!("member {i} installed view {} without itself", v.id));
