@@ -68,6 +68,14 @@ pub struct SimArgs {
     /// Group layer: members that leave gracefully mid-stream.
     #[arg(long, default_value_t = 0)]
     leave: usize,
+    /// Group layer: one-way cuts (a member's outgoing traffic lost for 1 to 3 failure
+    /// timeouts while it still hears the others: asymmetric reachability).
+    #[arg(long, default_value_t = 0)]
+    one_way: usize,
+    /// Group layer: single-link cuts (a member can no longer reach the first coordinator while
+    /// every other link works) for 1 to 3 failure timeouts.
+    #[arg(long, default_value_t = 0)]
+    link_cut: usize,
     /// Group layer: microseconds between two messages of one sender.
     #[arg(long, default_value_t = 2000)]
     interval_us: u64,
@@ -83,7 +91,9 @@ pub struct SimArgs {
 
 /// Runs the simulation; exit code 0 when the checker accepts the run, 1 when it does not.
 pub fn run(args: SimArgs) -> Result<ExitCode, String> {
-    if args.order.is_some() || args.crash + args.partition + args.join + args.leave > 0 {
+    if args.order.is_some()
+        || args.crash + args.partition + args.join + args.leave + args.one_way + args.link_cut > 0
+    {
         return run_group(args);
     }
     let mut cfg = SimConfig {
@@ -200,7 +210,10 @@ fn run_group(args: SimArgs) -> Result<ExitCode, String> {
     cfg.group.member.window_frames = args.window;
     cfg.group.member.retransmit_frames = (args.window.max(1) * 4).next_power_of_two();
     cfg.group.member.nak_suppression = !args.no_suppression;
-    let cfg = cfg.scenario(args.crash, args.partition, args.join, args.leave);
+    let cfg = cfg
+        .scenario(args.crash, args.partition, args.join, args.leave)
+        .one_way_cuts(args.one_way)
+        .link_cuts(args.link_cut);
     let started = Instant::now();
     let report = sim::group::run(cfg).map_err(|e| e.to_string())?;
     let wall = started.elapsed().as_secs_f64();

@@ -65,6 +65,8 @@ pub enum Control {
         view: u32,
         /// That view's coordinator.
         coord: u32,
+        /// The proposal this member accepted and is frozen on (0: none).
+        accepted: u32,
         /// `STATE_*` flags.
         flags: u8,
         /// Messages the member has published in `view`.
@@ -278,6 +280,7 @@ impl Control {
             Control::State {
                 view,
                 coord,
+                accepted,
                 flags,
                 sent,
                 clock,
@@ -285,6 +288,7 @@ impl Control {
             } => {
                 w.u32(*view);
                 w.u32(*coord);
+                w.u32(*accepted);
                 w.u8(*flags);
                 w.u64(*sent);
                 w.u64(*clock);
@@ -360,6 +364,7 @@ impl Control {
             KIND_STATE => {
                 let view = r.u32()?;
                 let coord = r.u32()?;
+                let accepted = r.u32()?;
                 let flags = r.u8()?;
                 let sent = r.u64()?;
                 let clock = r.u64()?;
@@ -368,6 +373,7 @@ impl Control {
                 Control::State {
                     view,
                     coord,
+                    accepted,
                     flags,
                     sent,
                     clock,
@@ -467,6 +473,7 @@ mod tests {
             Control::State {
                 view: 3,
                 coord: 1,
+                accepted: 4,
                 flags: STATE_PRIMARY | STATE_WANTS_SEND,
                 sent: 9,
                 clock: 77,

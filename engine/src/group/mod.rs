@@ -251,6 +251,8 @@ pub struct GroupStats {
 struct PeerInfo {
     last_heard: Nanos,
     view: u32,
+    /// The proposal it is frozen on (0: none).
+    accepted: u32,
     leaving: bool,
     wants_send: bool,
 }
@@ -796,6 +798,7 @@ impl GroupMember {
         self.control_out.push_back(Control::State {
             view: self.view.id,
             coord: self.view.coord,
+            accepted: self.accepted.as_ref().map_or(0, |a| a.view.id),
             flags,
             sent,
             clock,
@@ -931,7 +934,9 @@ impl GroupMember {
                 continue;
             }
             let v = self.peers[m].view;
-            if v > self.view.id {
+            // A member frozen on a proposal nobody drives any more (its coordinator gave way
+            // to us): only a new view change releases it.
+            if v > self.view.id || self.peers[m].accepted > self.view.id {
                 ahead = true;
             } else if v < self.view.id && self.view.members.binary_search(m).is_ok() {
                 lagging.push(*m);
@@ -1025,6 +1030,7 @@ impl GroupMember {
             Control::State {
                 view,
                 coord,
+                accepted,
                 flags,
                 sent,
                 clock,
@@ -1052,6 +1058,7 @@ impl GroupMember {
                 }
                 let p = self.peers.entry(source).or_default();
                 p.view = view;
+                p.accepted = accepted;
                 p.leaving = flags & STATE_LEAVING != 0;
                 p.wants_send = flags & STATE_WANTS_SEND != 0;
                 self.max_seen = self.max_seen.max(view);

@@ -47,6 +47,12 @@ pub struct GroupSimConfig {
     pub crashes: Vec<(usize, Nanos)>,
     /// Network cuts.
     pub partitions: Vec<Partition>,
+    /// One-way cuts: nothing from `side` reaches the others, while `side` still hears them
+    /// (asymmetric reachability: the others suspect `side`, which suspects nobody).
+    pub one_way: Vec<Partition>,
+    /// Single-link cuts `(from, to, start, end)`: nothing from `from` reaches `to`, every other
+    /// link works (the coordinator loses a member that the others still hear).
+    pub link_cuts: Vec<(usize, usize, Nanos, Nanos)>,
     /// `(time)` per extra member: member `members + k` starts at `joins[k]`.
     pub joins: Vec<Nanos>,
     /// `(member, time)`: the member leaves gracefully.
@@ -79,6 +85,8 @@ impl Default for GroupSimConfig {
             seed: 1,
             crashes: Vec::new(),
             partitions: Vec::new(),
+            one_way: Vec::new(),
+            link_cuts: Vec::new(),
             joins: Vec::new(),
             leaves: Vec::new(),
             order: Order::Total,
@@ -89,6 +97,44 @@ impl Default for GroupSimConfig {
 }
 
 impl GroupSimConfig {
+    /// Adds `n` one-way cuts drawn from the seed (see [`one_way`](Self::one_way)): each cuts
+    /// one member's outgoing traffic for 1 to 3 failure timeouts.
+    pub fn one_way_cuts(mut self, n: usize) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x0e_3a_77);
+        let start = self.group.join_timeout_ns;
+        let span = (self.messages * self.interval_ns).max(1);
+        let total = self.members + self.joins.len();
+        for _ in 0..n {
+            let at = start + rng.random_range(0..span);
+            let len = rng.random_range(self.group.fail_timeout_ns..=3 * self.group.fail_timeout_ns);
+            self.one_way.push(Partition {
+                start_ns: at,
+                end_ns: at + len,
+                side: vec![rng.random_range(0..total)],
+            });
+        }
+        self
+    }
+
+    /// Adds `n` single-link cuts drawn from the seed: a member other than member 0 (the first
+    /// coordinator) can no longer reach member 0 for 1 to 3 failure timeouts, while every other
+    /// link works.
+    pub fn link_cuts(mut self, n: usize) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x11_4c_u64);
+        let start = self.group.join_timeout_ns;
+        let span = (self.messages * self.interval_ns).max(1);
+        let total = self.members + self.joins.len();
+        for _ in 0..n {
+            if total < 2 {
+                break;
+            }
+            let at = start + rng.random_range(0..span);
+            let len = rng.random_range(self.group.fail_timeout_ns..=3 * self.group.fail_timeout_ns);
+            self.link_cuts.push((rng.random_range(1..total), 0, at, at + len));
+        }
+        self
+    }
+
     /// Draws a scenario from `seed`: `crashes` crashes, `partitions` partitions that heal,
     /// `joins` late joiners and `leaves` graceful leaves, spread over the publishing period.
     /// Crash and leave victims are distinct; a partition cuts off a minority.
@@ -343,13 +389,15 @@ impl GroupSimulation {
             .chain(&cfg.leaves)
             .map(|&(_, t)| t)
             .chain(cfg.joins.iter().copied())
-            .chain(cfg.partitions.iter().map(|p| p.end_ns))
+            .chain(cfg.partitions.iter().chain(&cfg.one_way).map(|p| p.end_ns))
+            .chain(cfg.link_cuts.iter().map(|c| c.3))
             .max()
             .unwrap_or(0);
         events.push(Reverse((last_fault + cfg.group.fail_timeout_ns, Ev::Check)));
         let sides = cfg
             .partitions
             .iter()
+            .chain(&cfg.one_way)
             .map(|p| {
                 let mut side = vec![false; total];
                 for &i in &p.side {
@@ -394,8 +442,13 @@ impl GroupSimulation {
     fn run_to_end(&mut self) -> Option<String> {
         if std::env::var_os("IGSIM_TRACE").is_some() {
             eprintln!(
-                "crashes {:?} leaves {:?} joins {:?} partitions {:?}",
-                self.cfg.crashes, self.cfg.leaves, self.cfg.joins, self.cfg.partitions
+                "crashes {:?} leaves {:?} joins {:?} partitions {:?} one-way {:?} links {:?}",
+                self.cfg.crashes,
+                self.cfg.leaves,
+                self.cfg.joins,
+                self.cfg.partitions,
+                self.cfg.one_way,
+                self.cfg.link_cuts
             );
         }
         let mut stuck = None;
@@ -540,12 +593,28 @@ impl GroupSimulation {
 
     fn send_copy(&mut self, from: usize, to: usize, bytes: &Rc<[u8]>) {
         let now = self.now;
+        let two_way = self.cfg.partitions.len();
         let cut = self
             .cfg
             .partitions
             .iter()
+            .chain(&self.cfg.one_way)
             .zip(&self.sides)
-            .any(|(p, side)| now >= p.start_ns && now < p.end_ns && side[from] != side[to]);
+            .enumerate()
+            .any(|(k, (p, side))| {
+                let active = now >= p.start_ns && now < p.end_ns;
+                let blocked = if k < two_way {
+                    side[from] != side[to]
+                } else {
+                    side[from] && !side[to]
+                };
+                active && blocked
+            })
+            || self
+                .cfg
+                .link_cuts
+                .iter()
+                .any(|&(f, t, start, end)| f == from && t == to && now >= start && now < end);
         if cut || (self.cfg.loss > 0.0 && self.rng.random_bool(self.cfg.loss)) {
             return;
         }
@@ -1077,39 +1146,46 @@ mod tests {
         assert!(!r.virtual_synchrony_ok, "a missing delivery must be caught");
     }
 
-    /// CI's sweep: 500 seeds of mixed scenarios (crashes, partitions, joins, leaves; 0% and
-    /// 10% loss). A failing seed is printed; `intergroup sim` with the printed flags replays it.
+    /// CI's sweep: 500 seeds of mixed scenarios (crashes, partitions, joins, leaves, one-way
+    /// and single-link cuts; 0% and 10% loss). A failing seed is printed; `intergroup sim` with
+    /// the printed flags replays it.
     #[test]
     fn mixed_scenarios_over_500_seeds() {
         let mut failed = Vec::new();
         for seed in 1..=500u64 {
-            let k = seed % 5;
+            let k = seed % 7;
             let loss = if seed % 2 == 0 { 0.1 } else { 0.0 };
-            let (crash, partition, join, leave) = match k {
-                0 => (2, 1, 0, 0),
-                1 => (1, 0, 1, 1),
-                2 => (0, 2, 1, 0),
-                3 => (1, 1, 1, 1),
+            let (crash, partition, join, leave, one_way, link_cut) = match k {
+                0 => (2, 1, 0, 0, 0, 0),
+                1 => (1, 0, 1, 1, 0, 0),
+                2 => (0, 2, 1, 0, 0, 0),
+                3 => (1, 1, 1, 1, 0, 0),
                 // Three crashes and a leave out of seven can leave a minority of the last
                 // primary view, which then rightly stays non-primary: two crashes keep a majority.
-                _ => (2, 0, 0, 1),
+                4 => (2, 0, 0, 1, 0, 0),
+                5 => (1, 0, 0, 0, 1, 0),
+                _ => (0, 0, 0, 0, 0, 1),
             };
+            // Single-link cuts need messages in flight when the view changes (the freeze).
+            let messages = if link_cut > 0 { 1000 } else { 200 };
             let order = Order::ALL[(seed % 3) as usize];
             let cfg = GroupSimConfig {
                 members: 7,
                 senders: 3,
-                messages: 200,
+                messages,
                 loss,
                 seed,
                 order,
                 max_virtual_ns: 60_000_000_000,
                 ..Default::default()
             }
-            .scenario(crash, partition, join, leave);
+            .scenario(crash, partition, join, leave)
+            .one_way_cuts(one_way)
+            .link_cuts(link_cut);
             let r = run(cfg).expect("valid");
             if !(r.delivered_ok && r.virtual_synchrony_ok) {
                 failed.push(format!(
-                    "seed {seed}: {:?} (replay: intergroup sim --members 7 --senders 3 --messages 200 --loss {loss} --order {} --crash {crash} --partition {partition} --join {join} --leave {leave} --max-virtual-seconds 60 --seed {seed})",
+                    "seed {seed}: {:?} (replay: intergroup sim --members 7 --senders 3 --messages {messages} --loss {loss} --order {} --crash {crash} --partition {partition} --join {join} --leave {leave} --one-way {one_way} --link-cut {link_cut} --max-virtual-seconds 60 --seed {seed})",
                     r.failure,
                     order.name()
                 ));
