@@ -462,5 +462,6 @@ fn toml_group(name: &str) -> intergroup_engine::ipc::GroupEntry {
         unicast_port: 0,
         membership: true,
         initial_members: 2,
+        fail_timeout_ms: 1000,
     }
 }

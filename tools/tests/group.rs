@@ -376,7 +376,7 @@ fn engine_daemons_with_membership_agree_after_one_is_killed() {
             &cfg,
             format!(
                 "member_id = {i}\nclient_timeout_ms = 500\nheartbeat_interval_ms = 20\nlog_level = \"warn\"\n\
-                 [network]\nport = {port}\n[[group]]\nname = \"ord\"\nmembership = true\ninitial_members = 3\n"
+                 [network]\nport = {port}\n[[group]]\nname = \"ord\"\nmembership = true\ninitial_members = 3\nfail_timeout_ms = 500\n"
             ),
         )
         .unwrap();

@@ -84,10 +84,18 @@ pub struct GroupEntry {
     /// majority of those you expect, so a partition at start-up cannot make two primaries).
     #[serde(default = "one")]
     pub initial_members: usize,
+    /// With membership: an engine not heard from for this long is suspected and removed by the
+    /// next view (heartbeats go out at a tenth of it; a view change gives up after twice it).
+    #[serde(default = "second")]
+    pub fail_timeout_ms: u64,
 }
 
 fn one() -> usize {
     1
+}
+
+fn second() -> u64 {
+    1000
 }
 
 impl Default for NetworkConfig {
@@ -184,6 +192,7 @@ socket_buffer_bytes = 8388608
 # unicast_port = 0    # fixed port of this engine's unicast socket (peers need one)
 # membership = false  # views and virtual synchrony: subscriptions may ask for total or safe order
 # initial_members = 1 # with membership: engines needed for the first primary view
+# fail_timeout_ms = 1000  # with membership: silence before an engine is suspected
 "#;
 
 impl DriverConfig {
@@ -657,8 +666,12 @@ impl Conductor {
             peers: entry.map_or_else(Vec::new, |e| e.peers.clone()),
         };
         if membership {
+            let fail_ms = entry.map_or(1000, |e| e.fail_timeout_ms).max(10);
             group.membership = Some(crate::group::GroupConfig {
                 initial_members: entry.map_or(1, |e| e.initial_members),
+                fail_timeout_ns: fail_ms * 1_000_000,
+                hello_interval_ns: fail_ms * 100_000,
+                flush_timeout_ns: fail_ms * 2_000_000,
                 ..crate::group::GroupConfig::default()
             });
         }
