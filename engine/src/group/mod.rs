@@ -1641,9 +1641,7 @@ fn deliver_fifo(d: &mut ViewData, out: &mut VecDeque<GroupOutput>) {
         let log = &mut d.logs[s];
         while log.next[0] < avail {
             let m = log.get(log.next[0]).expect("below count").clone();
-            if m.stream != RELAY_STREAM {
-                out.push_back(GroupOutput::Message(m));
-            }
+            out.push_back(GroupOutput::Message(m));
             log.next[0] += 1;
         }
     }
@@ -1680,11 +1678,6 @@ fn deliver_ordered(
     out: &mut VecDeque<GroupOutput>,
 ) {
     let n = d.logs.len();
-    let stable: Vec<u64> = if safe && !all {
-        (0..n).map(|s| stable_of(d, me, s)).collect()
-    } else {
-        Vec::new()
-    };
     // Horizons depend on what is logged, not on what was delivered: the two lowest (and whose
     // the lowest is) tell, for any candidate, the lowest horizon among the other senders.
     let (mut low, mut low_at, mut second) = (u64::MAX, usize::MAX, u64::MAX);
@@ -1718,16 +1711,14 @@ fn deliver_ordered(
         if !all {
             let others = if s == low_at { second } else { low };
             let blocked = others < ts;
-            if blocked || (safe && d.logs[s].next[o] >= stable[s]) {
+            if blocked || (safe && d.logs[s].next[o] >= stable_of(d, me, s)) {
                 return;
             }
         }
         let log = &mut d.logs[s];
         let m = log.get(log.next[o]).expect("below count").clone();
         log.next[o] += 1;
-        if m.stream != RELAY_STREAM {
-            out.push_back(GroupOutput::Message(m));
-        }
+        out.push_back(GroupOutput::Message(m));
     }
 }
 
