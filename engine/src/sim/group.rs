@@ -273,6 +273,9 @@ enum Entry {
 type ViewKey = (u32, u32);
 /// A view's content: (members, senders, primary).
 type ViewContent = (Vec<u32>, Vec<u32>, bool);
+/// Where one delivery stream is: its view (id, coordinator, primary), and whether a
+/// `Transitional` event came since.
+type StreamView = (Option<(u32, u32, bool)>, bool);
 /// A delivered message as the checker compares it: (sender, payload index, timestamp).
 type Delivered = (u32, u64, u64);
 
@@ -288,6 +291,11 @@ struct Checker {
     primaries: BTreeMap<u32, u32>,
     /// Per member: its installed view (id, senders).
     current: Vec<(u32, Vec<u32>)>,
+    /// Per member and order: the view its stream is in (id, coordinator, primary), and whether
+    /// a `Transitional` event came since it.
+    streams: Vec<[StreamView; 3]>,
+    /// Per member: whether it ever installed a primary view.
+    was_primary: Vec<bool>,
     /// (member, order, sender) -> next payload index expected at least.
     fifo: HashMap<(usize, usize, u32), u64>,
     /// (member, order, sender, index) delivered.
@@ -412,6 +420,8 @@ impl GroupSimulation {
             checker: Checker {
                 logs: (0..total).map(|_| Default::default()).collect(),
                 current: vec![(0, Vec::new()); total],
+                streams: vec![[(None, false); 3]; total],
+                was_primary: vec![false; total],
                 scratch: vec![0; cfg.size],
                 ..Default::default()
             },
@@ -666,10 +676,7 @@ impl GroupSimulation {
                         // in one (then it has no history to miss).
                         if o == Order::Fifo && v.primary && !v.joined {
                             let previous = self.view_of(i, 0);
-                            let was_primary = self.checker.logs[i][0]
-                                .iter()
-                                .any(|e| matches!(e, Entry::View { primary: true, .. }));
-                            if previous.is_some_and(|p| !p.2) && was_primary {
+                            if previous.is_some_and(|p| !p.2) && self.checker.was_primary[i] {
                                 self.checker.fail(format!(
                                     "member {i} installed view {} as continuing, coming from a non-primary view",
                                     v.id
@@ -680,13 +687,20 @@ impl GroupSimulation {
                             self.checker
                                 .fail(format!("member {i} installed view {} without itself", v.id));
                         }
+                        if o == Order::Fifo && v.primary {
+                            self.checker.was_primary[i] = true;
+                        }
+                        self.checker.streams[i][oi] = (Some((v.id, v.coordinator, v.primary)), false);
                         Entry::View {
                             id: v.id,
                             coord: v.coordinator,
                             primary: v.primary,
                         }
                     }
-                    GroupEvent::Transitional { .. } => Entry::Transitional,
+                    GroupEvent::Transitional { .. } => {
+                        self.checker.streams[i][oi].1 = true;
+                        Entry::Transitional
+                    }
                     GroupEvent::Left => Entry::Left,
                 };
                 self.checker.logs[i][oi].push(entry);
@@ -745,11 +759,7 @@ impl GroupSimulation {
                         c.latency_n += 1;
                     }
                 }
-                let transitional = c.logs[i][oi]
-                    .iter()
-                    .rev()
-                    .take_while(|e| !matches!(e, Entry::View { .. }))
-                    .any(|e| *e == Entry::Transitional);
+                let transitional = c.streams[i][oi].1;
                 c.logs[i][oi].push(Entry::Msg {
                     sender: m.sender,
                     index: k,
@@ -765,10 +775,7 @@ impl GroupSimulation {
 
     /// The view member `i` last installed in order `oi`'s stream: (id, coordinator, primary).
     fn view_of(&self, i: usize, oi: usize) -> Option<(u32, u32, bool)> {
-        self.checker.logs[i][oi].iter().rev().find_map(|e| match e {
-            Entry::View { id, coord, primary } => Some((*id, *coord, *primary)),
-            _ => None,
-        })
+        self.checker.streams[i][oi].0
     }
 
     fn check_safe(&mut self, i: usize, view: u32, sender: u32, index: u64) {
