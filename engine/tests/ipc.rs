@@ -26,6 +26,18 @@ fn setup(name: &str) -> (PathBuf, DriverConfig) {
     (dir, cfg)
 }
 
+/// An engine on `dir` with `cfg` as member `id` of its groups.
+fn engine(dir: &std::path::Path, cfg: &DriverConfig, id: u32) -> Driver {
+    Driver::start(
+        dir,
+        DriverConfig {
+            member_id: id,
+            ..cfg.clone()
+        },
+    )
+    .unwrap()
+}
+
 fn until(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !f() {
@@ -264,27 +276,12 @@ fn garbage_in_the_command_ring_is_counted_and_the_engine_goes_on() {
 
 #[test]
 fn a_remote_engine_gets_the_stream_over_udp() {
-    let (dir_a, cfg) = setup("remote-a");
+    let (dir_a, mut cfg) = setup("remote-a");
     let (dir_b, _) = setup("remote-b");
-    // Two engines on one host, one group address: they meet over loopback multicast.
-    let a = Driver::start(
-        &dir_a,
-        DriverConfig {
-            member_id: 1,
-            ..cfg.clone()
-        },
-    )
-    .unwrap();
     // The remote log holds the whole run: this test checks delivery, not lapping.
-    let b = Driver::start(
-        &dir_b,
-        DriverConfig {
-            member_id: 2,
-            subscription_log_bytes: 4 << 20,
-            ..cfg
-        },
-    )
-    .unwrap();
+    cfg.subscription_log_bytes = 4 << 20;
+    // Two engines on one host, one group address: they meet over loopback multicast.
+    let (a, b) = (engine(&dir_a, &cfg, 1), engine(&dir_b, &cfg, 2));
     let client_a = Client::connect(&dir_a).unwrap();
     let client_b = Client::connect(&dir_b).unwrap();
     let mut subscription = client_b.subscription("wide", 3, Order::Fifo).unwrap();
@@ -362,22 +359,7 @@ fn two_engines_with_membership_deliver_one_total_order() {
     let (dir_b, _) = setup("total-b");
     cfg.groups.push(toml_group("ordered"));
     cfg.subscription_log_bytes = 4 << 20;
-    let a = Driver::start(
-        &dir_a,
-        DriverConfig {
-            member_id: 1,
-            ..cfg.clone()
-        },
-    )
-    .unwrap();
-    let b = Driver::start(
-        &dir_b,
-        DriverConfig {
-            member_id: 2,
-            ..cfg.clone()
-        },
-    )
-    .unwrap();
+    let (a, b) = (engine(&dir_a, &cfg, 1), engine(&dir_b, &cfg, 2));
     let client_a = Client::connect(&dir_a).unwrap();
     let client_b = Client::connect(&dir_b).unwrap();
     let mut subs = [

@@ -246,7 +246,7 @@ fn a_member_that_leaves_ends_its_last_view_with_the_others() {
 /// every message of the live senders, in one total order.
 #[test]
 fn in_network_namespaces_a_kill_and_a_partition_that_heals() {
-    let root = unsafe_free_euid() == 0;
+    let root = effective_uid() == 0;
     if !root {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -340,7 +340,7 @@ fn in_network_namespaces_a_kill_and_a_partition_that_heals() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
-fn unsafe_free_euid() -> u32 {
+fn effective_uid() -> u32 {
     // The owner of /proc/self is this process's effective uid.
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self")
@@ -459,7 +459,7 @@ fn engine_daemons_with_membership_agree_after_one_is_killed() {
     }
     // Stop the subscribers (SIGTERM: they flush and exit) before reading their logs.
     for s in subs.iter_mut().take(2) {
-        unsafe_free_kill(s.0.id());
+        terminate(s.0.id());
         let _ = s.0.wait();
     }
     let parse = |i: u32| -> Vec<(Option<u64>, String)> {
@@ -499,6 +499,6 @@ fn engine_daemons_with_membership_agree_after_one_is_killed() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
-fn unsafe_free_kill(pid: u32) {
+fn terminate(pid: u32) {
     let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
 }
