@@ -379,6 +379,17 @@ impl Worker {
         self.groups.iter().position(|g| g.id == id)
     }
 
+    /// The index of `group` if it offers `order` (total and safe need membership).
+    fn offering(&self, group: u32, order: Order) -> Result<usize, EngineError> {
+        let i = self.group_index(group).ok_or(EngineError::UnknownGroup(group))?;
+        if order != Order::Fifo && !self.groups[i].proto.has_membership() {
+            return Err(EngineError::Config(format!(
+                "group {group} has no membership: only fifo order is offered"
+            )));
+        }
+        Ok(i)
+    }
+
     fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Join(cfg, reply) => {
@@ -407,18 +418,9 @@ impl Worker {
                 let _ = reply.send(r);
             }
             Command::Subscribe(group, order, handler, reply) => {
-                let r = match self.group_index(group) {
-                    None => Err(EngineError::UnknownGroup(group)),
-                    Some(i) if order != Order::Fifo && !self.groups[i].proto.has_membership() => {
-                        Err(EngineError::Config(format!(
-                            "group {group} has no membership: only fifo order is offered"
-                        )))
-                    }
-                    Some(i) => {
-                        self.groups[i].handlers.push((order, handler));
-                        Ok(())
-                    }
-                };
+                let r = self
+                    .offering(group, order)
+                    .map(|i| self.groups[i].handlers.push((order, handler)));
                 let _ = reply.send(r);
             }
             Command::LogPublication {
@@ -463,14 +465,9 @@ impl Worker {
                 }
             }
             Command::Sink(group, stream, order, path, reply) => {
-                let r = match self.group_index(group) {
-                    None => Err(EngineError::UnknownGroup(group)),
-                    Some(i) if order != Order::Fifo && !self.groups[i].proto.has_membership() => {
-                        Err(EngineError::Config(format!(
-                            "group {group} has no membership: only fifo order is offered"
-                        )))
-                    }
-                    Some(i) => match BroadcastProducer::open(&path, Duration::from_secs(3600)) {
+                let r = match self.offering(group, order) {
+                    Err(e) => Err(e),
+                    Ok(i) => match BroadcastProducer::open(&path, Duration::from_secs(3600)) {
                         Ok(producer) => {
                             self.groups[i].sinks.push(Sink {
                                 stream,
