@@ -10,15 +10,16 @@ fn seal_open(c: &mut Criterion) {
     for size in [64usize, 1024, 8192] {
         let mut g = c.benchmark_group(format!("aead_{size}B"));
         g.throughput(Throughput::Bytes(size as u64));
-        let mut key = secret.sender_key(1, 1, 1);
-        let receiver = secret.sender_key(1, 1, 1);
-        let mut buf = vec![0u8; size];
-        let aad = [0u8; 12];
+        let mut key = secret.sender_key(1, 1, 1, 0);
+        let receiver = secret.sender_key(1, 1, 1, 0);
+        let mut buf = vec![0u8; size + 16];
+        let aad = [0u8; 24];
         let mut packet = 0u64;
         g.bench_function("seal_open", |b| {
             b.iter(|| {
-                let tag = key.seal_in_place(packet, &aad, &mut buf).unwrap();
-                receiver.open_in_place(packet, &aad, &mut buf, &tag).unwrap();
+                let tag = key.seal_in_place(packet, &aad, &mut buf[..size]).unwrap();
+                buf[size..].copy_from_slice(&tag);
+                receiver.open_in_place(packet, &aad, &mut buf).unwrap();
                 packet += 1;
                 black_box(&buf);
             })

@@ -10,6 +10,7 @@ pub mod group;
 pub mod ipc;
 pub mod proto;
 pub mod runtime;
+pub mod shield;
 pub mod sim;
 pub mod transport;
 pub mod wire;

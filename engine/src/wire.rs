@@ -58,7 +58,8 @@ pub struct DatagramHeader {
     pub magic: [u8; 2],
     /// Offset 2: layout version, [`VERSION`].
     pub version: u8,
-    /// Offset 3: datagram flags; none are defined in version 1 and they must be zero.
+    /// Offset 3: datagram flags. Bit 0 ([`crate::shield::FLAG_SEALED`]) marks a sealed datagram
+    /// of a secured group, opened (and the bit cleared) before decoding; decoding refuses any set bit.
     pub flags: u8,
     /// Offset 4: group id.
     pub group: U32,

@@ -8,8 +8,6 @@
 //! before AES-GCM's confidentiality and integrity bounds for datagram-sized messages.
 
 use crate::Error;
-use aes_gcm::aead::AeadInPlace;
-use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
 use hkdf::Hkdf;
 use sha2::Sha256;
 use zeroize::{Zeroize, ZeroizeOnDrop};
@@ -40,13 +38,17 @@ impl EpochSecret {
         Self(bytes)
     }
 
-    /// The key `sender` seals with in `epoch` of `group`, with the default seal limit.
-    pub fn sender_key(&self, group: u32, epoch: u32, sender: u32) -> SenderKey {
-        let mut info = [0u8; 12 + 19];
+    /// The key `sender` seals with in `epoch` of `group`, generation `generation`, with the
+    /// default seal limit. A sender's packet number `n` belongs to generation `n >> 32` (see
+    /// [`generation_of`]), so no key ever seals more than [`DEFAULT_SEAL_LIMIT`] packets: the
+    /// usage limit forces a new key by construction, and every member derives it alike.
+    pub fn sender_key(&self, group: u32, epoch: u32, sender: u32, generation: u32) -> SenderKey {
+        let mut info = [0u8; 16 + 19];
         info[..19].copy_from_slice(b"intergroup data key");
         info[19..23].copy_from_slice(&group.to_be_bytes());
         info[23..27].copy_from_slice(&epoch.to_be_bytes());
         info[27..31].copy_from_slice(&sender.to_be_bytes());
+        info[31..35].copy_from_slice(&generation.to_be_bytes());
         let mut key = [0u8; 32];
         Hkdf::<Sha256>::new(Some(HKDF_SALT), &self.0)
             .expand(&info, &mut key)
@@ -57,10 +59,79 @@ impl EpochSecret {
     }
 }
 
+/// The AES-256-GCM implementation this build uses: RustCrypto's `aes-gcm` by default, or
+/// AWS-LC's assembly (`aws-lc-rs`, formally verified in parts and FIPS-validated) with the
+/// `aws-lc` cargo feature. Both speak the same wire format; see docs/performance.md.
+pub const BACKEND: &str = if cfg!(feature = "aws-lc") {
+    "aws-lc-rs"
+} else {
+    "aes-gcm"
+};
+
+#[cfg(not(feature = "aws-lc"))]
+mod backend {
+    use aes_gcm::aead::AeadInPlace;
+    use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
+
+    /// The expanded AES key schedule; zeroized on drop by the `zeroize` feature of aes-gcm.
+    pub(super) struct Cipher(Aes256Gcm);
+
+    impl Cipher {
+        pub(super) fn new(key: &[u8; 32]) -> Self {
+            Self(Aes256Gcm::new(key.into()))
+        }
+
+        pub(super) fn seal(&self, nonce: &[u8; 12], aad: &[u8], buf: &mut [u8]) -> Option<[u8; 16]> {
+            let tag = self
+                .0
+                .encrypt_in_place_detached(Nonce::from_slice(nonce), aad, buf)
+                .ok()?;
+            Some(tag.into())
+        }
+
+        /// `sealed` is ciphertext then tag, at least a tag long.
+        pub(super) fn open(&self, nonce: &[u8; 12], aad: &[u8], sealed: &mut [u8]) -> bool {
+            let (body, tag) = sealed.split_at_mut(sealed.len() - super::TAG_LEN);
+            self.0
+                .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, body, Tag::from_slice(tag))
+                .is_ok()
+        }
+    }
+}
+
+#[cfg(feature = "aws-lc")]
+mod backend {
+    use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+
+    /// AWS-LC's key; its memory is cleansed when freed.
+    pub(super) struct Cipher(LessSafeKey);
+
+    impl Cipher {
+        pub(super) fn new(key: &[u8; 32]) -> Self {
+            let key = UnboundKey::new(&AES_256_GCM, key).expect("a 32-byte key is valid for AES-256-GCM");
+            Self(LessSafeKey::new(key))
+        }
+
+        pub(super) fn seal(&self, nonce: &[u8; 12], aad: &[u8], buf: &mut [u8]) -> Option<[u8; 16]> {
+            let tag = self
+                .0
+                .seal_in_place_separate_tag(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), buf)
+                .ok()?;
+            tag.as_ref().try_into().ok()
+        }
+
+        /// `sealed` is ciphertext then tag, at least a tag long.
+        pub(super) fn open(&self, nonce: &[u8; 12], aad: &[u8], sealed: &mut [u8]) -> bool {
+            self.0
+                .open_in_place(Nonce::assume_unique_for_key(*nonce), Aad::from(aad), sealed)
+                .is_ok()
+        }
+    }
+}
+
 /// One sender's key in one epoch: seals (as that sender) and opens (its packets, at receivers).
 pub struct SenderKey {
-    /// The expanded AES key schedule; zeroized on drop by the `zeroize` feature of aes-gcm.
-    cipher: Aes256Gcm,
+    cipher: backend::Cipher,
     epoch: u32,
     /// Lowest packet number the next seal may use.
     next_packet: u64,
@@ -77,6 +148,11 @@ impl std::fmt::Debug for SenderKey {
     }
 }
 
+/// The key generation packet number `n` is sealed under.
+pub fn generation_of(packet_number: u64) -> u32 {
+    (packet_number >> 32) as u32
+}
+
 fn nonce(epoch: u32, packet_number: u64) -> [u8; 12] {
     let mut n = [0u8; 12];
     n[..4].copy_from_slice(&epoch.to_be_bytes());
@@ -87,7 +163,7 @@ fn nonce(epoch: u32, packet_number: u64) -> [u8; 12] {
 impl SenderKey {
     fn from_key_bytes(key: &[u8; 32], epoch: u32, limit: u64) -> Self {
         Self {
-            cipher: Aes256Gcm::new(key.into()),
+            cipher: backend::Cipher::new(key),
             epoch,
             next_packet: 0,
             sealed: 0,
@@ -130,28 +206,26 @@ impl SenderKey {
             return Err(Error::KeyExhausted);
         }
         let n = nonce(self.epoch, packet_number);
-        let tag = self
-            .cipher
-            .encrypt_in_place_detached(Nonce::from_slice(&n), aad, buf)
-            .map_err(|_| Error::KeyExhausted)?;
+        let tag = self.cipher.seal(&n, aad, buf).ok_or(Error::KeyExhausted)?;
         self.next_packet = packet_number.saturating_add(1);
         self.sealed += 1;
-        Ok(tag.into())
+        Ok(tag)
     }
 
-    /// Checks `tag` over `aad` and the ciphertext in `buf` and decrypts `buf` in place. On any
-    /// failure `buf` is left as it was and the error says nothing about why.
-    pub fn open_in_place(
-        &self,
-        packet_number: u64,
-        aad: &[u8],
-        buf: &mut [u8],
-        tag: &[u8; TAG_LEN],
-    ) -> Result<(), Error> {
+    /// Checks the tag at the end of `sealed` (ciphertext then tag, as the sender laid them
+    /// out) over `aad` and the ciphertext, and decrypts the ciphertext in place; returns its
+    /// length. On any failure the error says nothing about why and the ciphertext's bytes are
+    /// unspecified (the default backend leaves them as they were): callers drop the packet.
+    pub fn open_in_place(&self, packet_number: u64, aad: &[u8], sealed: &mut [u8]) -> Result<usize, Error> {
+        let Some(len) = sealed.len().checked_sub(TAG_LEN) else {
+            return Err(Error::BadTag);
+        };
         let n = nonce(self.epoch, packet_number);
-        self.cipher
-            .decrypt_in_place_detached(Nonce::from_slice(&n), aad, buf, Tag::from_slice(tag))
-            .map_err(|_| Error::BadTag)
+        if self.cipher.open(&n, aad, sealed) {
+            Ok(len)
+        } else {
+            Err(Error::BadTag)
+        }
     }
 }
 
@@ -166,9 +240,18 @@ mod tests {
             .collect()
     }
 
+    /// `buf` sealed as packet `pn`, tag appended.
+    fn seal(k: &mut SenderKey, pn: u64, aad: &[u8], plain: &[u8]) -> Vec<u8> {
+        let mut buf = plain.to_vec();
+        let tag = k.seal_in_place(pn, aad, &mut buf).unwrap();
+        buf.extend_from_slice(&tag);
+        buf
+    }
+
     /// Test case 16 of McGrew and Viega, "The Galois/Counter Mode of Operation" (AES-256,
     /// 96-bit IV, with AAD), through this module's nonce layout: the IV cafebabe facedbaddecaf888
-    /// is epoch 0xcafebabe and packet number 0xfacedbaddecaf888.
+    /// is epoch 0xcafebabe and packet number 0xfacedbaddecaf888. Runs on whichever backend the
+    /// build uses.
     #[test]
     fn known_answer_gcm_test_case_16() {
         let key: [u8; 32] = hex("feffe9928665731c6d6a8f9467308308feffe9928665731c6d6a8f9467308308")
@@ -183,61 +266,69 @@ mod tests {
         );
         let tag = hex("76fc6ece0f4e1768cddf8853bb2d551b");
         let mut k = SenderKey::from_key_bytes(&key, 0xcafe_babe, DEFAULT_SEAL_LIMIT);
-        let mut buf = plain.clone();
-        let got = k.seal_in_place(0xface_dbad_deca_f888, &aad, &mut buf).unwrap();
-        assert_eq!(buf, cipher);
-        assert_eq!(got.to_vec(), tag);
-        k.open_in_place(0xface_dbad_deca_f888, &aad, &mut buf, &got)
-            .unwrap();
-        assert_eq!(buf, plain);
+        let mut sealed = seal(&mut k, 0xface_dbad_deca_f888, &aad, &plain);
+        assert_eq!(sealed[..plain.len()], cipher[..]);
+        assert_eq!(sealed[plain.len()..], tag[..]);
+        let n = k.open_in_place(0xface_dbad_deca_f888, &aad, &mut sealed).unwrap();
+        assert_eq!(sealed[..n], plain[..]);
     }
 
     #[test]
-    fn every_tampering_is_refused_and_leaves_the_buffer_alone() {
+    fn every_tampering_is_refused() {
         let secret = EpochSecret::from_bytes([7; 32]);
-        let mut k = secret.sender_key(1, 3, 9);
+        let mut k = secret.sender_key(1, 3, 9, 0);
         let aad = b"header bytes";
-        let mut buf = b"the message".to_vec();
-        let tag = k.seal_in_place(42, aad, &mut buf).unwrap();
-        let sealed = buf.clone();
-        let check = |pn: u64, aad: &[u8], buf: &mut Vec<u8>, tag: &[u8; 16]| {
-            let before = buf.clone();
-            assert_eq!(k.open_in_place(pn, aad, buf, tag), Err(Error::BadTag));
-            assert_eq!(*buf, before, "a failed open must not touch the buffer");
+        let sealed = seal(&mut k, 42, aad, b"the message");
+        let check = |pn: u64, aad: &[u8], buf: &mut Vec<u8>| {
+            assert_eq!(k.open_in_place(pn, aad, buf), Err(Error::BadTag));
         };
         for bit in 0..sealed.len() * 8 {
             let mut b = sealed.clone();
             b[bit / 8] ^= 1 << (bit % 8);
-            check(42, aad, &mut b, &tag);
+            check(42, aad, &mut b);
         }
-        for bit in 0..128 {
-            let mut t = tag;
-            t[bit / 8] ^= 1 << (bit % 8);
-            check(42, aad, &mut sealed.clone(), &t);
+        check(42, b"header bytez", &mut sealed.clone());
+        check(43, aad, &mut sealed.clone());
+        for len in 0..sealed.len() {
+            check(42, aad, &mut sealed[..len].to_vec());
         }
-        check(42, b"header bytez", &mut sealed.clone(), &tag);
-        check(43, aad, &mut sealed.clone(), &tag);
-        check(42, aad, &mut sealed[..sealed.len() - 1].to_vec(), &tag);
-        // The same packet under another sender's, epoch's or group's key does not open.
+        // The same packet under another sender's, epoch's, group's or generation's key does
+        // not open.
         for other in [
-            secret.sender_key(1, 3, 10),
-            secret.sender_key(1, 4, 9),
-            secret.sender_key(2, 3, 9),
+            secret.sender_key(1, 3, 10, 0),
+            secret.sender_key(1, 4, 9, 0),
+            secret.sender_key(2, 3, 9, 0),
+            secret.sender_key(1, 3, 9, 1),
         ] {
-            let mut b = sealed.clone();
-            assert_eq!(other.open_in_place(42, aad, &mut b, &tag), Err(Error::BadTag));
+            assert_eq!(
+                other.open_in_place(42, aad, &mut sealed.clone()),
+                Err(Error::BadTag)
+            );
         }
         let mut b = sealed.clone();
-        secret
-            .sender_key(1, 3, 9)
-            .open_in_place(42, aad, &mut b, &tag)
+        let n = secret
+            .sender_key(1, 3, 9, 0)
+            .open_in_place(42, aad, &mut b)
             .unwrap();
-        assert_eq!(b, b"the message");
+        assert_eq!(&b[..n], b"the message");
+    }
+
+    /// The default backend promises more: a failed open leaves the bytes alone.
+    #[cfg(not(feature = "aws-lc"))]
+    #[test]
+    fn a_failed_open_does_not_touch_the_buffer() {
+        let mut k = EpochSecret::from_bytes([7; 32]).sender_key(1, 3, 9, 0);
+        let mut sealed = seal(&mut k, 1, b"", b"some bytes");
+        let last = sealed.len() - 1;
+        sealed[last] ^= 1;
+        let before = sealed.clone();
+        assert!(k.open_in_place(1, b"", &mut sealed).is_err());
+        assert_eq!(sealed, before);
     }
 
     #[test]
     fn nonces_cannot_repeat_and_keys_run_out() {
-        let mut k = EpochSecret::from_bytes([1; 32]).sender_key(1, 1, 1);
+        let mut k = EpochSecret::from_bytes([1; 32]).sender_key(1, 1, 1, 0);
         let mut buf = [0u8; 8];
         k.seal_in_place(5, b"", &mut buf).unwrap();
         assert_eq!(k.seal_in_place(5, b"", &mut buf), Err(Error::PacketNumberReused));
@@ -251,7 +342,7 @@ mod tests {
     #[test]
     fn key_material_never_appears_in_debug() {
         let secret = EpochSecret::from_bytes([0xab; 32]);
-        let s = format!("{secret:?} {:?}", secret.sender_key(1, 2, 3));
+        let s = format!("{secret:?} {:?}", secret.sender_key(1, 2, 3, 0));
         assert!(!s.contains("171") && !s.to_lowercase().contains("ab, ab"), "{s}");
         assert!(s.contains("EpochSecret(..)"));
     }

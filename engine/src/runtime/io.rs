@@ -153,8 +153,8 @@ pub struct Received<'a> {
     pub token: u32,
     /// The sender's address.
     pub from: SocketAddr,
-    /// The bytes.
-    pub bytes: &'a [u8],
+    /// The bytes, writable so a secured group opens them in place.
+    pub bytes: &'a mut [u8],
     /// Segment size when the kernel coalesced datagrams.
     pub segment: Option<usize>,
 }
@@ -385,7 +385,7 @@ impl PortableIo {
                     f(Received {
                         token,
                         from,
-                        bytes: &self.recv_bufs[k * RECV_BUF..k * RECV_BUF + len],
+                        bytes: &mut self.recv_bufs[k * RECV_BUF..k * RECV_BUF + len],
                         segment: sys::gro_segment(&control[..control_len]),
                     });
                 }
@@ -710,18 +710,28 @@ impl UringIo {
                         let start = usize::from(bid) * PBUF_SIZE;
                         let len = (c.result as usize).min(PBUF_SIZE);
                         let buf = &self.buffers[start..start + len];
-                        if let Ok(msg) = types::RecvMsgOut::parse(buf, &self.recv_template) {
-                            if !msg.is_payload_truncated() {
-                                if let Some(from) = sys::parse_sockaddr_in(msg.name_data()) {
-                                    count += 1;
-                                    f(Received {
-                                        token: self.sockets[index].1,
-                                        from,
-                                        bytes: msg.payload_data(),
-                                        segment: sys::gro_segment(msg.control_data()),
-                                    });
-                                }
-                            }
+                        let parsed = types::RecvMsgOut::parse(buf, &self.recv_template)
+                            .ok()
+                            .filter(|msg| !msg.is_payload_truncated())
+                            .and_then(|msg| {
+                                let from = sys::parse_sockaddr_in(msg.name_data())?;
+                                let payload = msg.payload_data();
+                                // Where the payload sits in the buffer, to lend it out writable.
+                                let offset = payload.as_ptr() as usize - buf.as_ptr() as usize;
+                                let segment = sys::gro_segment(msg.control_data());
+                                Some((from, offset, payload.len(), segment))
+                            });
+                        if let Some((from, offset, payload_len, segment)) = parsed {
+                            count += 1;
+                            // The kernel is done with buffer `bid` until it is provided again
+                            // below, so it is ours to open in place.
+                            let at = start + offset;
+                            f(Received {
+                                token: self.sockets[index].1,
+                                from,
+                                bytes: &mut self.buffers[at..at + payload_len],
+                                segment,
+                            });
                         }
                     }
                     if bid < PBUF_COUNT {

@@ -119,6 +119,10 @@ pub struct GroupConfig {
     /// Membership, views and fifo/total/safe order (its `member` field is replaced by
     /// `member` above); `None` runs reliable FIFO multicast without membership.
     pub membership: Option<crate::group::GroupConfig>,
+    /// Seal every datagram of the group with the Secure Group Layer's data plane, starting in
+    /// this epoch ([`crate::shield`]); `None` sends in the clear. Datagrams then carry
+    /// [`crate::shield::SEAL_OVERHEAD`] more bytes within `member.mtu`.
+    pub secure: Option<crate::shield::ShieldEpoch>,
 }
 
 impl GroupConfig {
@@ -131,6 +135,7 @@ impl GroupConfig {
             receive_loss: 0.0,
             loss_seed: 1,
             membership: None,
+            secure: None,
         }
     }
 }
@@ -171,6 +176,8 @@ pub struct GroupStats {
     pub pushed_back: u64,
     /// Messages written into subscription logs for other processes.
     pub sunk: u64,
+    /// The Secure Group Layer's counters (sealed, opened, rejected by reason), when secured.
+    pub secure: Option<crate::shield::ShieldStats>,
 }
 
 impl GroupStats {
@@ -538,6 +545,13 @@ impl Engine {
     /// A snapshot of a group's counters.
     pub fn stats(&self, group: u32) -> Result<GroupStats, EngineError> {
         self.ask(group, |tx| Command::Stats(group, tx))
+    }
+
+    /// Moves a secured group to a later epoch: this member seals with the new epoch's keys
+    /// from now on and still opens the previous epoch's datagrams (those in flight), nothing
+    /// older. Every member of the group must be given the same epoch.
+    pub fn rekey(&self, group: u32, epoch: crate::shield::ShieldEpoch) -> Result<(), EngineError> {
+        self.ask(group, |tx| Command::Rekey(group, Box::new(epoch), tx))
     }
 
     /// Waits until everything published on `group` has been acknowledged by at least

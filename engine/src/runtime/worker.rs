@@ -8,7 +8,9 @@ use super::sys::{self, EventFd};
 use super::{EngineError, GroupConfig, GroupInfo, GroupStats, Handler};
 use crate::group::{GroupMember, Order};
 use crate::proto::{Destination, Member, Nanos, Output};
+use crate::shield::{Shield, ShieldEpoch, SEAL_OVERHEAD};
 use crate::transport::{open_sockets, ReceiveLoss, TransportStats};
+use crate::wire;
 use crossbeam_channel::{Receiver, Sender};
 use intergroup_ring::{BroadcastProducer, BroadcastReader, RecordConsumer};
 use std::cmp::Reverse;
@@ -117,6 +119,8 @@ pub enum Command {
     CloseSink(u32, u32, Order),
     /// Counters of a group.
     Stats(u32, Sender<Result<GroupStats, EngineError>>),
+    /// Move a secured group to a later epoch.
+    Rekey(u32, Box<ShieldEpoch>, Sender<Result<(), EngineError>>),
     /// Stop: the worker returns after closing everything.
     Shutdown,
 }
@@ -243,6 +247,8 @@ struct Group {
     deadline: Option<Nanos>,
     /// Something happened to this group in this turn: its timer and transmits need a look.
     touched: bool,
+    /// Seals and opens every datagram of a secured group.
+    shield: Option<Shield>,
 }
 
 /// The worker's state.
@@ -512,8 +518,28 @@ impl Worker {
                             acknowledged: acked,
                             pushed_back: self.pushed_back,
                             sunk: g.sunk,
+                            secure: g.shield.as_ref().map(|s| s.stats().clone()),
                         })
                     }
+                };
+                let _ = reply.send(r);
+            }
+            Command::Rekey(group, epoch, reply) => {
+                let r = match self.group_index(group) {
+                    None => Err(EngineError::UnknownGroup(group)),
+                    Some(i) => match self.groups[i].shield.as_mut() {
+                        None => Err(EngineError::Config(format!("group {group} is not secured"))),
+                        Some(s) => {
+                            let (from, to) = (s.epoch(), epoch.epoch);
+                            if s.rekey(*epoch) {
+                                Ok(())
+                            } else {
+                                Err(EngineError::Config(format!(
+                                    "epoch {to} is not after the current epoch {from}"
+                                )))
+                            }
+                        }
+                    },
                 };
                 let _ = reply.send(r);
             }
@@ -521,17 +547,33 @@ impl Worker {
         }
     }
 
-    fn join(&mut self, cfg: GroupConfig) -> Result<GroupInfo, EngineError> {
+    fn join(&mut self, mut cfg: GroupConfig) -> Result<GroupInfo, EngineError> {
         if self.group_index(cfg.member.group).is_some() {
             return Err(EngineError::GroupExists(cfg.member.group));
         }
+        if cfg.secure.is_some() {
+            // The trailer goes inside the configured datagram size.
+            if cfg.member.mtu < wire::MIN_MTU + SEAL_OVERHEAD {
+                return Err(EngineError::Config(format!(
+                    "mtu {} leaves no room for the seal: a secured group needs at least {}",
+                    cfg.member.mtu,
+                    wire::MIN_MTU + SEAL_OVERHEAD
+                )));
+            }
+            cfg.member.mtu -= SEAL_OVERHEAD;
+        }
+        let shield = cfg
+            .secure
+            .take()
+            .map(|e| Shield::new(cfg.member.group, cfg.member.member_id, e));
         let proto = match &cfg.membership {
             None => {
                 let mut member = Member::new(cfg.member.clone(), cfg.seed)
                     .map_err(|e| EngineError::Config(e.to_string()))?;
                 // The worker sends with iovecs: datagrams of one new frame leave from the
-                // retransmit buffer without a copy.
-                member.set_in_place_transmit(true);
+                // retransmit buffer without a copy. Sealed datagrams are encrypted in the send
+                // arena instead, so the retransmit buffer keeps the plain frames.
+                member.set_in_place_transmit(shield.is_none());
                 Proto::Plain(member)
             }
             Some(m) => {
@@ -586,6 +628,7 @@ impl Worker {
             stats: TransportStats::default(),
             deadline: None,
             touched: true,
+            shield,
         });
         Ok(GroupInfo {
             local_addr: local,
@@ -678,7 +721,7 @@ impl Worker {
             }
             let segment = r.segment.unwrap_or(r.bytes.len()).max(1);
             g.stats.receive_buffers += 1;
-            for datagram in r.bytes.chunks(segment) {
+            for datagram in r.bytes.chunks_mut(segment) {
                 g.stats.received += 1;
                 if let Some(loss) = g.loss.as_mut() {
                     if loss.drop_next() {
@@ -686,6 +729,12 @@ impl Worker {
                         continue;
                     }
                 }
+                // Opened in place; a rejected datagram is counted by the shield and dropped.
+                let datagram: &[u8] = match g.shield.as_mut().map(|s| s.open(datagram)) {
+                    None => datagram,
+                    Some(Ok(n)) => &datagram[..n],
+                    Some(Err(_)) => continue,
+                };
                 // Subscribers get in-order messages straight from the receive buffer.
                 let (handlers, sinks, sunk) = (&mut g.handlers, &mut g.sinks, &mut g.sunk);
                 g.proto
@@ -871,6 +920,8 @@ struct Run {
 fn build_sends(g: &mut Group, now: Nanos, batch: &mut SendBatch, scratch: &mut Scratch, gso: bool) -> bool {
     let Scratch { pieces, plan } = scratch;
     let mtu = g.proto.config().mtu;
+    // A secured group's datagrams grow by the seal once built.
+    let room = mtu + if g.shield.is_some() { SEAL_OVERHEAD } else { 0 };
     // In-place datagrams stay valid until the retransmit buffer takes this many more frames.
     let max_in_place = (g.proto.config().retransmit_frames as usize / 2).clamp(1, 1024);
     let fd = g.unicast.as_raw_fd();
@@ -880,14 +931,24 @@ fn build_sends(g: &mut Group, now: Nanos, batch: &mut SendBatch, scratch: &mut S
     let mut in_place = 0;
     let mut full = false;
     loop {
-        if batch.used + mtu > batch.arena.len() || in_place >= max_in_place {
+        if batch.used + room > batch.arena.len() || in_place >= max_in_place {
             full = true;
             break;
         }
         let start = batch.used;
-        let Some(t) = g.proto.poll_transmit(now, &mut batch.arena[start..start + mtu]) else {
+        let Some(mut t) = g.proto.poll_transmit(now, &mut batch.arena[start..start + mtu]) else {
             break;
         };
+        if let Some(shield) = g.shield.as_mut() {
+            // In-place transmits are off for secured groups: the datagram is in the arena.
+            match shield.seal(&mut batch.arena[start..start + room], t.len) {
+                Ok(n) => t.len = n,
+                Err(e) => {
+                    tracing::error!(group = g.id, error = %e, "datagram not sealed, dropped");
+                    continue;
+                }
+            }
+        }
         let piece = match t.in_place {
             Some(seq) => {
                 in_place += 1;

@@ -172,10 +172,17 @@ pub struct ChildProc {
 impl ChildProc {
     /// Starts `intergroup bench-child <args>` and waits for its `ready` line.
     pub fn spawn(args: &[String]) -> Result<Self, String> {
+        Self::spawn_with_env(args, &[])
+    }
+
+    /// [`ChildProc::spawn`] with environment variables added (secrets go there, not in the
+    /// command line).
+    pub fn spawn_with_env(args: &[String], env: &[(&str, String)]) -> Result<Self, String> {
         let exe = std::env::current_exe().map_err(|e| format!("own executable: {e}"))?;
         let mut child = Command::new(exe)
             .arg("bench-child")
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -9,7 +9,10 @@ use super::{
 use clap::Args;
 use hdrhistogram::Histogram;
 use intergroup_engine::runtime::{BackendKind, Engine, EngineConfig, GroupConfig, OfferError, Publication};
+use intergroup_engine::shield::{Rejection, ShieldEpoch, ShieldStats};
 use intergroup_engine::{Counter, Event, MemberConfig, Output};
+use intergroup_secure::aead::TAG_LEN;
+use intergroup_secure::EpochSecret;
 use serde_json::{json, Value};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -72,6 +75,14 @@ pub struct UdpArgs {
     /// Multicast port (default: one derived from the process id).
     #[arg(long)]
     port: Option<u16>,
+    /// Seal every datagram (AES-256-GCM, the Secure Group Layer's data plane) under a fresh
+    /// random epoch secret, after a plaintext run and an AEAD-only measurement of the same size
+    /// in the same invocation: adds `ratio_to_plain` and `ratio_to_aead`.
+    #[arg(long)]
+    secure: bool,
+    /// Seconds of the AEAD-only measurement of `--secure`.
+    #[arg(long, default_value_t = 1.0)]
+    aead_duration: f64,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -82,6 +93,7 @@ impl UdpArgs {
         Tuning {
             mtu: self.mtu,
             window: self.window,
+            secure: None,
         }
     }
 }
@@ -108,6 +120,53 @@ fn engine_config(backend: BackendKind, busy_poll: bool) -> EngineConfig {
 struct Tuning {
     mtu: usize,
     window: u32,
+    secure: Option<BenchSecret>,
+}
+
+/// The run's throwaway epoch secret and who is in the group: the publisher (member 1) may
+/// publish, the subscribers (members 2..) may not, so every role check runs as in production.
+#[derive(Clone, Copy)]
+struct BenchSecret {
+    secret: [u8; 32],
+    subscribers: usize,
+}
+
+impl std::fmt::Debug for BenchSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BenchSecret(.., subscribers: {})", self.subscribers)
+    }
+}
+
+/// Environment variable that hands the secret to subscriber processes (not their command
+/// line, which other users can read).
+const SECRET_ENV: &str = "INTERGROUP_BENCH_EPOCH_SECRET";
+
+impl BenchSecret {
+    fn random(subscribers: usize) -> Result<Self, String> {
+        let mut secret = [0u8; 32];
+        getrandom::fill(&mut secret).map_err(|e| format!("random secret: {e}"))?;
+        Ok(Self { secret, subscribers })
+    }
+
+    fn from_env(subscribers: usize) -> Result<Option<Self>, String> {
+        let Ok(hex_secret) = std::env::var(SECRET_ENV) else {
+            return Ok(None);
+        };
+        let mut secret = [0u8; 32];
+        hex::decode_to_slice(hex_secret.trim(), &mut secret)
+            .map_err(|_| format!("{SECRET_ENV} must hold 64 hex digits"))?;
+        Ok(Some(Self { secret, subscribers }))
+    }
+
+    fn epoch(&self) -> ShieldEpoch {
+        let mut members = vec![(1, true)];
+        members.extend((0..self.subscribers).map(|i| (i as u32 + 2, false)));
+        ShieldEpoch {
+            epoch: 1,
+            secret: EpochSecret::from_bytes(self.secret),
+            members,
+        }
+    }
 }
 
 fn group_config(member_id: u32, port: u16, t: Tuning, loss: f64, seed: u64) -> GroupConfig {
@@ -123,6 +182,7 @@ fn group_config(member_id: u32, port: u16, t: Tuning, loss: f64, seed: u64) -> G
     g.receive_loss = loss;
     g.loss_seed = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(member_id);
     g.seed = seed ^ u64::from(member_id);
+    g.secure = t.secure.map(|s| s.epoch());
     g
 }
 
@@ -287,6 +347,9 @@ pub struct SubArgs {
     backend: BackendKind,
     #[arg(long)]
     busy_poll: bool,
+    /// Subscribers of the run (the secured group's member list).
+    #[arg(long, default_value_t = 1)]
+    subscribers: usize,
 }
 
 /// The subscriber child: reports when the run ends or its stdin closes.
@@ -297,6 +360,7 @@ pub fn sub(a: SubArgs) -> Result<ExitCode, String> {
         Tuning {
             mtu: a.mtu,
             window: a.window,
+            secure: BenchSecret::from_env(a.subscribers)?,
         },
         a.loss,
         a.seed,
@@ -317,6 +381,9 @@ pub fn sub(a: SubArgs) -> Result<ExitCode, String> {
                 "gro": st.gro,
             }),
         );
+        if let Some(s) = &st.secure {
+            merge_objects(&mut report, json!({ "secure": shield_json(s) }));
+        }
     }
     say(&report.to_string());
     // Stay until the parent has read the report and closes stdin: our STATUS reports keep the
@@ -344,6 +411,15 @@ enum Sub {
     Local(Box<Subscriber>),
 }
 
+/// What one engine run measured.
+struct EngineRun {
+    report: Value,
+    /// Payload bytes per second per subscriber (median).
+    bytes_per_sec: f64,
+    /// Nothing lost, every subscriber complete, everything acknowledged.
+    ok: bool,
+}
+
 fn throughput(a: &UdpArgs, port: u16) -> Result<ExitCode, String> {
     let raw_results = raw::measure_all(
         &RawPath::ALL,
@@ -355,7 +431,108 @@ fn throughput(a: &UdpArgs, port: u16) -> Result<ExitCode, String> {
     )?;
     let best = raw::best(&raw_results).ok_or("no raw path measured")?;
     let raw_bytes_per_sec = best.received_per_sec * a.size as f64;
+    let ratio = |x: f64, of: f64| {
+        if of > 0.0 {
+            (x / of * 1000.0).round() / 1000.0
+        } else {
+            0.0
+        }
+    };
 
+    let plain = engine_run(a, port, a.tuning(), "engine")?;
+    let (mut report, ok) = if a.secure {
+        let aead = aead_rate(a.size, a.aead_duration);
+        let aead_datagram = aead_rate(a.mtu - intergroup_engine::shield::SEAL_OVERHEAD, a.aead_duration);
+        let tuning = Tuning {
+            secure: Some(BenchSecret::random(a.subscribers)?),
+            ..a.tuning()
+        };
+        // A port of its own, so nothing of the plaintext run is heard.
+        let secure = engine_run(a, port + 4, tuning, "secure engine")?;
+        let mut report = secure.report;
+        merge_objects(
+            &mut report,
+            json!({
+                "secure": true,
+                "aead_backend": intergroup_secure::aead::BACKEND,
+                "ratio_to_raw": ratio(secure.bytes_per_sec, raw_bytes_per_sec),
+                "ratio_to_plain": ratio(secure.bytes_per_sec, plain.bytes_per_sec),
+                "ratio_to_aead": ratio(secure.bytes_per_sec, aead),
+                "aead_mb_per_sec": (aead / 1e6 * 10.0).round() / 10.0,
+                "aead_datagram_mb_per_sec": (aead_datagram / 1e6 * 10.0).round() / 10.0,
+                "plain_msgs_per_sec": plain.report["msgs_per_sec"],
+                "plain_mb_per_sec": plain.report["mb_per_sec"],
+                "plain_lost": plain.report["lost"],
+            }),
+        );
+        (report, secure.ok && plain.ok)
+    } else {
+        let mut report = plain.report;
+        merge_objects(
+            &mut report,
+            json!({ "ratio_to_raw": ratio(plain.bytes_per_sec, raw_bytes_per_sec) }),
+        );
+        (report, plain.ok)
+    };
+    merge_objects(
+        &mut report,
+        json!({
+            "raw_ceiling": best.path.name(),
+            "raw_msgs_per_sec": best.received_per_sec.round(),
+            "raw_mb_per_sec": (raw_bytes_per_sec / 1e6 * 10.0).round() / 10.0,
+            "raw": raw_results.iter().map(|r| r.to_json(a.size)).collect::<Vec<_>>(),
+        }),
+    );
+    if a.json {
+        println!("{report}");
+    } else {
+        print_udp_table(&report);
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// AES-256-GCM seal then open of `size`-byte messages on this core, in place, for `seconds`:
+/// payload bytes per second (the ceiling `ratio_to_aead` divides by).
+fn aead_rate(size: usize, seconds: f64) -> f64 {
+    let secret = EpochSecret::from_bytes([0x5a; 32]);
+    let mut sealer = secret.sender_key(1, 1, 1, 0);
+    let opener = secret.sender_key(1, 1, 1, 0);
+    let mut buf = vec![0u8; size + TAG_LEN];
+    let aad = [0u8; 24];
+    let mut packet = 0u64;
+    let start = Instant::now();
+    let mut elapsed = 0.0;
+    while elapsed < seconds {
+        for _ in 0..256 {
+            let Ok(tag) = sealer.seal_in_place(packet, &aad, &mut buf[..size]) else {
+                return 0.0;
+            };
+            buf[size..].copy_from_slice(&tag);
+            if opener.open_in_place(packet, &aad, &mut buf).is_err() {
+                return 0.0;
+            }
+            packet += 1;
+        }
+        elapsed = start.elapsed().as_secs_f64();
+    }
+    packet as f64 * size as f64 / elapsed
+}
+
+fn shield_json(s: &ShieldStats) -> Value {
+    let mut rejected = serde_json::Map::new();
+    for r in Rejection::ALL {
+        rejected.insert(r.label().to_string(), json!(s.rejected(r)));
+    }
+    json!({
+        "epoch": s.epoch,
+        "sealed": s.sealed,
+        "opened": s.opened,
+        "key_rotations": s.key_rotations,
+        "rejected": rejected,
+    })
+}
+
+fn engine_run(a: &UdpArgs, port: u16, tuning: Tuning, label: &str) -> Result<EngineRun, String> {
     let mut subs = Vec::new();
     for i in 0..a.subscribers {
         let id = i as u32 + 2;
@@ -376,16 +553,23 @@ fn throughput(a: &UdpArgs, port: u16) -> Result<ExitCode, String> {
                 a.seed.to_string(),
                 "--backend".into(),
                 a.backend.to_string(),
+                "--subscribers".into(),
+                a.subscribers.to_string(),
             ];
             if a.busy_poll {
                 args.push("--busy-poll".into());
             }
-            Sub::Process(ChildProc::spawn(&args)?)
+            let env: Vec<(&str, String)> = tuning
+                .secure
+                .iter()
+                .map(|s| (SECRET_ENV, hex::encode(s.secret)))
+                .collect();
+            Sub::Process(ChildProc::spawn_with_env(&args, &env)?)
         } else {
             Sub::Local(Box::new(start_subscriber(
                 id,
                 port,
-                a.tuning(),
+                tuning,
                 a.loss,
                 a.seed,
                 a.backend,
@@ -400,12 +584,12 @@ fn throughput(a: &UdpArgs, port: u16) -> Result<ExitCode, String> {
     })
     .map_err(|e| e.to_string())?;
     engine
-        .join(group_config(1, port, a.tuning(), 0.0, a.seed))
+        .join(group_config(1, port, tuning, 0.0, a.seed))
         .map_err(|e| e.to_string())?;
     let mut publication = engine
         .publication(GROUP, DATA_STREAM)
         .map_err(|e| e.to_string())?;
-    let bar = progress("engine", a.duration, a.json);
+    let bar = progress(label, a.duration, a.json);
     let start = Instant::now();
     let mut seq = 0u64;
     let mut spins = 0u32;
@@ -518,11 +702,6 @@ fn throughput(a: &UdpArgs, port: u16) -> Result<ExitCode, String> {
         "datagrams_sent": stats.transport.sent,
         "publisher_datagrams_received": stats.transport.received,
         "publisher_send_calls": stats.transport.send_calls,
-        "ratio_to_raw": if raw_bytes_per_sec > 0.0 { (bytes_per_sec / raw_bytes_per_sec * 1000.0).round() / 1000.0 } else { 0.0 },
-        "raw_ceiling": best.path.name(),
-        "raw_msgs_per_sec": best.received_per_sec.round(),
-        "raw_mb_per_sec": (raw_bytes_per_sec / 1e6 * 10.0).round() / 10.0,
-        "raw": raw_results.iter().map(|r| r.to_json(a.size)).collect::<Vec<_>>(),
         "per_subscriber": reports.iter().map(|r| {
             let mut r = r.clone();
             if let Some(o) = r.as_object_mut() { o.remove("hist"); }
@@ -530,15 +709,13 @@ fn throughput(a: &UdpArgs, port: u16) -> Result<ExitCode, String> {
         }).collect::<Vec<_>>(),
     });
     merge_objects(&mut report, percentiles(&latency));
-    if a.json {
-        println!("{report}");
-    } else {
-        print_udp_table(&report);
+    if let Some(s) = &stats.secure {
+        merge_objects(&mut report, json!({ "publisher_secure": shield_json(s) }));
     }
-    Ok(if lost == 0 && complete && acknowledged {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
+    Ok(EngineRun {
+        report,
+        bytes_per_sec,
+        ok: lost == 0 && complete && acknowledged,
     })
 }
 
@@ -552,15 +729,43 @@ fn print_udp_table(r: &Value) {
         if r["loss"].as_f64().unwrap_or(0.0) > 0.0 { format!(", {} injected loss", r["loss"]) } else { String::new() }
     );
     println!("{:<34}{:>16}{:>12}", "", "messages/s", "MB/s");
+    let secure = r["secure"].as_bool().unwrap_or(false);
     println!(
         "{:<34}{:>16}{:>12}",
-        "reliable FIFO, per subscriber", r["msgs_per_sec"], r["mb_per_sec"]
+        if secure {
+            "sealed reliable FIFO, per subscr."
+        } else {
+            "reliable FIFO, per subscriber"
+        },
+        r["msgs_per_sec"].to_string(),
+        r["mb_per_sec"].to_string()
     );
+    if secure {
+        println!(
+            "{:<34}{:>16}{:>12}",
+            "plaintext reliable FIFO",
+            r["plain_msgs_per_sec"].to_string(),
+            r["plain_mb_per_sec"].to_string()
+        );
+        println!(
+            "{:<34}{:>16}{:>12}",
+            format!(
+                "AEAD seal+open, one core ({})",
+                r["aead_backend"].as_str().unwrap_or("")
+            ),
+            "",
+            r["aead_mb_per_sec"].to_string()
+        );
+        println!(
+            "ratio to plaintext: {}   ratio to AEAD: {}",
+            r["ratio_to_plain"], r["ratio_to_aead"]
+        );
+    }
     println!(
         "{:<34}{:>16}{:>12}",
         format!("raw UDP ceiling ({})", r["raw_ceiling"].as_str().unwrap_or("")),
-        r["raw_msgs_per_sec"],
-        r["raw_mb_per_sec"]
+        r["raw_msgs_per_sec"].to_string(),
+        r["raw_mb_per_sec"].to_string()
     );
     println!("ratio to raw: {}", r["ratio_to_raw"]);
     println!(
@@ -572,8 +777,8 @@ fn print_udp_table(r: &Value) {
         println!(
             "  {:<20}{:>14} msgs/s{:>10} MB/s",
             p["path"].as_str().unwrap_or(""),
-            p["msgs_per_sec"],
-            p["mb_per_sec"]
+            p["msgs_per_sec"].to_string(),
+            p["mb_per_sec"].to_string()
         );
     }
 }
@@ -599,6 +804,7 @@ pub fn pong(a: PongArgs) -> Result<ExitCode, String> {
             Tuning {
                 mtu: 1472,
                 window: 4096,
+                secure: None,
             },
             0.0,
             1,

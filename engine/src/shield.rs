@@ -1,0 +1,610 @@
+//! The data plane of the Secure Group Layer: every datagram of a secured group is sealed with
+//! AES-256-GCM before it leaves and opened before the protocol reads it.
+//!
+//! A sealed datagram is the plain datagram header (its `flags` carry [`FLAG_SEALED`]), the
+//! frames encrypted in place, and a 28-byte trailer: tag (16), epoch (u32), packet number (u64).
+//! The header and the epoch and packet number are authenticated data. The key is the
+//! transmitting member's for that epoch and packet-number generation
+//! ([`EpochSecret::sender_key`]), the nonce is (epoch, packet number), and a member's packet
+//! numbers only grow, so a nonce never repeats under a key. Whole datagrams are sealed, not
+//! frames: one tag per datagram however many messages it packs, so every DATA, NAK, STATUS,
+//! HEARTBEAT and membership frame is covered and small messages cost no more than large ones.
+//!
+//! Opening checks, in order: the shape (`malformed`), the flag (`unsealed`), the epoch
+//! (`unknown_epoch`: only the current and the previous one open), the transmitting member
+//! (`not_member` of that epoch), the replay window (`replay`), the tag (`bad_tag`), and, in
+//! epochs where some member may not publish, that every DATA frame's sender may (`wrong_role`).
+//! Each rejection is counted by reason and the datagram is dropped; nothing it carried reaches
+//! the protocol, and a forged datagram moves no window.
+
+use crate::group::RELAY_STREAM;
+use crate::wire::{self, Frame, DATAGRAM_HEADER_LEN};
+use intergroup_secure::aead::{generation_of, SenderKey, TAG_LEN};
+use intergroup_secure::{EpochSecret, ReplayWindow};
+use std::collections::HashMap;
+
+/// Datagram-header flag: the frames are sealed and a trailer follows them.
+pub const FLAG_SEALED: u8 = 0x01;
+/// Bytes sealing adds to a datagram: epoch, packet number and tag.
+pub const SEAL_OVERHEAD: usize = 4 + 8 + TAG_LEN;
+
+/// The keys and members of one epoch.
+#[derive(Debug, Clone)]
+pub struct ShieldEpoch {
+    /// Epoch number; a later epoch has a larger one.
+    pub epoch: u32,
+    /// The epoch's secret (from MLS, or shared out of band), from which every key derives.
+    pub secret: EpochSecret,
+    /// Member ids of the epoch and whether each may publish.
+    pub members: Vec<(u32, bool)>,
+}
+
+/// Why an incoming datagram was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Rejection {
+    /// Too short for a header and a trailer, or of another group.
+    Malformed,
+    /// Not sealed, in a secured group.
+    Unsealed,
+    /// Sealed in an epoch this member has no key for (too old, or not reached yet).
+    UnknownEpoch,
+    /// Transmitted by a member id that is not in the epoch.
+    NotMember,
+    /// The packet number was accepted before, or is older than the replay window.
+    Replay,
+    /// The tag did not check: forged, modified, truncated, or sealed under another key.
+    BadTag,
+    /// Carried data from a member whose role does not include publishing.
+    WrongRole,
+}
+
+impl Rejection {
+    /// Every reason, in the order [`ShieldStats`] lists them.
+    pub const ALL: [Rejection; 7] = [
+        Rejection::Malformed,
+        Rejection::Unsealed,
+        Rejection::UnknownEpoch,
+        Rejection::NotMember,
+        Rejection::Replay,
+        Rejection::BadTag,
+        Rejection::WrongRole,
+    ];
+
+    /// The counter's name.
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejection::Malformed => "malformed",
+            Rejection::Unsealed => "unsealed",
+            Rejection::UnknownEpoch => "unknown_epoch",
+            Rejection::NotMember => "not_member",
+            Rejection::Replay => "replay",
+            Rejection::BadTag => "bad_tag",
+            Rejection::WrongRole => "wrong_role",
+        }
+    }
+}
+
+/// What a shield counted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShieldStats {
+    /// Datagrams sealed.
+    pub sealed: u64,
+    /// Datagrams opened and passed on.
+    pub opened: u64,
+    /// Datagrams rejected, per [`Rejection::ALL`] index.
+    pub rejected: [u64; 7],
+    /// The epoch datagrams are sealed in now.
+    pub epoch: u32,
+    /// Key generations this member moved to because a key reached its usage limit.
+    pub key_rotations: u64,
+}
+
+impl ShieldStats {
+    /// Datagrams rejected for `reason`.
+    pub fn rejected(&self, reason: Rejection) -> u64 {
+        self.rejected[Rejection::ALL.iter().position(|r| *r == reason).unwrap_or(0)]
+    }
+
+    /// Every rejection.
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.iter().sum()
+    }
+}
+
+/// Why a datagram could not be sealed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SealError {
+    /// The buffer has no room for the trailer, or the datagram is shorter than its header.
+    #[error("no room to seal: datagram of {len} bytes in a buffer of {capacity}")]
+    NoRoom {
+        /// Datagram length.
+        len: usize,
+        /// Buffer length.
+        capacity: usize,
+    },
+    /// The cipher refused (a key past its limit; cannot happen with generations).
+    #[error("sealing failed: {0}")]
+    Cipher(intergroup_secure::Error),
+}
+
+/// One transmitting member's key in one epoch, and the packet numbers accepted from it.
+struct Peer {
+    generation: u32,
+    key: SenderKey,
+    window: ReplayWindow,
+}
+
+struct EpochKeys {
+    epoch: u32,
+    secret: EpochSecret,
+    /// Member id -> may publish.
+    members: HashMap<u32, bool>,
+    /// Every member may publish: the frame walk for roles is skipped.
+    all_publish: bool,
+    peers: HashMap<u32, Peer>,
+}
+
+impl EpochKeys {
+    fn new(e: ShieldEpoch) -> Self {
+        let members: HashMap<u32, bool> = e.members.into_iter().collect();
+        Self {
+            epoch: e.epoch,
+            secret: e.secret,
+            all_publish: members.values().all(|p| *p),
+            members,
+            peers: HashMap::new(),
+        }
+    }
+}
+
+/// Seals this member's datagrams and opens everyone else's, for one group.
+pub struct Shield {
+    group: u32,
+    me: u32,
+    current: EpochKeys,
+    previous: Option<EpochKeys>,
+    send: SenderKey,
+    send_generation: u32,
+    next_packet: u64,
+    stats: ShieldStats,
+}
+
+impl std::fmt::Debug for Shield {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shield")
+            .field("group", &self.group)
+            .field("me", &self.me)
+            .field("epoch", &self.current.epoch)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shield {
+    /// A shield for member `me` of `group`, starting in `epoch`.
+    pub fn new(group: u32, me: u32, epoch: ShieldEpoch) -> Self {
+        let current = EpochKeys::new(epoch);
+        let send = current.secret.sender_key(group, current.epoch, me, 0);
+        Self {
+            group,
+            me,
+            stats: ShieldStats {
+                epoch: current.epoch,
+                ..ShieldStats::default()
+            },
+            current,
+            previous: None,
+            send,
+            send_generation: 0,
+            next_packet: 0,
+        }
+    }
+
+    /// Moves to a later epoch: this member seals with the new keys from now on, and the
+    /// previous epoch's keys still open what was sealed before the change. Anything older no
+    /// longer opens. Returns false (and changes nothing) if `epoch` is not later.
+    pub fn rekey(&mut self, epoch: ShieldEpoch) -> bool {
+        if epoch.epoch <= self.current.epoch {
+            return false;
+        }
+        let next = EpochKeys::new(epoch);
+        self.send = next.secret.sender_key(self.group, next.epoch, self.me, 0);
+        self.send_generation = 0;
+        self.next_packet = 0;
+        self.stats.epoch = next.epoch;
+        self.previous = Some(std::mem::replace(&mut self.current, next));
+        true
+    }
+
+    /// The epoch this member seals in.
+    pub fn epoch(&self) -> u32 {
+        self.current.epoch
+    }
+
+    /// What was counted.
+    pub fn stats(&self) -> &ShieldStats {
+        &self.stats
+    }
+
+    /// Seals the datagram in `buf[..len]` in place and appends the trailer; returns the sealed
+    /// length, `len + SEAL_OVERHEAD`.
+    pub fn seal(&mut self, buf: &mut [u8], len: usize) -> Result<usize, SealError> {
+        if len < DATAGRAM_HEADER_LEN || buf.len() < len + SEAL_OVERHEAD {
+            return Err(SealError::NoRoom {
+                len,
+                capacity: buf.len(),
+            });
+        }
+        let packet = self.next_packet;
+        let generation = generation_of(packet);
+        if generation != self.send_generation {
+            // The key reached its usage limit: the next generation's key takes over.
+            self.send = self
+                .current
+                .secret
+                .sender_key(self.group, self.current.epoch, self.me, generation);
+            self.send_generation = generation;
+            self.stats.key_rotations += 1;
+        }
+        buf[3] |= FLAG_SEALED;
+        let ids = len + TAG_LEN;
+        buf[ids..ids + 4].copy_from_slice(&self.current.epoch.to_le_bytes());
+        buf[ids + 4..ids + 12].copy_from_slice(&packet.to_le_bytes());
+        let aad = aad(&buf[..DATAGRAM_HEADER_LEN], &buf[ids..ids + 12]);
+        let tag = self
+            .send
+            .seal_in_place(packet, &aad, &mut buf[DATAGRAM_HEADER_LEN..len])
+            .map_err(SealError::Cipher)?;
+        buf[len..ids].copy_from_slice(&tag);
+        self.next_packet += 1;
+        self.stats.sealed += 1;
+        Ok(len + SEAL_OVERHEAD)
+    }
+
+    /// Opens the sealed datagram in `buf` in place. On success the plain datagram is
+    /// `buf[..n]` for the returned `n`, its header's sealed flag cleared; on a rejection the
+    /// reason is counted and returned.
+    pub fn open(&mut self, buf: &mut [u8]) -> Result<usize, Rejection> {
+        let r = self.open_inner(buf);
+        match r {
+            Ok(_) => self.stats.opened += 1,
+            Err(reason) => {
+                let i = Rejection::ALL.iter().position(|x| *x == reason).unwrap_or(0);
+                self.stats.rejected[i] += 1;
+            }
+        }
+        r
+    }
+
+    fn open_inner(&mut self, buf: &mut [u8]) -> Result<usize, Rejection> {
+        if buf.len() < DATAGRAM_HEADER_LEN + SEAL_OVERHEAD || buf[..2] != wire::MAGIC {
+            return Err(Rejection::Malformed);
+        }
+        if u32::from_le_bytes(le4(&buf[4..8])) != self.group {
+            return Err(Rejection::Malformed);
+        }
+        if buf[3] & FLAG_SEALED == 0 {
+            return Err(Rejection::Unsealed);
+        }
+        let source = u32::from_le_bytes(le4(&buf[8..12]));
+        let len = buf.len() - SEAL_OVERHEAD;
+        let ids = len + TAG_LEN;
+        let epoch = u32::from_le_bytes(le4(&buf[ids..ids + 4]));
+        let mut packet_bytes = [0u8; 8];
+        packet_bytes.copy_from_slice(&buf[ids + 4..ids + 12]);
+        let packet = u64::from_le_bytes(packet_bytes);
+        let keys = if epoch == self.current.epoch {
+            &mut self.current
+        } else {
+            match self.previous.as_mut() {
+                Some(p) if p.epoch == epoch => p,
+                _ => return Err(Rejection::UnknownEpoch),
+            }
+        };
+        if !keys.members.contains_key(&source) {
+            return Err(Rejection::NotMember);
+        }
+        let group = self.group;
+        let generation = generation_of(packet);
+        let peer = keys.peers.entry(source).or_insert_with(|| Peer {
+            generation,
+            key: keys.secret.sender_key(group, epoch, source, generation),
+            window: ReplayWindow::new(),
+        });
+        peer.window.check(packet).map_err(|_| Rejection::Replay)?;
+        let aad = aad(&buf[..DATAGRAM_HEADER_LEN], &buf[ids..ids + 12]);
+        // Ciphertext then tag.
+        let sealed = &mut buf[DATAGRAM_HEADER_LEN..ids];
+        if generation == peer.generation {
+            peer.key.open_in_place(packet, &aad, sealed)
+        } else {
+            // Another generation's key, kept only once a packet proved it: a forged packet
+            // number must not evict the key honest packets use.
+            let key = keys.secret.sender_key(group, epoch, source, generation);
+            let r = key.open_in_place(packet, &aad, sealed);
+            if r.is_ok() && generation > peer.generation {
+                peer.key = key;
+                peer.generation = generation;
+            }
+            r
+        }
+        .map_err(|_| Rejection::BadTag)?;
+        // Authentic from here: the packet number is used up whatever the frames hold.
+        let _ = peer.window.accept(packet);
+        buf[3] &= !FLAG_SEALED;
+        if !keys.all_publish && !data_senders_may_publish(&buf[..len], &keys.members) {
+            return Err(Rejection::WrongRole);
+        }
+        Ok(len)
+    }
+}
+
+/// Every DATA frame in `datagram` is from a member that may publish. Relays (another member's
+/// message passed on during a view change) may come from any member: the group layer takes
+/// one only for a sender of the view and only inside the cut the view change fixed.
+fn data_senders_may_publish(datagram: &[u8], members: &HashMap<u32, bool>) -> bool {
+    let Ok((_, frames)) = wire::decode_datagram(datagram) else {
+        // Not decodable: the protocol counts it as malformed and drops it whole.
+        return true;
+    };
+    for frame in frames {
+        match frame {
+            Ok(Frame::Data(d)) => {
+                let sender = d.header.sender.get();
+                if d.header.stream.get() != RELAY_STREAM && members.get(&sender) != Some(&true) {
+                    return false;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => return true,
+        }
+    }
+    true
+}
+
+fn le4(b: &[u8]) -> [u8; 4] {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[..4]);
+    a
+}
+
+fn aad(header: &[u8], trailer: &[u8]) -> [u8; DATAGRAM_HEADER_LEN + 12] {
+    let mut a = [0u8; DATAGRAM_HEADER_LEN + 12];
+    a[..DATAGRAM_HEADER_LEN].copy_from_slice(header);
+    a[DATAGRAM_HEADER_LEN..].copy_from_slice(trailer);
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{DataHeader, DatagramWriter, StatusBody};
+    use proptest::prelude::*;
+
+    const GROUP: u32 = 7;
+
+    fn epoch(n: u32, secret: u8, members: &[(u32, bool)]) -> ShieldEpoch {
+        ShieldEpoch {
+            epoch: n,
+            secret: EpochSecret::from_bytes([secret; 32]),
+            members: members.to_vec(),
+        }
+    }
+
+    fn three() -> Vec<(u32, bool)> {
+        vec![(1, true), (2, true), (3, false)]
+    }
+
+    /// A datagram from `source` with one DATA frame from `sender` and one STATUS frame, with
+    /// room for the trailer.
+    fn datagram(source: u32, sender: u32, seq: u64, payload: &[u8]) -> (Vec<u8>, usize) {
+        let mut buf = vec![0u8; 1500];
+        let mut w = DatagramWriter::new(&mut buf[..1500 - SEAL_OVERHEAD], GROUP, source).unwrap();
+        let h = DataHeader {
+            stream: 1.into(),
+            sender: sender.into(),
+            epoch: 0.into(),
+            sequence: seq.into(),
+            timestamp: seq.into(),
+            message_len: (payload.len() as u32).into(),
+            fragment_offset: 0.into(),
+        };
+        assert!(w.push_data(0, &h, payload));
+        assert!(w.push_status(&StatusBody {
+            sender: 2.into(),
+            window: 64.into(),
+            position: 0.into(),
+        }));
+        let len = w.len();
+        (buf, len)
+    }
+
+    fn sealed(shield: &mut Shield, source: u32, sender: u32, seq: u64) -> (Vec<u8>, Vec<u8>) {
+        let (mut buf, len) = datagram(source, sender, seq, b"hello, group");
+        let plain = buf[..len].to_vec();
+        let n = shield.seal(&mut buf, len).unwrap();
+        buf.truncate(n);
+        (buf, plain)
+    }
+
+    #[test]
+    fn sealed_datagrams_open_to_the_same_bytes_and_hide_the_payload() {
+        let mut a = Shield::new(GROUP, 1, epoch(1, 9, &three()));
+        let mut b = Shield::new(GROUP, 2, epoch(1, 9, &three()));
+        for seq in 0..100 {
+            let (mut s, plain) = sealed(&mut a, 1, 1, seq);
+            assert_eq!(s.len(), plain.len() + SEAL_OVERHEAD);
+            assert!(
+                !s.windows(12).any(|w| w == b"hello, group"),
+                "payload in the clear"
+            );
+            let n = b.open(&mut s).unwrap();
+            assert_eq!(&s[..n], &plain[..]);
+            assert!(wire::decode_datagram(&s[..n]).is_ok());
+        }
+        assert_eq!(b.stats().opened, 100);
+        assert_eq!(a.stats().sealed, 100);
+        assert_eq!(b.stats().rejected_total(), 0);
+    }
+
+    #[test]
+    fn every_modification_and_truncation_is_rejected_and_counted() {
+        let mut a = Shield::new(GROUP, 1, epoch(1, 9, &three()));
+        let mut b = Shield::new(GROUP, 2, epoch(1, 9, &three()));
+        let (s, _) = sealed(&mut a, 1, 1, 0);
+        let mut rejected = 0;
+        for bit in 0..s.len() * 8 {
+            let mut m = s.clone();
+            m[bit / 8] ^= 1 << (bit % 8);
+            assert!(b.open(&mut m).is_err(), "bit {bit} flipped and still opened");
+            rejected += 1;
+        }
+        for len in 0..s.len() {
+            let mut m = s[..len].to_vec();
+            assert!(b.open(&mut m).is_err(), "truncated to {len} and still opened");
+            rejected += 1;
+        }
+        let st = b.stats();
+        assert_eq!(st.rejected_total(), rejected);
+        assert!(st.rejected(Rejection::BadTag) > 0);
+        assert!(st.rejected(Rejection::Malformed) > 0);
+        assert!(st.rejected(Rejection::Unsealed) > 0);
+        assert!(st.rejected(Rejection::UnknownEpoch) > 0);
+        assert!(st.rejected(Rejection::NotMember) > 0);
+        // None of it moved the window: the honest datagram still opens.
+        let mut honest = s.clone();
+        assert!(b.open(&mut honest).is_ok());
+    }
+
+    #[test]
+    fn replays_are_rejected_and_reordering_within_the_window_is_not() {
+        let mut a = Shield::new(GROUP, 1, epoch(1, 9, &three()));
+        let mut b = Shield::new(GROUP, 2, epoch(1, 9, &three()));
+        let packets: Vec<_> = (0..10).map(|i| sealed(&mut a, 1, 1, i).0).collect();
+        for i in (0..10).rev() {
+            assert!(b.open(&mut packets[i].clone()).is_ok());
+        }
+        for p in &packets {
+            assert_eq!(b.open(&mut p.clone()), Err(Rejection::Replay));
+        }
+        assert_eq!(b.stats().rejected(Rejection::Replay), 10);
+    }
+
+    #[test]
+    fn outsiders_strangers_and_plain_datagrams_are_refused() {
+        let mut b = Shield::new(GROUP, 2, epoch(1, 9, &three()));
+        // An outsider who guessed the epoch but not the secret.
+        let mut outsider = Shield::new(GROUP, 1, epoch(1, 10, &three()));
+        let (mut s, plain) = sealed(&mut outsider, 1, 1, 0);
+        assert_eq!(b.open(&mut s), Err(Rejection::BadTag));
+        // A member id the epoch does not list, even with the secret.
+        let mut stranger = Shield::new(GROUP, 4, epoch(1, 9, &three()));
+        let (mut s, _) = sealed(&mut stranger, 4, 4, 0);
+        assert_eq!(b.open(&mut s), Err(Rejection::NotMember));
+        // A datagram of an engine without the secure layer.
+        let mut p = plain.clone();
+        p.extend_from_slice(&[0; SEAL_OVERHEAD]);
+        assert_eq!(b.open(&mut p), Err(Rejection::Unsealed));
+        // Another group's datagram.
+        let mut other = Shield::new(GROUP + 1, 1, epoch(1, 9, &three()));
+        let (mut buf, len) = datagram(1, 1, 0, b"x");
+        buf[4..8].copy_from_slice(&(GROUP + 1).to_le_bytes());
+        let n = other.seal(&mut buf, len).unwrap();
+        assert_eq!(b.open(&mut buf[..n]), Err(Rejection::Malformed));
+    }
+
+    #[test]
+    fn a_subscribe_only_member_cannot_inject_data_but_reports_freely() {
+        let mut sub = Shield::new(GROUP, 3, epoch(1, 9, &three()));
+        let mut b = Shield::new(GROUP, 2, epoch(1, 9, &three()));
+        let (mut s, _) = sealed(&mut sub, 3, 3, 0);
+        assert_eq!(b.open(&mut s), Err(Rejection::WrongRole));
+        // Its STATUS and NAK frames are what a subscriber must send: they pass.
+        let mut buf = vec![0u8; 256];
+        let mut w = DatagramWriter::new(&mut buf[..256 - SEAL_OVERHEAD], GROUP, 3).unwrap();
+        assert!(w.push_status(&StatusBody {
+            sender: 1.into(),
+            window: 64.into(),
+            position: 5.into(),
+        }));
+        let len = w.len();
+        let n = sub.seal(&mut buf, len).unwrap();
+        assert!(b.open(&mut buf[..n]).is_ok());
+        assert_eq!(b.stats().rejected(Rejection::WrongRole), 1);
+    }
+
+    #[test]
+    fn a_removed_member_cannot_open_the_next_epoch_and_a_joiner_not_the_last() {
+        // Epoch 1: members 1, 2, 3. Epoch 2: 3 removed, 4 joined, under a fresh secret.
+        let e2 = [(1, true), (2, true), (4, true)];
+        let mut a = Shield::new(GROUP, 1, epoch(1, 9, &three()));
+        let mut removed = Shield::new(GROUP, 3, epoch(1, 9, &three()));
+        let (old_traffic, _) = sealed(&mut a, 1, 1, 0);
+        assert!(a.rekey(epoch(2, 11, &e2)));
+        assert!(!a.rekey(epoch(2, 12, &e2)), "an epoch is never entered twice");
+        let (mut new_traffic, _) = sealed(&mut a, 1, 1, 1);
+        // The removed member has only epoch 1's secret.
+        assert_eq!(
+            removed.open(&mut new_traffic.clone()),
+            Err(Rejection::UnknownEpoch)
+        );
+        // Even claiming epoch 2 with what it has, nothing opens.
+        assert!(removed.rekey(epoch(2, 9, &three())));
+        assert_eq!(removed.open(&mut new_traffic.clone()), Err(Rejection::BadTag));
+        // The joiner has only epoch 2's secret.
+        let mut joiner = Shield::new(GROUP, 4, epoch(2, 11, &e2));
+        assert_eq!(
+            joiner.open(&mut old_traffic.clone()),
+            Err(Rejection::UnknownEpoch)
+        );
+        let mut forced = Shield::new(GROUP, 4, epoch(1, 11, &three()));
+        assert_eq!(forced.open(&mut old_traffic.clone()), Err(Rejection::BadTag));
+        assert!(joiner.open(&mut new_traffic).is_ok());
+        // Member 2 moved too: it opens both epochs' traffic (the previous one while in flight).
+        let mut b = Shield::new(GROUP, 2, epoch(1, 9, &three()));
+        assert!(b.rekey(epoch(2, 11, &e2)));
+        assert!(b.open(&mut old_traffic.clone()).is_ok());
+        // Two epochs on, epoch 1 is gone.
+        assert!(b.rekey(epoch(3, 13, &e2)));
+        let (mut again, _) = sealed(&mut Shield::new(GROUP, 1, epoch(1, 9, &three())), 1, 1, 5);
+        assert_eq!(b.open(&mut again), Err(Rejection::UnknownEpoch));
+    }
+
+    #[test]
+    fn keys_rotate_before_their_usage_limit_and_receivers_follow() {
+        let mut a = Shield::new(GROUP, 1, epoch(1, 9, &three()));
+        let mut b = Shield::new(GROUP, 2, epoch(1, 9, &three()));
+        a.next_packet = (1 << 32) - 2;
+        for i in 0..4 {
+            let (mut s, _) = sealed(&mut a, 1, 1, i);
+            assert!(
+                b.open(&mut s).is_ok(),
+                "packet {i} across the generation boundary"
+            );
+        }
+        assert_eq!(a.stats().key_rotations, 1);
+        assert_eq!(
+            a.send.sealed(),
+            2,
+            "the new generation's key has sealed only its own"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_open_and_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..300),
+            sealed_flag in any::<bool>(),
+        ) {
+            let mut b = Shield::new(GROUP, 2, epoch(1, 9, &three()));
+            let mut m = bytes.clone();
+            if m.len() >= DATAGRAM_HEADER_LEN {
+                m[..2].copy_from_slice(&wire::MAGIC);
+                m[4..8].copy_from_slice(&GROUP.to_le_bytes());
+                if sealed_flag { m[3] |= FLAG_SEALED; }
+            }
+            prop_assert!(b.open(&mut m).is_err());
+            prop_assert_eq!(b.stats().rejected_total(), 1);
+        }
+    }
+}
