@@ -8,6 +8,7 @@
 
 pub mod aead;
 pub mod identity;
+pub mod mls;
 pub mod policy;
 pub mod replay;
 
