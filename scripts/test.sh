@@ -15,6 +15,10 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test --workspace"
 cargo test --workspace 2>&1 | tee -a "$log"
 
+echo "== the secure layer with AWS-LC's AES-GCM (cargo feature aws-lc): same known answers, same attacks"
+cargo test -p intergroup-secure -p intergroup-engine --features intergroup-engine/aws-lc \
+  --lib --test mls --test secure 2>&1 | tee -a "$log"
+
 echo "== loom: ring memory orderings (bounded preemptions to fit CI time)"
 RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-3}" \
   cargo test -p intergroup-ring --test loom --release --target-dir target/loom 2>&1 | tee -a "$log"
@@ -107,6 +111,33 @@ assert out["backend"] == backend, out["backend"]
 assert out["lost"] == 0 and out["complete"], f"bench udp lost messages: {out}"
 assert out["retransmissions"] > 0, "5% loss was injected but nothing was retransmitted"
 print(f"udp {backend}: lost 0, {out['msgs_per_sec']:.0f} msgs/s, ratio_to_raw {out['ratio_to_raw']}")
+PY
+done
+out=$("$bin" bench udp --secure --subscribers 2 --size 1024 --duration 1 --raw-duration 0.2 --aead-duration 0.2 --loss 0.05 --json)
+python3 - "$out" <<'PY'
+import json, sys
+out = json.loads(sys.argv[1])
+need = ["msgs_per_sec", "mb_per_sec", "lost", "retransmissions", "p50", "p99", "ratio_to_raw",
+        "ratio_to_plain", "ratio_to_aead", "aead_mb_per_sec", "plain_mb_per_sec", "publisher_secure"]
+missing = [k for k in need if k not in out]
+assert not missing, f"bench udp --secure JSON lacks {missing}"
+assert out["lost"] == 0 and out["plain_lost"] == 0 and out["complete"], f"secure bench lost messages: {out}"
+for s in [out["publisher_secure"]] + [p["secure"] for p in out["per_subscriber"]]:
+    assert s["sealed"] > 0 and s["opened"] > 0 and sum(s["rejected"].values()) == 0, s
+print(f"udp --secure: lost 0, {out['msgs_per_sec']:.0f} msgs/s, ratio_to_plain {out['ratio_to_plain']}, ratio_to_aead {out['ratio_to_aead']} ({out['aead_backend']})")
+PY
+for tree in full degraded; do
+  out=$("$bin" bench rekey --members 10 --rounds 3 --tree "$tree" --json)
+  python3 - "$out" <<'PY'
+import json, sys
+out = json.loads(sys.argv[1])
+for step in ("remove", "add", "update"):
+    need = ["commit_ms", "process_ms", "epoch_ms", "commit_bytes"]
+    missing = [k for k in need if k not in out[step]]
+    assert not missing, f"bench rekey {step} lacks {missing}"
+    assert out[step]["commit_bytes"] > 0, out
+assert out["add"]["welcome_bytes"] > 0 and out["members"] == 10, out
+print(f"rekey ({out['tree']} tree, 10 members): remove {out['remove']['epoch_ms']} ms, {out['remove']['commit_bytes']:.0f} B")
 PY
 done
 out=$("$bin" bench ipc --size 32 --duration 0.5 --json)

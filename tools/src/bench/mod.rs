@@ -10,6 +10,7 @@ mod ipc;
 mod member;
 mod order;
 mod raw;
+mod rekey;
 mod udp;
 
 use clap::{Args, Subcommand};
@@ -42,6 +43,9 @@ enum Mode {
     /// K senders at once in a group whose members all subscribe, with membership: delivered
     /// messages per second and latency in FIFO, then in total (or safe) order, same run.
     Order(order::OrderArgs),
+    /// MLS key agreement in a group of N (in-process, full ratchet tree): time and bytes to
+    /// remove, add and self-update one member.
+    Rekey(rekey::RekeyArgs),
 }
 
 /// Runs a bench mode.
@@ -51,6 +55,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, String> {
         Mode::Udp(a) => udp::run(a),
         Mode::Ipc(a) => ipc::run(a),
         Mode::Order(a) => order::run(a),
+        Mode::Rekey(a) => rekey::run(a),
     }
 }
 
