@@ -91,6 +91,29 @@ struct Live {
 }
 
 impl Live {
+    /// The coordinator adds members `ids` in one commit and merges it; returns them (not
+    /// joined yet), the commit and the Welcome.
+    #[allow(clippy::type_complexity)]
+    fn add(
+        &mut self,
+        ids: std::ops::Range<usize>,
+        policy: &Policy,
+    ) -> Result<(Vec<(usize, MlsMember)>, Vec<u8>, Vec<u8>), String> {
+        let joiners: Vec<(usize, MlsMember)> = ids.map(|i| (i, MlsMember::new(identity(i)))).collect();
+        let packages = joiners
+            .iter()
+            .map(|(_, m)| m.key_package())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        let add = self
+            .coordinator
+            .commit(&packages, &[], policy)
+            .map_err(|e| e.to_string())?;
+        self.coordinator.merge_pending().map_err(|e| e.to_string())?;
+        let welcome = add.welcome.ok_or("an add commit without a Welcome")?;
+        Ok((joiners, add.commit, welcome))
+    }
+
     /// Every timed member processes `commit`; returns the slowest one's time.
     fn process(&mut self, commit: &[u8], policy: &Policy) -> Result<f64, String> {
         let mut slowest: f64 = 0.0;
@@ -149,19 +172,7 @@ pub fn run(a: RekeyArgs) -> Result<ExitCode, String> {
     let mut n = if a.tree == "degraded" {
         // One commit adds everyone; only the timed members join (the others' state would
         // never be read).
-        let mut joiners: Vec<(usize, MlsMember)> =
-            (1..a.members).map(|i| (i, MlsMember::new(identity(i)))).collect();
-        let packages = joiners
-            .iter()
-            .map(|(_, m)| m.key_package())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?;
-        let add = live
-            .coordinator
-            .commit(&packages, &[], &policy)
-            .map_err(|e| e.to_string())?;
-        live.coordinator.merge_pending().map_err(|e| e.to_string())?;
-        let welcome = add.welcome.ok_or("an add commit without a Welcome")?;
+        let (mut joiners, _, welcome) = live.add(1..a.members, &policy)?;
         joiners.retain(|(i, _)| sample_ids.contains(i));
         for (i, mut m) in joiners {
             m.join(&welcome, &policy).map_err(|e| e.to_string())?;
@@ -172,21 +183,10 @@ pub fn run(a: RekeyArgs) -> Result<ExitCode, String> {
         1
     };
     while n < a.members {
-        let pair: Vec<usize> = (n..(n + 2).min(a.members)).collect();
-        let mut joiners: Vec<(usize, MlsMember)> =
-            pair.iter().map(|&i| (i, MlsMember::new(identity(i)))).collect();
-        let packages = joiners
-            .iter()
-            .map(|(_, m)| m.key_package())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?;
-        let add = live
-            .coordinator
-            .commit(&packages, &[], &policy)
-            .map_err(|e| e.to_string())?;
-        live.coordinator.merge_pending().map_err(|e| e.to_string())?;
-        live.process(&add.commit, &policy)?;
-        let welcome = add.welcome.ok_or("an add commit without a Welcome")?;
+        let pair = n..(n + 2).min(a.members);
+        let count = pair.len();
+        let (mut joiners, commit, welcome) = live.add(pair, &policy)?;
+        live.process(&commit, &policy)?;
         for (_, m) in joiners.iter_mut() {
             m.join(&welcome, &policy).map_err(|e| e.to_string())?;
         }
@@ -207,7 +207,7 @@ pub fn run(a: RekeyArgs) -> Result<ExitCode, String> {
         if sample_ids.contains(&first) {
             live.samples.push((first, updater));
         }
-        n += pair.len();
+        n += count;
         bar.set_position(n as u64);
     }
     bar.finish_and_clear();
