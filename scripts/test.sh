@@ -39,6 +39,18 @@ assert out["delivered_ok"] is True, f"seed {seed}: checker failed: {out.get('fai
 print(f"seed {seed}: delivered_ok, {out['lost_packets']} lost packets, {out['retransmissions']} retransmissions")
 PY
 done
+echo "== secure layer under attack in the simulator: sealed datagrams, 10% loss, an adversary injecting 10% more"
+for seed in 1 2 3; do
+  out=$("$bin" sim --members 5 --senders 2 --messages 5000 --loss 0.1 --attack 0.1 --seed "$seed" --json)
+  python3 - "$out" <<'PY'
+import json, sys
+out = json.loads(sys.argv[1])
+assert out["delivered_ok"] and out["secure"], f"seed {out['seed']}: {out.get('failure')}"
+zero = [k for k, v in out["secure_rejected"].items() if v == 0]
+assert not zero, f"seed {out['seed']}: no rejection counted for {zero}"
+print(f"seed {out['seed']}: delivered_ok under {out['attacks_injected']} attacks; rejected {out['secure_rejected']}")
+PY
+done
 echo "== seed sweep: 100 seeds x 5 scenarios (small windows, heavy fragmentation, ten senders, jitter, messages framed alone)"
 sweep_failures=0
 for seed in $(seq 1 100); do

@@ -216,6 +216,17 @@ impl Shield {
         true
     }
 
+    /// The member id this shield seals as.
+    pub fn member_id(&self) -> u32 {
+        self.me
+    }
+
+    /// Moves the next packet number forward (never back): what a member restarted with the
+    /// same epoch would do, and how tests reach the key-generation boundary.
+    pub fn skip_to_packet(&mut self, packet: u64) {
+        self.next_packet = self.next_packet.max(packet);
+    }
+
     /// The epoch this member seals in.
     pub fn epoch(&self) -> u32 {
         self.current.epoch

@@ -14,11 +14,17 @@ fn seeds(default: u64) -> impl Iterator<Item = u64> {
 
 fn run_ok(cfg: SimConfig) -> SimReport {
     let (seed, members, senders, loss) = (cfg.seed, cfg.members, cfg.senders, cfg.loss);
+    let secure = match (cfg.secure, cfg.attack) {
+        (false, _) => String::new(),
+        (true, a) if a > 0.0 => format!(" --attack {a}"),
+        (true, _) => " --secure".to_string(),
+    };
+    let (messages, size) = (cfg.messages, cfg.size);
     let r = sim::run(cfg).expect("valid config");
     assert!(
         r.delivered_ok,
         "seed {seed} ({members} members, {senders} senders, loss {loss}) failed: {:?}; replay: \
-         intergroup sim --members {members} --senders {senders} --loss {loss} --seed {seed}",
+         intergroup sim --members {members} --senders {senders} --messages {messages} --size {size} --loss {loss}{secure} --seed {seed}",
         r.failure
     );
     assert_eq!(r.violations, 0, "seed {seed}");
@@ -233,5 +239,42 @@ fn a_small_window_under_loss_never_overruns_an_unheard_receiver() {
         cfg.member.window_frames = 16;
         cfg.member.retransmit_frames = 64;
         run_ok(cfg);
+    }
+}
+
+/// Sealed runs under loss with an adversary injecting every kind of attack: honest members
+/// still get every message exactly once, intact and in order, and each attack is rejected and
+/// counted under its reason.
+#[test]
+fn sealed_groups_deliver_everything_under_attack_and_count_each_rejection() {
+    for seed in seeds(20) {
+        let mut cfg = group(5, 2, 0.1, seed);
+        cfg.messages = 5000;
+        cfg.secure = true;
+        cfg.attack = 0.1;
+        let r = run_ok(cfg);
+        assert!(r.attacks_injected > 0, "seed {seed}: no attack injected");
+        for (reason, n) in &r.secure_rejected {
+            assert!(
+                *n > 0,
+                "seed {seed}: no {reason} rejection counted: {:?}",
+                r.secure_rejected
+            );
+        }
+    }
+}
+
+#[test]
+fn sealing_changes_nothing_the_checker_sees() {
+    for seed in seeds(5) {
+        let mut cfg = group(4, 2, 0.05, seed);
+        cfg.messages = 3000;
+        cfg.secure = true;
+        let r = run_ok(cfg);
+        assert!(
+            r.secure_rejected.iter().all(|(_, n)| *n == 0),
+            "seed {seed}: {:?}",
+            r.secure_rejected
+        );
     }
 }

@@ -3,10 +3,13 @@
 //! A seeded network drops, duplicates, reorders, delays and partitions datagrams; one seed is one
 //! exact run. A checker verifies every delivery: exactly once, intact, in per-sender order.
 
+mod attack;
 pub mod group;
 
 use crate::proto::{Counter, Counters, Destination, Event, Member, MemberConfig, Nanos, Output};
+use crate::shield::{Rejection, Shield, SEAL_OVERHEAD};
 use crate::Error;
+use attack::Attacker;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::cmp::Reverse;
@@ -56,6 +59,13 @@ pub struct SimConfig {
     pub member: MemberConfig,
     /// The run fails if it has not completed by this virtual time (livelock bound).
     pub max_virtual_ns: Nanos,
+    /// Seal every datagram with the Secure Group Layer (members `senders..` may only
+    /// subscribe); datagrams stay within `member.mtu`, seal included.
+    pub secure: bool,
+    /// With `secure`: the probability, per datagram sent, that an adversary on the segment
+    /// injects an attack derived from it (replayed, modified, truncated, forged, outsider,
+    /// unlisted member, subscriber publishing, unknown epoch, in turn).
+    pub attack: f64,
 }
 
 impl Default for SimConfig {
@@ -84,6 +94,8 @@ impl Default for SimConfig {
                 ..MemberConfig::default()
             },
             max_virtual_ns: 600_000_000_000,
+            secure: false,
+            attack: 0.0,
         }
     }
 }
@@ -137,6 +149,12 @@ pub struct SimReport {
     pub virtual_seconds: f64,
     /// Every protocol counter, summed over members.
     pub counters: Vec<(String, u64)>,
+    /// Datagrams were sealed.
+    pub secure: bool,
+    /// Attacks the adversary injected.
+    pub attacks_injected: u64,
+    /// Datagrams the members' shields rejected, by reason, summed over members.
+    pub secure_rejected: Vec<(String, u64)>,
 }
 
 impl SimReport {
@@ -324,6 +342,11 @@ pub struct Simulation {
     unrecoverable_events: u64,
     /// Per partition, whether each member is on its `side`.
     sides: Vec<Vec<bool>>,
+    /// Each member's shield, in secured runs.
+    shields: Vec<Shield>,
+    attacker: Option<Attacker>,
+    /// Scratch space a datagram is opened in.
+    open_buf: Vec<u8>,
 }
 
 impl Simulation {
@@ -341,18 +364,37 @@ impl Simulation {
                 cfg.size
             )));
         }
-        for (name, p) in [("loss", cfg.loss), ("dup", cfg.dup), ("reorder", cfg.reorder)] {
+        if cfg.attack > 0.0 && !cfg.secure {
+            return Err(Error::Config("attack needs secure".into()));
+        }
+        for (name, p) in [
+            ("loss", cfg.loss),
+            ("dup", cfg.dup),
+            ("reorder", cfg.reorder),
+            ("attack", cfg.attack),
+        ] {
             if !(0.0..1.0).contains(&p) {
                 return Err(Error::Config(format!("{name} {p} must be in [0, 1)")));
             }
         }
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         let mut members = Vec::with_capacity(cfg.members);
+        let mut shields = Vec::new();
         for i in 0..cfg.members {
             let mut m = cfg.member.clone();
             m.member_id = member_id(i);
+            if cfg.secure {
+                m.mtu = m.mtu.saturating_sub(SEAL_OVERHEAD);
+                shields.push(Shield::new(
+                    m.group,
+                    m.member_id,
+                    attack::epoch(cfg.members, cfg.senders),
+                ));
+            }
             members.push(Member::new(m, rng.random())?);
         }
+        let attacker = (cfg.attack > 0.0)
+            .then(|| Attacker::new(cfg.seed, cfg.attack, cfg.member.group, cfg.members, cfg.senders));
         let sides = cfg
             .partitions
             .iter()
@@ -383,6 +425,9 @@ impl Simulation {
             dropped_copies: 0,
             unrecoverable_events: 0,
             sides,
+            shields,
+            attacker,
+            open_buf: Vec::new(),
             cfg,
         })
     }
@@ -461,7 +506,16 @@ impl Simulation {
         while self.network.first_key_value().is_some_and(|(&t, _)| t <= now) {
             let (_, arrivals) = self.network.pop_first().expect("checked");
             for f in arrivals {
-                self.members[f.to].handle_datagram(now, member_addr(f.from), &f.bytes);
+                if let Some(shield) = self.shields.get_mut(f.to) {
+                    self.open_buf.clear();
+                    self.open_buf.extend_from_slice(&f.bytes);
+                    // Rejections are counted by the shield; nothing reaches the member.
+                    if let Ok(n) = shield.open(&mut self.open_buf) {
+                        self.members[f.to].handle_datagram(now, member_addr(f.from), &self.open_buf[..n]);
+                    }
+                } else {
+                    self.members[f.to].handle_datagram(now, member_addr(f.from), &f.bytes);
+                }
                 touched.push(f.to);
             }
         }
@@ -487,8 +541,27 @@ impl Simulation {
     /// Sends what member `i` has to send, hands its deliveries to the checker, re-arms its timer.
     fn flush(&mut self, i: usize) {
         let now = self.now_ns;
-        while let Some(t) = self.members[i].poll_transmit(now, &mut self.buf) {
-            let bytes: Rc<[u8]> = Rc::from(&self.buf[..t.len]);
+        let member_mtu = self.members[i].config().mtu;
+        while let Some(t) = self.members[i].poll_transmit(now, &mut self.buf[..member_mtu]) {
+            let mut attack = None;
+            let bytes: Rc<[u8]> = match self.shields.get_mut(i) {
+                None => Rc::from(&self.buf[..t.len]),
+                Some(shield) => {
+                    let plain = self.buf[..t.len].to_vec();
+                    let n = shield
+                        .seal(&mut self.buf, t.len)
+                        .expect("the buffer has room for the seal");
+                    let sealed: Rc<[u8]> = Rc::from(&self.buf[..n]);
+                    attack = self.attacker.as_mut().and_then(|a| a.observe(&plain, &sealed));
+                    sealed
+                }
+            };
+            if let Some(forged) = attack {
+                let forged: Rc<[u8]> = Rc::from(forged);
+                for j in (0..self.cfg.members).filter(|&j| j != i) {
+                    self.send_copy(i, j, now, &forged);
+                }
+            }
             let departs = now.max(self.link_free_ns[i]);
             let wire_ns = (t.len as u64 * 8).saturating_mul(1_000_000_000) / self.cfg.bandwidth_bps.max(1);
             self.link_free_ns[i] = departs + wire_ns;
@@ -613,6 +686,15 @@ impl Simulation {
             unrecoverable_events: self.unrecoverable_events,
             virtual_seconds: self.now_ns as f64 / 1e9,
             counters: total.iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            secure: self.cfg.secure,
+            attacks_injected: self.attacker.as_ref().map_or(0, |a| a.injected),
+            secure_rejected: Rejection::ALL
+                .iter()
+                .map(|&r| {
+                    let n = self.shields.iter().map(|s| s.stats().rejected(r)).sum();
+                    (r.label().to_string(), n)
+                })
+                .collect(),
         }
     }
 }
