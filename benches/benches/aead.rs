@@ -8,7 +8,7 @@ use std::hint::black_box;
 fn seal_open(c: &mut Criterion) {
     let secret = EpochSecret::from_bytes([0x42; 32]);
     for size in [64usize, 1024, 8192] {
-        let mut g = c.benchmark_group(format!("aead_{size}B"));
+        let mut g = c.benchmark_group(format!("aead_{}_{size}B", intergroup_secure::aead::BACKEND));
         g.throughput(Throughput::Bytes(size as u64));
         let mut key = secret.sender_key(1, 1, 1, 0);
         let receiver = secret.sender_key(1, 1, 1, 0);

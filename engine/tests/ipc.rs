@@ -4,6 +4,7 @@
 use intergroup_engine::ipc::{
     Client, Delivery, Driver, DriverConfig, IpcError, OfferError, Order, SubscriptionEvent,
 };
+use intergroup_secure::{EpochSecret, Identity, Policy, Role};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
@@ -274,6 +275,36 @@ fn garbage_in_the_command_ring_is_counted_and_the_engine_goes_on() {
     assert!(driver.is_running());
 }
 
+/// Publishes the numbers `0..total` and returns what the (remote) subscription got, checking
+/// that each came from member `sender` over the network and that no event came.
+fn exchange(
+    publication: &mut intergroup_engine::ipc::Publication,
+    subscription: &mut intergroup_engine::ipc::Subscription,
+    total: u64,
+    sender: u32,
+) -> Vec<u64> {
+    let mut sent = 0;
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (got.len() as u64) < total {
+        assert!(Instant::now() < deadline, "only {} of {total} arrived", got.len());
+        while sent < total && publication.offer(&sent.to_le_bytes()).is_ok() {
+            sent += 1;
+        }
+        subscription
+            .poll(256, |d| match d {
+                Delivery::Message(m) => {
+                    assert_eq!(m.sender, sender);
+                    assert_eq!(m.session, 0, "from the network, not a local image");
+                    got.push(u64::from_le_bytes(m.payload.try_into().unwrap()));
+                }
+                Delivery::Event(e) => panic!("unexpected event {e:?}"),
+            })
+            .unwrap();
+    }
+    got
+}
+
 #[test]
 fn a_remote_engine_gets_the_stream_over_udp() {
     let (dir_a, mut cfg) = setup("remote-a");
@@ -288,28 +319,9 @@ fn a_remote_engine_gets_the_stream_over_udp() {
     let mut publication = client_a.publication("wide", 3).unwrap();
     // Connected once engine B reports as a receiver to engine A.
     until("a remote receiver", || publication.is_connected());
-    let total = 20_000u64;
-    let mut sent = 0;
-    let mut got = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while (got.len() as u64) < total {
-        assert!(Instant::now() < deadline, "only {} of {total} arrived", got.len());
-        while sent < total && publication.offer(&sent.to_le_bytes()).is_ok() {
-            sent += 1;
-        }
-        subscription
-            .poll(256, |d| match d {
-                Delivery::Message(m) => {
-                    assert_eq!(m.sender, 1);
-                    assert_eq!(m.session, 0, "from the network, not a local image");
-                    got.push(u64::from_le_bytes(m.payload.try_into().unwrap()));
-                }
-                Delivery::Event(e) => panic!("unexpected event {e:?}"),
-            })
-            .unwrap();
-    }
+    let got = exchange(&mut publication, &mut subscription, 20_000, 1);
     assert!(
-        got.into_iter().eq(0..total),
+        got.into_iter().eq(0..20_000),
         "every message once, in order, over UDP"
     );
     drop((publication, subscription, client_a, client_b));
@@ -445,5 +457,147 @@ fn toml_group(name: &str) -> intergroup_engine::ipc::GroupEntry {
         membership: true,
         initial_members: 2,
         fail_timeout_ms: 1000,
+        policy: None,
+        identity: None,
+        epoch_secret: None,
+        epoch: 1,
     }
+}
+
+/// Key files for seeds `seeds`, an epoch secret and a policy for group `name` (members with
+/// roles, valid until `not_after`, signed by `signer`), all in `dir`.
+fn secured_files(
+    dir: &std::path::Path,
+    name: &str,
+    members: &[(u8, &[Role])],
+    not_after: u64,
+    signer: &Identity,
+) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let admin = Identity::from_seed(&[200; 32]);
+    let mut policy = Policy::new(name, vec![admin.public()], 0, not_after).unwrap();
+    for (seed, roles) in members {
+        let id = Identity::from_seed(&[*seed; 32]);
+        policy
+            .add_member(&format!("engine{seed}"), id.public(), roles.to_vec())
+            .unwrap();
+    }
+    // Signing with a non-admin key fails; write such a policy by hand to test the refusal.
+    if policy.sign(signer).is_err() {
+        policy.signature = Some(intergroup_secure::policy::PolicySignature {
+            signer: signer.public(),
+            value: hex_sig(&signer.sign(&policy.signing_bytes())),
+        });
+    }
+    let policy_path = dir.join(format!("{name}.policy"));
+    policy.save(&policy_path).unwrap();
+    let secret = dir.join(format!("{name}.secret"));
+    if !secret.exists() {
+        EpochSecret::from_bytes([77; 32]).save(&secret, false).unwrap();
+    }
+    (policy_path, secret)
+}
+
+fn hex_sig(b: &[u8; 64]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn key_file(dir: &std::path::Path, seed: u8) -> PathBuf {
+    let path = dir.join(format!("engine{seed}.key"));
+    if !path.exists() {
+        Identity::from_seed(&[seed; 32]).save(&path, false).unwrap();
+    }
+    path
+}
+
+fn secured_group(
+    name: &str,
+    policy: &std::path::Path,
+    key: PathBuf,
+    secret: &std::path::Path,
+) -> intergroup_engine::ipc::GroupEntry {
+    intergroup_engine::ipc::GroupEntry {
+        membership: false,
+        policy: Some(policy.to_path_buf()),
+        identity: Some(key),
+        epoch_secret: Some(secret.to_path_buf()),
+        ..toml_group(name)
+    }
+}
+
+#[test]
+fn a_secured_group_admits_listed_engines_in_their_roles_and_refuses_bad_policies() {
+    let (dir_a, mut cfg) = setup("secure-a");
+    let (dir_b, _) = setup("secure-b");
+    let files = dir_a.with_extension("files");
+    let admin = Identity::from_seed(&[200; 32]);
+    let both: &[Role] = &[Role::Publish, Role::Subscribe];
+    let listen: &[Role] = &[Role::Subscribe];
+    let (policy, secret) = secured_files(&files, "vault", &[(1, both), (2, listen)], u64::MAX, &admin);
+    cfg.subscription_log_bytes = 4 << 20;
+    let with = |key: u8, policy: &std::path::Path| {
+        let mut c = cfg.clone();
+        c.groups = vec![secured_group("vault", policy, key_file(&files, key), &secret)];
+        c
+    };
+    let a = Driver::start(&dir_a, with(1, &policy)).unwrap();
+    let b = Driver::start(&dir_b, with(2, &policy)).unwrap();
+    let client_a = Client::connect(&dir_a).unwrap();
+    let client_b = Client::connect(&dir_b).unwrap();
+    // Engine 2 may only subscribe.
+    match client_b.publication("vault", 1) {
+        Err(IpcError::Refused { message, .. }) => assert!(message.contains("publish"), "{message}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let mut subscription = client_b.subscription("vault", 1, Order::Fifo).unwrap();
+    let mut publication = client_a.publication("vault", 1).unwrap();
+    until("a remote receiver", || publication.is_connected());
+    let sender = Identity::from_seed(&[1; 32]).public().member_id();
+    let got = exchange(&mut publication, &mut subscription, 5_000, sender);
+    assert!(
+        got.into_iter().eq(0..5_000),
+        "every message once, in order, sealed"
+    );
+    // The engines' counters say the traffic was sealed and nothing was refused.
+    let counter = |dir: &std::path::Path, name: &str| {
+        let cnc = intergroup_engine::ipc::cnc::Cnc::open(&dir.join("cnc")).unwrap();
+        cnc.counters()
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+    };
+    until("counters published", || {
+        counter(&dir_a, "secure_sealed").unwrap_or(0) > 0 && counter(&dir_b, "secure_opened").unwrap_or(0) > 0
+    });
+    assert_eq!(counter(&dir_b, "secure_rejected_bad_tag"), Some(0));
+    drop((publication, subscription, client_a, client_b));
+    a.close();
+    b.close();
+
+    // Engines the policy does not admit, or with a policy that does not check out, refuse to
+    // start, saying why.
+    let (dir_c, _) = setup("secure-c");
+    let refused = |c: DriverConfig, why: &str| match Driver::start(&dir_c, c) {
+        Err(IpcError::Config(m)) => assert!(m.contains(why), "{m}"),
+        Err(e) => panic!("expected a config error about {why}, got {e}"),
+        Ok(_) => panic!("an engine started although {why}"),
+    };
+    refused(with(3, &policy), "not a member");
+    let (expired, _) = secured_files(&files.join("expired"), "vault", &[(1, both)], 1000, &admin);
+    refused(with(1, &expired), "expired");
+    let (forged, _) = secured_files(
+        &files.join("forged"),
+        "vault",
+        &[(1, both)],
+        u64::MAX,
+        &Identity::from_seed(&[1; 32]),
+    );
+    refused(with(1, &forged), "not an admin");
+    let text = std::fs::read_to_string(&policy)
+        .unwrap()
+        .replace("engine2", "mallory");
+    let tampered = files.join("tampered.policy");
+    std::fs::write(&tampered, text).unwrap();
+    refused(with(1, &tampered), "signature");
+    let _ = std::fs::remove_dir_all(&files);
 }

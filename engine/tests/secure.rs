@@ -324,3 +324,65 @@ fn a_rekeyed_group_carries_on_and_a_removed_member_hears_nothing_more() {
     assert!(r.rejected(Rejection::UnknownEpoch) > 0, "{r:?}");
     assert_eq!(secure_stats(&a).epoch, 2);
 }
+
+/// Membership and total order over sealed datagrams: the view change's frames are sealed like
+/// data, and two engines deliver the same total order.
+#[test]
+fn a_sealed_group_with_membership_delivers_one_total_order() {
+    use intergroup_engine::group::{GroupConfig as MembershipConfig, Order};
+    let port = port();
+    let members = [(1, true), (2, true)];
+    let per = 2_000u64;
+    let mut engines = Vec::new();
+    let (tx, rx) = mpsc::channel::<(u32, Vec<(u32, u64)>)>();
+    for id in [1u32, 2] {
+        let e = engine(BackendKind::Auto);
+        let mut g = group(id, port, Some(epoch(1, 5, &members)), 0.0, u64::from(id));
+        g.membership = Some(MembershipConfig {
+            initial_members: 2,
+            ..MembershipConfig::default()
+        });
+        e.join(g).unwrap();
+        let tx = tx.clone();
+        let mut got = Vec::new();
+        e.subscribe_ordered(GROUP, Order::Total, move |out: Output<'_>| {
+            if let Output::Message(m) = out {
+                got.push((m.sender, u64::from_le_bytes(m.payload[..8].try_into().unwrap())));
+                if got.len() as u64 == 2 * per {
+                    let _ = tx.send((id, std::mem::take(&mut got)));
+                }
+            }
+        })
+        .unwrap();
+        engines.push(e);
+    }
+    std::thread::scope(|s| {
+        for e in &engines {
+            s.spawn(move || {
+                let mut p = e.publication(GROUP, 1).unwrap();
+                for i in 0..per {
+                    let m = message(i);
+                    loop {
+                        match p.offer(&m) {
+                            Ok(()) => break,
+                            Err(OfferError::BackPressured) => std::thread::sleep(Duration::from_micros(50)),
+                            Err(err) => panic!("offer: {err}"),
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let mut orders = Vec::new();
+    for _ in 0..2 {
+        let (_, order) = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("every message in total order");
+        orders.push(order);
+    }
+    assert_eq!(orders[0], orders[1], "the same total order at both engines");
+    for e in &engines {
+        let s = secure_stats(e);
+        assert!(s.sealed > 0 && s.opened > 0 && s.rejected_total() == 0, "{s:?}");
+    }
+}

@@ -38,6 +38,39 @@ impl EpochSecret {
         Self(bytes)
     }
 
+    /// A fresh secret from the operating system's random source.
+    pub fn generate() -> Result<Self, crate::KeyError> {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes).map_err(|e| crate::KeyError::Random(e.to_string()))?;
+        Ok(Self(bytes))
+    }
+
+    /// Writes the secret to a new file of mode 0600 (64 hex digits and a comment line).
+    pub fn save(&self, path: &std::path::Path, overwrite: bool) -> Result<(), crate::KeyError> {
+        let text = zeroize::Zeroizing::new(format!(
+            "# intergroup epoch secret: every member of the group holds it. Mode 0600.\n{}\n",
+            hex::encode(self.0)
+        ));
+        crate::identity::write_private_file(path, &text, overwrite)
+    }
+
+    /// Loads a secret file written by [`EpochSecret::save`], refusing one others may read.
+    pub fn load(path: &std::path::Path) -> Result<Self, crate::KeyError> {
+        let text = crate::identity::read_private_file(path)?;
+        let mut bytes = [0u8; 32];
+        let digits = text
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with('#'));
+        match digits.map(|d| hex::decode_to_slice(d, &mut bytes)) {
+            Some(Ok(())) => Ok(Self(bytes)),
+            _ => Err(crate::KeyError::Malformed {
+                path: path.display().to_string(),
+                what: "not 64 hex digits of an epoch secret".into(),
+            }),
+        }
+    }
+
     /// The key `sender` seals with in `epoch` of `group`, generation `generation`, with the
     /// default seal limit. A sender's packet number `n` belongs to generation `n >> 32` (see
     /// [`generation_of`]), so no key ever seals more than [`DEFAULT_SEAL_LIMIT`] packets: the

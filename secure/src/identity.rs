@@ -51,6 +51,21 @@ pub enum KeyError {
 pub struct PublicKey(pub [u8; 32]);
 
 impl PublicKey {
+    /// The engine member id this key stands for in secured groups: the first four bytes of
+    /// SHA-256("intergroup member id" || key), never 0 or `u32::MAX` (reserved). Policies
+    /// refuse two members whose ids collide ([`crate::Policy::roster`]).
+    pub fn member_id(&self) -> u32 {
+        use sha2::Digest;
+        let digest = sha2::Sha256::new()
+            .chain_update(b"intergroup member id")
+            .chain_update(self.0)
+            .finalize();
+        match u32::from_le_bytes([digest[0], digest[1], digest[2], digest[3]]) {
+            0 | u32::MAX => 1,
+            id => id,
+        }
+    }
+
     /// Checks `signature` over `message`.
     pub fn verify(&self, message: &[u8], signature: &[u8; 64]) -> bool {
         let Ok(key) = ed25519_dalek::VerifyingKey::from_bytes(&self.0) else {
@@ -144,11 +159,7 @@ impl Identity {
     /// Writes a new private key file at `path` with mode 0600; an existing file is replaced
     /// only with `overwrite`.
     pub fn save(&self, path: &Path, overwrite: bool) -> Result<(), KeyError> {
-        let io = |source| KeyError::Io {
-            path: path.display().to_string(),
-            source,
-        };
-        let text = Zeroizing::new(
+        let body = Zeroizing::new(
             toml::to_string(&KeyFile {
                 private_key: Zeroizing::new(hex::encode(self.key.to_bytes())),
                 public_key: self.public(),
@@ -158,38 +169,17 @@ impl Identity {
                 what: e.to_string(),
             })?,
         );
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).mode(0o600);
-        if overwrite {
-            opts.create(true).truncate(true);
-        } else {
-            opts.create_new(true);
-        }
-        let mut f = opts.open(path).map_err(io)?;
-        // An overwritten file keeps its old mode: make sure it is private.
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .map_err(io)?;
-        f.write_all(b"# intergroup private key (Ed25519). Keep it private: mode 0600.\n")
-            .and_then(|_| f.write_all(text.as_bytes()))
-            .and_then(|_| f.sync_all())
-            .map_err(io)
+        let text = Zeroizing::new(format!(
+            "# intergroup private key (Ed25519). Keep it private: mode 0600.\n{}",
+            &*body
+        ));
+        write_private_file(path, &text, overwrite)
     }
 
     /// Loads a private key file, refusing one that anybody but its owner may read.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
         let name = path.display().to_string();
-        let meta = std::fs::metadata(path).map_err(|source| KeyError::Io {
-            path: name.clone(),
-            source,
-        })?;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(KeyError::Exposed { path: name, mode });
-        }
-        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|source| KeyError::Io {
-            path: name.clone(),
-            source,
-        })?);
+        let text = read_private_file(path)?;
         let malformed = |what: &str| KeyError::Malformed {
             path: name.clone(),
             what: what.into(),
@@ -210,6 +200,43 @@ impl Identity {
         }
         Ok(id)
     }
+}
+
+/// Reads a file holding secrets, refusing one that anybody but its owner may read.
+pub(crate) fn read_private_file(path: &Path) -> Result<Zeroizing<String>, KeyError> {
+    let name = path.display().to_string();
+    let meta = std::fs::metadata(path).map_err(|source| KeyError::Io {
+        path: name.clone(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(KeyError::Exposed { path: name, mode });
+    }
+    Ok(Zeroizing::new(
+        std::fs::read_to_string(path).map_err(|source| KeyError::Io { path: name, source })?,
+    ))
+}
+
+/// Writes `text` to a new file with mode 0600 (`overwrite` replaces an existing one).
+pub(crate) fn write_private_file(path: &Path, text: &str, overwrite: bool) -> Result<(), KeyError> {
+    let io = |source| KeyError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).mode(0o600);
+    if overwrite {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    let mut f = options.open(path).map_err(io)?;
+    // An existing file keeps its mode on open: make sure of 0600.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(io)?;
+    f.write_all(text.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)
 }
 
 #[cfg(test)]

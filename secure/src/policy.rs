@@ -286,6 +286,20 @@ impl Policy {
         self.signature = None;
     }
 
+    /// Every member as an engine member id ([`PublicKey::member_id`]) with its key and roles,
+    /// refusing a policy in which two members' ids collide.
+    pub fn roster(&self) -> Result<Vec<(u32, &Member)>, PolicyError> {
+        let mut out: Vec<(u32, &Member)> = self.members.iter().map(|m| (m.key.member_id(), m)).collect();
+        out.sort_by_key(|(id, _)| *id);
+        if let Some(w) = out.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(PolicyError::Invalid(format!(
+                "members {} and {} have the same member id {}: replace one key",
+                w[0].1.key, w[1].1.key, w[0].0
+            )));
+        }
+        Ok(out)
+    }
+
     /// Whether `key` is a member with `role`.
     pub fn allows(&self, key: &PublicKey, role: Role) -> bool {
         self.members

@@ -24,7 +24,18 @@ enum KeysCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Print the public key of a private key file (and check that only its owner can read it).
+    /// Make a new random epoch secret for a secured group's engines (`epoch_secret` in their
+    /// config): writes it with mode 0600. Hand it to every member over a secure channel.
+    Secret {
+        /// The secret file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the public key of a private key file (and check that only its owner can read it),
+    /// and the member id it has in secured groups.
     Show {
         /// The private key file.
         #[arg(long)]
@@ -40,9 +51,15 @@ pub fn keys(a: KeysArgs) -> Result<ExitCode, String> {
             id.save(&out, force).map_err(|e| e.to_string())?;
             println!("{}", id.public());
         }
+        KeysCommand::Secret { out, force } => {
+            let secret = intergroup_secure::EpochSecret::generate().map_err(|e| e.to_string())?;
+            secret.save(&out, force).map_err(|e| e.to_string())?;
+            println!("wrote {}", out.display());
+        }
         KeysCommand::Show { key } => {
             let id = Identity::load(&key).map_err(|e| e.to_string())?;
             println!("{}", id.public());
+            eprintln!("member id in secured groups: {}", id.public().member_id());
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -88,6 +88,92 @@ pub struct GroupEntry {
     /// next view (heartbeats go out at a tenth of it; a view change gives up after twice it).
     #[serde(default = "second")]
     pub fail_timeout_ms: u64,
+    /// Secure the group: the signed policy (TOML) that lists its members and their roles. With
+    /// it, `identity` and `epoch_secret` are required; every datagram is sealed, only listed
+    /// members are heard, and each only in its roles. The engine refuses to start when the
+    /// policy's signature, signer or validity does not check out.
+    #[serde(default)]
+    pub policy: Option<PathBuf>,
+    /// This engine's private key file (mode 0600); its key must be in the policy, and its
+    /// member id in the group is the key's ([`intergroup_secure::PublicKey::member_id`]).
+    #[serde(default)]
+    pub identity: Option<PathBuf>,
+    /// The epoch secret every member holds (mode 0600, `intergroup keys secret`). Until the
+    /// membership protocol drives MLS, this pre-shared secret keys the data plane.
+    #[serde(default)]
+    pub epoch_secret: Option<PathBuf>,
+    /// The epoch number that secret belongs to; every engine of the group must agree.
+    #[serde(default = "first_epoch")]
+    pub epoch: u32,
+}
+
+fn first_epoch() -> u32 {
+    1
+}
+
+/// A secured group's settings, checked when the engine starts.
+#[derive(Debug, Clone)]
+struct Secured {
+    key: intergroup_secure::PublicKey,
+    member_id: u32,
+    may_publish: bool,
+    may_subscribe: bool,
+    epoch: crate::shield::ShieldEpoch,
+}
+
+/// Loads and checks a secured group's policy, identity and secret at `now` (Unix seconds).
+fn load_secured(g: &GroupEntry, now: u64) -> Result<Option<Secured>, String> {
+    use intergroup_secure::{EpochSecret, Identity, Policy, Role};
+    let (policy, identity, secret) = match (&g.policy, &g.identity, &g.epoch_secret) {
+        (None, None, None) => return Ok(None),
+        (Some(p), Some(i), Some(s)) => (p, i, s),
+        _ => {
+            return Err(format!(
+                "group {}: policy, identity and epoch_secret go together",
+                g.name
+            ))
+        }
+    };
+    let what = |e: &dyn std::fmt::Display| format!("group {}: {e}", g.name);
+    let policy = Policy::load(policy).map_err(|e| what(&e))?;
+    policy.verify(now).map_err(|e| {
+        format!(
+            "group {}: policy {} refused: {e}",
+            g.name,
+            g.policy
+                .as_ref()
+                .map_or(String::new(), |p| p.display().to_string())
+        )
+    })?;
+    if policy.group != g.name {
+        return Err(format!(
+            "group {}: the policy is for group {:?}",
+            g.name, policy.group
+        ));
+    }
+    let roster = policy.roster().map_err(|e| what(&e))?;
+    let me = Identity::load(identity).map_err(|e| what(&e))?.public();
+    let Some(mine) = policy.members.iter().find(|m| m.key == me) else {
+        return Err(format!(
+            "group {}: this engine's key {me} is not a member of the policy",
+            g.name
+        ));
+    };
+    let secret = EpochSecret::load(secret).map_err(|e| what(&e))?;
+    Ok(Some(Secured {
+        key: me,
+        member_id: me.member_id(),
+        may_publish: mine.roles.contains(&Role::Publish),
+        may_subscribe: mine.roles.contains(&Role::Subscribe),
+        epoch: crate::shield::ShieldEpoch {
+            epoch: g.epoch,
+            secret,
+            members: roster
+                .iter()
+                .map(|(id, m)| (*id, m.roles.contains(&Role::Publish)))
+                .collect(),
+        },
+    }))
 }
 
 fn one() -> usize {
@@ -193,6 +279,10 @@ socket_buffer_bytes = 8388608
 # membership = false  # views and virtual synchrony: subscriptions may ask for total or safe order
 # initial_members = 1 # with membership: engines needed for the first primary view
 # fail_timeout_ms = 1000  # with membership: silence before an engine is suspected
+# policy = "/etc/intergroup/demo.policy"   # secure the group: signed policy of its members
+# identity = "/etc/intergroup/engine.key"  # this engine's key (must be in the policy)
+# epoch_secret = "/etc/intergroup/demo.secret"  # pre-shared data-plane secret (intergroup keys secret)
+# epoch = 1
 "#;
 
 impl DriverConfig {
@@ -288,6 +378,21 @@ pub const COUNTER_NAMES: &[&str] = &[
     "uptime_ms",
 ];
 
+/// Labels of the secured groups' counters, summed over groups, after the protocol's:
+/// `secure_sealed`, `secure_opened`, then `secure_rejected_<reason>` per [`Rejection`].
+///
+/// [`Rejection`]: crate::shield::Rejection
+fn secure_counter_labels() -> Vec<String> {
+    ["secure_sealed".to_string(), "secure_opened".to_string()]
+        .into_iter()
+        .chain(
+            crate::shield::Rejection::ALL
+                .iter()
+                .map(|r| format!("secure_rejected_{}", r.label())),
+        )
+        .collect()
+}
+
 /// A running engine daemon on a directory. Dropping it (or [`close`](Self::close)) stops it
 /// and removes its files.
 pub struct Driver {
@@ -367,6 +472,16 @@ impl Driver {
     /// runs there, cleaning up after one that died), launches the runtime and serves clients.
     pub fn start(dir: impl AsRef<Path>, cfg: DriverConfig) -> Result<Self, IpcError> {
         cfg.validate().map_err(IpcError::Config)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut secured = HashMap::new();
+        for g in &cfg.groups {
+            if let Some(s) = load_secured(g, now).map_err(IpcError::Config)? {
+                tracing::info!(group = %g.name, key = %s.key, member_id = s.member_id, epoch = g.epoch, "secured group");
+                secured.insert(g.name.clone(), s);
+            }
+        }
         let dir = dir.as_ref().to_path_buf();
         let lock = lock_dir(&dir)?;
         if let Some(pid) = clean_stale(&dir) {
@@ -383,10 +498,12 @@ impl Driver {
         let engine = Engine::launch(cfg.runtime.clone()).map_err(|e| IpcError::Io(e.to_string()))?;
         // The control file comes last: a client that finds it finds everything else.
         let mut cnc = Cnc::create(&dir.join(files::CNC), std::process::id(), cfg.client_timeout_ms)?;
+        let secure_labels = secure_counter_labels();
         for (i, name) in COUNTER_NAMES
             .iter()
             .copied()
             .chain(crate::Counter::ALL.iter().map(|c| c.label()))
+            .chain(secure_labels.iter().map(String::as_str))
             .enumerate()
             .take(cnc::MAX_COUNTERS)
         {
@@ -413,6 +530,7 @@ impl Driver {
             sinks: HashMap::new(),
             next_id: 1,
             claiming: vec![None; cnc::MAX_CLIENTS],
+            secured,
             closed_published: 0,
             closed_received: 0,
             counts: Counts::default(),
@@ -505,6 +623,8 @@ struct Conductor {
     next_id: u64,
     /// Per client slot: when it was first seen being claimed.
     claiming: Vec<Option<Instant>>,
+    /// Secured groups by name, checked at start.
+    secured: HashMap<String, Secured>,
     closed_published: u64,
     closed_received: u64,
     counts: Counts,
@@ -632,6 +752,30 @@ impl Conductor {
         }
     }
 
+    /// In a secured group, refuses what the policy does not let this engine's key do.
+    fn check_role(&self, name: &str, role: intergroup_secure::Role) -> Result<(), (ErrorCode, String)> {
+        let Some(s) = self.secured.get(name) else {
+            return Ok(());
+        };
+        let allowed = match role {
+            intergroup_secure::Role::Publish => s.may_publish,
+            intergroup_secure::Role::Subscribe => s.may_subscribe,
+            intergroup_secure::Role::Admin => true,
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err((
+                ErrorCode::Invalid,
+                format!(
+                    "group {name}: the policy does not give this engine's key {} the {} role",
+                    s.key,
+                    format!("{role:?}").to_lowercase()
+                ),
+            ))
+        }
+    }
+
     /// Joins `name` if this engine has not yet; returns its id.
     fn ensure_group(&mut self, name: &str) -> Result<u32, (ErrorCode, String)> {
         check_group_name(name).map_err(|m| (ErrorCode::Invalid, m))?;
@@ -665,6 +809,10 @@ impl Conductor {
             unicast_port: entry.map_or(0, |e| e.unicast_port),
             peers: entry.map_or_else(Vec::new, |e| e.peers.clone()),
         };
+        if let Some(s) = self.secured.get(name) {
+            group.member.member_id = s.member_id;
+            group.secure = Some(s.epoch.clone());
+        }
         if membership {
             let fail_ms = entry.map_or(1000, |e| e.fail_timeout_ms).max(10);
             group.membership = Some(crate::group::GroupConfig {
@@ -691,6 +839,7 @@ impl Conductor {
         name: &str,
         stream: u32,
     ) -> Result<(Response, Option<Response>), (ErrorCode, String)> {
+        self.check_role(name, intergroup_secure::Role::Publish)?;
         let group = self.ensure_group(name)?;
         let membership = self.groups.values().any(|g| g.id == group && g.membership);
         let id = self.next_id;
@@ -755,6 +904,7 @@ impl Conductor {
         stream: u32,
         order: Order,
     ) -> Result<(Response, Vec<Response>), (ErrorCode, String)> {
+        self.check_role(name, intergroup_secure::Role::Subscribe)?;
         let group = self.ensure_group(name)?;
         let membership = self.groups.values().any(|g| g.id == group && g.membership);
         if order != Order::Fifo && !membership {
@@ -937,10 +1087,18 @@ impl Conductor {
         }
         let mut protocol = Counters::default();
         let mut logged = 0;
+        let mut secure = [0u64; 2 + crate::shield::Rejection::ALL.len()];
         for g in self.groups.values() {
             if let Ok(stats) = self.engine().stats(g.id) {
                 protocol.merge(&stats.counters);
                 logged += stats.sunk;
+                if let Some(s) = &stats.secure {
+                    secure[0] += s.sealed;
+                    secure[1] += s.opened;
+                    for (v, r) in secure[2..].iter_mut().zip(s.rejected) {
+                        *v += r;
+                    }
+                }
             }
         }
         let ours = [
@@ -960,7 +1118,8 @@ impl Conductor {
         debug_assert_eq!(ours.len(), COUNTER_NAMES.len());
         let values = ours
             .into_iter()
-            .chain(crate::Counter::ALL.iter().map(|&c| protocol.get(c)));
+            .chain(crate::Counter::ALL.iter().map(|&c| protocol.get(c)))
+            .chain(secure);
         for (i, v) in values.enumerate().take(cnc::MAX_COUNTERS) {
             self.cnc.set_counter(i, v);
         }
