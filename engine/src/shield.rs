@@ -12,7 +12,8 @@
 //!
 //! Opening checks, in order: the shape (`malformed`), the flag (`unsealed`), the epoch
 //! (`unknown_epoch`: only the current and the previous one open), the transmitting member
-//! (`not_member` of that epoch), the replay window (`replay`), the tag (`bad_tag`), and, in
+//! (`not_member` of that epoch, or of the current one: a member removed by the last rekey is not
+//! heard at all), the replay window (`replay`), the tag (`bad_tag`), and, in
 //! epochs where some member may not publish, that every DATA frame's sender may (`wrong_role`).
 //! Each rejection is counted by reason and the datagram is dropped; nothing it carried reaches
 //! the protocol, and a forged datagram moves no window.
@@ -304,6 +305,9 @@ impl Shield {
         let mut packet_bytes = [0u8; 8];
         packet_bytes.copy_from_slice(&buf[ids + 4..ids + 12]);
         let packet = u64::from_le_bytes(packet_bytes);
+        // A member the current epoch dropped is not heard in the previous one either: once
+        // this member moved on, a removed member's reports no longer count.
+        let in_current = self.current.members.contains_key(&source);
         let keys = if epoch == self.current.epoch {
             &mut self.current
         } else {
@@ -312,7 +316,7 @@ impl Shield {
                 _ => return Err(Rejection::UnknownEpoch),
             }
         };
-        if !keys.members.contains_key(&source) {
+        if !in_current || !keys.members.contains_key(&source) {
             return Err(Rejection::NotMember);
         }
         let group = self.group;
@@ -571,10 +575,14 @@ mod tests {
         let mut forced = Shield::new(GROUP, 4, epoch(1, 11, &three()));
         assert_eq!(forced.open(&mut old_traffic.clone()), Err(Rejection::BadTag));
         assert!(joiner.open(&mut new_traffic).is_ok());
-        // Member 2 moved too: it opens both epochs' traffic (the previous one while in flight).
+        // Member 2 moved too: it opens both epochs' traffic (the previous one while in flight),
+        // except the removed member's, which is no longer heard.
         let mut b = Shield::new(GROUP, 2, epoch(1, 9, &three()));
+        let mut removed_old = Shield::new(GROUP, 3, epoch(1, 9, &three()));
+        let (mut from_removed, _) = sealed(&mut removed_old, 3, 3, 0);
         assert!(b.rekey(epoch(2, 11, &e2)));
         assert!(b.open(&mut old_traffic.clone()).is_ok());
+        assert_eq!(b.open(&mut from_removed), Err(Rejection::NotMember));
         // Two epochs on, epoch 1 is gone.
         assert!(b.rekey(epoch(3, 13, &e2)));
         let (mut again, _) = sealed(&mut Shield::new(GROUP, 1, epoch(1, 9, &three())), 1, 1, 5);

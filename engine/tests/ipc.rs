@@ -498,6 +498,15 @@ fn secured_files(
     (policy_path, secret)
 }
 
+/// A counter of the engine on `dir`, by name (0 if it has none by that name).
+fn counter(dir: &std::path::Path, name: &str) -> u64 {
+    let cnc = intergroup_engine::ipc::cnc::Cnc::open(&dir.join("cnc")).unwrap();
+    cnc.counters()
+        .into_iter()
+        .find(|(k, _)| k == name)
+        .map_or(0, |(_, v)| v)
+}
+
 fn hex_sig(b: &[u8; 64]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -559,17 +568,10 @@ fn a_secured_group_admits_listed_engines_in_their_roles_and_refuses_bad_policies
         "every message once, in order, sealed"
     );
     // The engines' counters say the traffic was sealed and nothing was refused.
-    let counter = |dir: &std::path::Path, name: &str| {
-        let cnc = intergroup_engine::ipc::cnc::Cnc::open(&dir.join("cnc")).unwrap();
-        cnc.counters()
-            .into_iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v)
-    };
     until("counters published", || {
-        counter(&dir_a, "secure_sealed").unwrap_or(0) > 0 && counter(&dir_b, "secure_opened").unwrap_or(0) > 0
+        counter(&dir_a, "secure_sealed") > 0 && counter(&dir_b, "secure_opened") > 0
     });
-    assert_eq!(counter(&dir_b, "secure_rejected_bad_tag"), Some(0));
+    assert_eq!(counter(&dir_b, "secure_rejected_bad_tag"), 0);
     drop((publication, subscription, client_a, client_b));
     a.close();
     b.close();
@@ -599,5 +601,120 @@ fn a_secured_group_admits_listed_engines_in_their_roles_and_refuses_bad_policies
     let tampered = files.join("tampered.policy");
     std::fs::write(&tampered, text).unwrap();
     refused(with(1, &tampered), "signature");
+    let _ = std::fs::remove_dir_all(&files);
+}
+
+/// A new policy version without one engine, with a new secret and epoch, rolled out to the
+/// others while they run: the dropped engine hears nothing after it and is no longer heard;
+/// stale or same-epoch roll-outs are refused and change nothing.
+#[test]
+fn a_new_policy_version_rolls_out_and_the_dropped_engine_is_cut_off() {
+    let (dir_a, mut cfg) = setup("rollout-a");
+    let (dir_b, _) = setup("rollout-b");
+    let (dir_c, _) = setup("rollout-c");
+    cfg.subscription_log_bytes = 4 << 20;
+    let files = dir_a.with_extension("files");
+    let admin = Identity::from_seed(&[200; 32]);
+    let both: &[Role] = &[Role::Publish, Role::Subscribe];
+    let (v1, secret1) = secured_files(
+        &files,
+        "vault",
+        &[(1, both), (2, both), (3, both)],
+        u64::MAX,
+        &admin,
+    );
+    let with = |key: u8, policy: &std::path::Path, secret: &std::path::Path, epoch: u32| {
+        let mut c = cfg.clone();
+        let mut g = secured_group("vault", policy, key_file(&files, key), secret);
+        g.epoch = epoch;
+        c.groups = vec![g];
+        c
+    };
+    let engines = [
+        Driver::start(&dir_a, with(1, &v1, &secret1, 1)).unwrap(),
+        Driver::start(&dir_b, with(2, &v1, &secret1, 1)).unwrap(),
+        Driver::start(&dir_c, with(3, &v1, &secret1, 1)).unwrap(),
+    ];
+    let client_a = Client::connect(&dir_a).unwrap();
+    let (client_b, client_c) = (Client::connect(&dir_b).unwrap(), Client::connect(&dir_c).unwrap());
+    let mut sub_b = client_b.subscription("vault", 1, Order::Fifo).unwrap();
+    let mut sub_c = client_c.subscription("vault", 1, Order::Fifo).unwrap();
+    let mut publication = client_a.publication("vault", 1).unwrap();
+    until("two remote receivers", || publication.is_connected());
+    let sender = Identity::from_seed(&[1; 32]).public().member_id();
+    let got_c = exchange(&mut publication, &mut sub_c, 1_000, sender);
+    let mut got_b: Vec<u64> = Vec::new();
+    until("engine b has the first thousand", || {
+        sub_b
+            .poll(256, |d| {
+                if let Delivery::Message(m) = d {
+                    got_b.push(u64::from_le_bytes(m.payload.try_into().unwrap()));
+                }
+            })
+            .unwrap();
+        got_b.len() == 1_000
+    });
+
+    // Version 2 drops engine 3, under a secret it never gets, as epoch 2.
+    let v2_files = files.join("v2");
+    let (v2, _) = secured_files(&v2_files, "vault", &[(1, both), (2, both)], u64::MAX, &admin);
+    let mut p2 = Policy::load(&v2).unwrap();
+    p2.version = 5;
+    p2.sign(&admin).unwrap();
+    p2.save(&v2).unwrap();
+    let secret2 = v2_files.join("next.secret");
+    EpochSecret::from_bytes([78; 32]).save(&secret2, false).unwrap();
+    // Refused: the running policy again under a new epoch, and the new policy in the old epoch.
+    assert!(engines[0].reload(with(1, &v1, &secret2, 2)).is_err());
+    assert!(engines[0].reload(with(1, &v2, &secret1, 1)).is_err());
+    let changes = engines[0].reload(with(1, &v2, &secret2, 2)).unwrap();
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    engines[1].reload(with(2, &v2, &secret2, 2)).unwrap();
+
+    // Engine c no longer counts for flow control once a stops hearing it; b gets everything.
+    let mut sent = 1_000u64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got_b.len() < 2_000 {
+        assert!(
+            Instant::now() < deadline,
+            "engine b has only {} of 2000",
+            got_b.len()
+        );
+        while sent < 2_000 && publication.offer(&sent.to_le_bytes()).is_ok() {
+            sent += 1;
+        }
+        sub_b
+            .poll(256, |d| {
+                if let Delivery::Message(m) = d {
+                    got_b.push(u64::from_le_bytes(m.payload.try_into().unwrap()));
+                }
+            })
+            .unwrap();
+    }
+    assert!(
+        got_b.iter().copied().eq(0..2_000),
+        "engine b: every message once, in order"
+    );
+    // Engine c got the first epoch's messages and nothing of the second.
+    std::thread::sleep(Duration::from_millis(200));
+    let mut late = 0;
+    sub_c
+        .poll(1024, |d| {
+            if let Delivery::Message(_) = d {
+                late += 1;
+            }
+        })
+        .unwrap();
+    assert_eq!((got_c.len(), late), (1_000, 0));
+    until("engine c counting what it cannot open", || {
+        counter(&dir_c, "secure_rejected_unknown_epoch") > 0
+    });
+    until("engine a no longer hearing engine c", || {
+        counter(&dir_a, "secure_rejected_not_member") > 0
+    });
+    drop((publication, sub_b, sub_c, client_a, client_b, client_c));
+    for e in engines {
+        e.close();
+    }
     let _ = std::fs::remove_dir_all(&files);
 }

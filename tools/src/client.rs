@@ -63,6 +63,12 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
+static RELOAD: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_hangup(_: libc::c_int) {
+    RELOAD.store(true, Ordering::SeqCst);
+}
+
 /// SIGINT and SIGTERM set [`STOP`].
 fn catch_signals() {
     for sig in [libc::SIGINT, libc::SIGTERM] {
@@ -109,15 +115,21 @@ pub fn engine(a: EngineArgs) -> Result<ExitCode, Failure> {
     };
     init_logs(&cfg.log_level);
     catch_signals();
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe { libc::signal(libc::SIGHUP, on_hangup as *const () as libc::sighandler_t) };
     let dir = a.dir.path();
     let driver = Driver::start(&dir, cfg).map_err(fail)?;
     eprintln!(
-        "intergroup engine: running on {} (pid {}, member id {}); stop with Ctrl-C or SIGTERM",
+        "intergroup engine: running on {} (pid {}, member id {}); stop with Ctrl-C or SIGTERM, \
+         roll out new group policies with SIGHUP",
         dir.display(),
         std::process::id(),
         driver.member_id()
     );
     while !STOP.load(Ordering::SeqCst) && driver.is_running() {
+        if RELOAD.swap(false, Ordering::SeqCst) {
+            reload(&driver, a.config.as_deref());
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     let crashed = !driver.is_running();
@@ -127,6 +139,29 @@ pub fn engine(a: EngineArgs) -> Result<ExitCode, Failure> {
     }
     eprintln!("intergroup engine: stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// SIGHUP: reads the configuration file again and rolls out its secured groups' new policies.
+fn reload(driver: &Driver, config: Option<&std::path::Path>) {
+    let Some(path) = config else {
+        eprintln!("intergroup engine: SIGHUP ignored: started without --config");
+        return;
+    };
+    let result = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: {e}", path.display()))
+        .and_then(|text| {
+            DriverConfig::from_toml(&path.display().to_string(), &text).map_err(|e| e.to_string())
+        })
+        .and_then(|cfg| driver.reload(cfg).map_err(|e| e.to_string()));
+    match result {
+        Ok(changes) if changes.is_empty() => eprintln!("intergroup engine: reloaded, nothing changed"),
+        Ok(changes) => {
+            for c in changes {
+                eprintln!("intergroup engine: reloaded: {c}");
+            }
+        }
+        Err(e) => eprintln!("intergroup engine: reload refused, running as before: {e}"),
+    }
 }
 
 /// The group and stream `pub` and `sub` work on.

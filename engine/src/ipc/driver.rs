@@ -115,6 +115,7 @@ fn first_epoch() -> u32 {
 #[derive(Debug, Clone)]
 struct Secured {
     key: intergroup_secure::PublicKey,
+    policy_version: u64,
     member_id: u32,
     may_publish: bool,
     may_subscribe: bool,
@@ -162,6 +163,7 @@ fn load_secured(g: &GroupEntry, now: u64) -> Result<Option<Secured>, String> {
     let secret = EpochSecret::load(secret).map_err(|e| what(&e))?;
     Ok(Some(Secured {
         key: me,
+        policy_version: policy.version,
         member_id: me.member_id(),
         may_publish: mine.roles.contains(&Role::Publish),
         may_subscribe: mine.roles.contains(&Role::Subscribe),
@@ -397,6 +399,7 @@ fn secure_counter_labels() -> Vec<String> {
 /// and removes its files.
 pub struct Driver {
     stop: Arc<AtomicBool>,
+    reloads: crossbeam_channel::Sender<Reload>,
     thread: Option<JoinHandle<()>>,
     dir: PathBuf,
     member_id: u32,
@@ -516,7 +519,9 @@ impl Driver {
         };
         tracing::info!(dir = %dir.display(), backend = %engine.backend(), member_id, "engine running");
         let stop = Arc::new(AtomicBool::new(false));
+        let (reloads, reload_rx) = crossbeam_channel::bounded(1);
         let mut conductor = Conductor {
+            reloads: reload_rx,
             dir: dir.clone(),
             cfg,
             member_id,
@@ -544,6 +549,7 @@ impl Driver {
             .map_err(|e| IpcError::Io(format!("conductor thread: {e}")))?;
         Ok(Self {
             stop,
+            reloads,
             thread: Some(thread),
             dir,
             member_id,
@@ -558,6 +564,23 @@ impl Driver {
     /// This engine's member id in its groups.
     pub fn member_id(&self) -> u32 {
         self.member_id
+    }
+
+    /// Rolls out the secured groups' new settings from `cfg` (what `intergroup engine` does on
+    /// SIGHUP): a later signed policy version with a new epoch secret and a higher epoch. Each
+    /// is checked as at start, and against the running one (same group, higher version, higher
+    /// epoch, same identity); only if every group passes are the joined ones rekeyed. Members
+    /// the new policy drops are then not heard, and cannot read what follows unless they got
+    /// the new secret. Other settings are not reloaded. Returns what changed.
+    pub fn reload(&self, cfg: DriverConfig) -> Result<Vec<String>, IpcError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.reloads
+            .send((cfg, tx))
+            .map_err(|_| IpcError::Io("the engine's conductor is not running".into()))?;
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(r) => r.map_err(IpcError::Config),
+            Err(_) => Err(IpcError::Io("the engine's conductor did not answer".into())),
+        }
     }
 
     /// Whether the conductor still runs.
@@ -607,7 +630,14 @@ struct Counts {
     closed: u64,
 }
 
+/// A new configuration for the conductor, and where its verdict goes.
+type Reload = (
+    DriverConfig,
+    crossbeam_channel::Sender<Result<Vec<String>, String>>,
+);
+
 struct Conductor {
+    reloads: crossbeam_channel::Receiver<Reload>,
     dir: PathBuf,
     cfg: DriverConfig,
     member_id: u32,
@@ -656,6 +686,14 @@ impl Conductor {
                         tracing::warn!("ignored a {e} in the command ring");
                     }
                 }
+            }
+            while let Ok((cfg, reply)) = self.reloads.try_recv() {
+                let r = self.reload(cfg);
+                match &r {
+                    Ok(changes) => tracing::info!(?changes, "configuration reloaded"),
+                    Err(e) => tracing::warn!(error = %e, "configuration not reloaded"),
+                }
+                let _ = reply.send(r);
             }
             if Instant::now() >= next_beat {
                 self.cnc.beat();
@@ -750,6 +788,76 @@ impl Conductor {
                 }
             }
         }
+    }
+
+    /// See [`Driver::reload`].
+    fn reload(&mut self, cfg: DriverConfig) -> Result<Vec<String>, String> {
+        cfg.validate()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut next = HashMap::new();
+        let mut changes = Vec::new();
+        for g in &cfg.groups {
+            let Some(new) = load_secured(g, now)? else {
+                if self.secured.contains_key(&g.name) {
+                    return Err(format!("group {}: a running secured group stays secured", g.name));
+                }
+                continue;
+            };
+            match self.secured.get(&g.name) {
+                None if self.groups.contains_key(&g.name) => {
+                    return Err(format!(
+                        "group {}: joined in the clear; restart the engine to secure it",
+                        g.name
+                    ))
+                }
+                None => changes.push(format!("group {}: secured, epoch {}", g.name, g.epoch)),
+                Some(old)
+                    if old.policy_version == new.policy_version && old.epoch.epoch == new.epoch.epoch => {}
+                Some(old) => {
+                    if new.key != old.key {
+                        return Err(format!(
+                            "group {}: the identity changed; restart the engine",
+                            g.name
+                        ));
+                    }
+                    if new.policy_version <= old.policy_version {
+                        return Err(format!(
+                            "group {}: policy version {} does not supersede the running version {}",
+                            g.name, new.policy_version, old.policy_version
+                        ));
+                    }
+                    if new.epoch.epoch <= old.epoch.epoch {
+                        return Err(format!(
+                            "group {}: a new policy needs a new epoch_secret and an epoch above {}",
+                            g.name, old.epoch.epoch
+                        ));
+                    }
+                    changes.push(format!(
+                        "group {}: policy version {} -> {}, epoch {} -> {}",
+                        g.name, old.policy_version, new.policy_version, old.epoch.epoch, new.epoch.epoch
+                    ));
+                }
+            }
+            next.insert(g.name.clone(), new);
+        }
+        if let Some(name) = self.secured.keys().find(|n| !next.contains_key(*n)) {
+            return Err(format!("group {name}: a running secured group stays secured"));
+        }
+        for (name, new) in &next {
+            let moved = self
+                .secured
+                .get(name)
+                .is_some_and(|old| old.epoch.epoch != new.epoch.epoch);
+            if let (true, Some(joined)) = (moved, self.groups.get(name)) {
+                self.engine()
+                    .rekey(joined.id, new.epoch.clone())
+                    .map_err(|e| format!("group {name}: {e}"))?;
+            }
+        }
+        self.secured = next;
+        Ok(changes)
     }
 
     /// In a secured group, refuses what the policy does not let this engine's key do.
