@@ -383,3 +383,137 @@ fn a_full_publication_holds_the_publisher_back_and_loses_nothing() {
     assert!(got.into_iter().eq(1..=N), "every line once, in order");
     assert!(terminate(engine).success());
 }
+
+/// Runs `intergroup ARGS` and returns its stdout, failing the test on a non-zero exit.
+fn cli(args: &[&str]) -> String {
+    let out = bin().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Everything an operator runs: keys, a signed policy, a secret, a secured group in the
+/// config; the engine refuses a policy without its key, runs sealed with one, and rolls out a
+/// new policy version on SIGHUP (and refuses a stale one, running on as before).
+#[test]
+fn a_secured_group_starts_from_a_signed_policy_and_rolls_out_a_new_version_on_sighup() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = Setup::new("secured", 4);
+    let f = |name: &str| s.dir.with_extension(name).to_str().unwrap().to_string();
+    let (admin_key, engine_key, other_key) = (f("admin.key"), f("engine.key"), f("other.key"));
+    let admin = cli(&["keys", "gen", "--out", &admin_key]);
+    let engine = cli(&["keys", "gen", "--out", &engine_key]);
+    let other = cli(&["keys", "gen", "--out", &other_key]);
+    let (policy, secret1, secret2) = (f("policy"), f("secret1"), f("secret2"));
+    cli(&[
+        "policy", "new", "--group", "vault", "--admin", &admin, "--out", &policy,
+    ]);
+    cli(&[
+        "policy",
+        "add",
+        "--policy",
+        &policy,
+        "--key",
+        &other,
+        "--roles",
+        "publish,subscribe",
+    ]);
+    cli(&["policy", "sign", "--policy", &policy, "--key", &admin_key]);
+    cli(&["keys", "secret", "--out", &secret1]);
+    cli(&["keys", "secret", "--out", &secret2]);
+    let base = std::fs::read_to_string(&s.config).unwrap();
+    let write_config = |secret: &str, epoch: u32| {
+        std::fs::write(
+            &s.config,
+            format!(
+                "{base}[[group]]\nname = \"vault\"\npolicy = \"{policy}\"\nidentity = \"{engine_key}\"\n\
+                 epoch_secret = \"{secret}\"\nepoch = {epoch}\n"
+            ),
+        )
+        .unwrap();
+    };
+    write_config(&secret1, 1);
+    // This engine's key is not in the policy yet: refused, saying why.
+    let out = bin()
+        .args(["engine", "--dir", s.dir(), "--config", s.config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a member of the policy"), "{err}");
+
+    cli(&[
+        "policy",
+        "add",
+        "--policy",
+        &policy,
+        "--key",
+        &engine,
+        "--roles",
+        "publish,subscribe",
+    ]);
+    cli(&["policy", "sign", "--policy", &policy, "--key", &admin_key]);
+    let mut child = bin()
+        .args(["engine", "--dir", s.dir(), "--config", s.config.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let guard = Guard(Some(child));
+    let lines = std::sync::Arc::new(Mutex::new(Vec::<String>::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    until("the engine's control file", || {
+        s.dir.join("cnc").exists() && stat(&s.dir).is_some()
+    });
+    // A publication joins the group: its datagrams (heartbeats at least) leave sealed.
+    let mut publisher = client(&s, "pub", "vault", &[])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = publisher.stdin.take().unwrap();
+    writeln!(input, "hello").unwrap();
+    until("sealed datagrams", || {
+        counter(&s.dir, "secure_sealed").unwrap_or(0) > 0
+    });
+    let pid = guard.0.as_ref().unwrap().id() as i32;
+    let saw = |what: &str| lines.lock().unwrap().iter().any(|l| l.contains(what));
+
+    // Version 3 drops the other member, under a new secret, as epoch 2: rolled out.
+    cli(&["policy", "remove", "--policy", &policy, "--key", &other]);
+    cli(&["policy", "sign", "--policy", &policy, "--key", &admin_key]);
+    write_config(&secret2, 2);
+    // SAFETY: signals the engine this test started, by PID.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    until("the roll-out", || saw("epoch 1 -> 2"));
+    // Going back to the old secret and epoch is refused; the engine runs on in epoch 2.
+    write_config(&secret1, 1);
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    until("the refusal", || saw("reload refused"));
+    assert!(
+        stat(&s.dir).is_some(),
+        "the engine runs on after a refused reload"
+    );
+    // The publisher waits for a receiver that never comes: stop it (ours, by PID).
+    drop(input);
+    kill9(&mut publisher);
+    assert!(terminate(guard).success());
+    for name in [
+        "admin.key",
+        "engine.key",
+        "other.key",
+        "policy",
+        "secret1",
+        "secret2",
+    ] {
+        let _ = std::fs::remove_file(f(name));
+    }
+}
