@@ -411,16 +411,19 @@ fn a_secured_group_starts_from_a_signed_policy_and_rolls_out_a_new_version_on_si
     cli(&[
         "policy", "new", "--group", "vault", "--admin", &admin, "--out", &policy,
     ]);
-    cli(&[
-        "policy",
-        "add",
-        "--policy",
-        &policy,
-        "--key",
-        &other,
-        "--roles",
-        "publish,subscribe",
-    ]);
+    let add_member = |key: &str| {
+        cli(&[
+            "policy",
+            "add",
+            "--policy",
+            &policy,
+            "--key",
+            key,
+            "--roles",
+            "publish,subscribe",
+        ]);
+    };
+    add_member(&other);
     cli(&["policy", "sign", "--policy", &policy, "--key", &admin_key]);
     cli(&["keys", "secret", "--out", &secret1]);
     cli(&["keys", "secret", "--out", &secret2]);
@@ -445,16 +448,7 @@ fn a_secured_group_starts_from_a_signed_policy_and_rolls_out_a_new_version_on_si
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a member of the policy"), "{err}");
 
-    cli(&[
-        "policy",
-        "add",
-        "--policy",
-        &policy,
-        "--key",
-        &engine,
-        "--roles",
-        "publish,subscribe",
-    ]);
+    add_member(&engine);
     cli(&["policy", "sign", "--policy", &policy, "--key", &admin_key]);
     let mut child = bin()
         .args(["engine", "--dir", s.dir(), "--config", s.config.to_str().unwrap()])
