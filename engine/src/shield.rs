@@ -40,6 +40,31 @@ pub struct ShieldEpoch {
     pub members: Vec<(u32, bool)>,
 }
 
+impl ShieldEpoch {
+    /// The epoch an MLS member is in, for group `group`: epoch number = MLS epoch, secret =
+    /// the MLS exporter's data-plane secret bound to the group id, members = the MLS group's
+    /// members as engine ids ([`intergroup_secure::PublicKey::member_id`]), each allowed to
+    /// publish if `policy` gives it the role.
+    pub fn from_mls(
+        mls: &intergroup_secure::mls::MlsMember,
+        group: u32,
+        policy: &intergroup_secure::Policy,
+    ) -> Result<Self, intergroup_secure::mls::MlsError> {
+        let epoch = mls.epoch().ok_or(intergroup_secure::mls::MlsError::NoGroup)?;
+        let epoch = u32::try_from(epoch)
+            .map_err(|_| intergroup_secure::mls::MlsError::Mls(format!("epoch {epoch} past u32")))?;
+        Ok(Self {
+            epoch,
+            secret: mls.epoch_secret(&group.to_be_bytes())?,
+            members: mls
+                .members()
+                .into_iter()
+                .map(|k| (k.member_id(), policy.allows(&k, intergroup_secure::Role::Publish)))
+                .collect(),
+        })
+    }
+}
+
 /// Why an incoming datagram was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Rejection {

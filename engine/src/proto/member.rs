@@ -302,6 +302,20 @@ impl Member {
         self.clock
     }
 
+    /// Stops repairing every frame this member has already sent (frames framed but not sent
+    /// yet stay): receivers that still miss one get `UnrecoverableLoss` once the next heartbeat
+    /// says where the buffer starts. A secured group does this at a rekey, so that data sent
+    /// under an old key is never sent again under the new one, where a joiner could read it
+    /// (backward secrecy). Rekey after everything is acknowledged to lose nothing.
+    pub fn forget_sent(&mut self) {
+        if let Some(s) = self.sender.as_mut() {
+            let cut = s.solo.front().copied().unwrap_or(s.retransmit.next());
+            s.retransmit.forget_before(cut);
+            s.retransmit_queue.retain(|&q| q >= cut);
+            s.heartbeat_due = true;
+        }
+    }
+
     /// The next sequence this member will send, 0 before it published anything.
     pub fn next_sequence(&self) -> u64 {
         self.sender.as_ref().map_or(0, |s| s.retransmit.next())

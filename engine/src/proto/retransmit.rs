@@ -109,6 +109,11 @@ impl RetransmitBuffer {
         self.next += 1;
     }
 
+    /// Drops every frame below `seq` (never one not stored yet): they are no longer repaired.
+    pub fn forget_before(&mut self, seq: u64) {
+        self.oldest = self.oldest.max(seq.min(self.next));
+    }
+
     /// The encoded frame of `seq`, if still held.
     pub fn get(&self, seq: u64) -> Option<&[u8]> {
         self.datagram(seq).map(|d| &d[DATAGRAM_HEADER_LEN..])
@@ -146,6 +151,31 @@ impl RetransmitBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forgotten_frames_are_gone_and_new_ones_are_kept() {
+        let mut b = RetransmitBuffer::new(8, 8, [7; DATAGRAM_HEADER_LEN]);
+        for i in 0..5u8 {
+            b.push_with(|s| {
+                s[0] = i;
+                1
+            });
+        }
+        b.forget_before(3);
+        assert_eq!((b.oldest(), b.next()), (3, 5));
+        assert!(b.get(2).is_none());
+        assert_eq!(b.get(3), Some(&[3u8][..]));
+        // Never past what is stored, never backwards.
+        b.forget_before(99);
+        assert_eq!((b.oldest(), b.next()), (5, 5));
+        b.forget_before(1);
+        assert_eq!(b.oldest(), 5);
+        b.push_with(|s| {
+            s[0] = 9;
+            1
+        });
+        assert_eq!(b.get(5), Some(&[9u8][..]));
+    }
 
     #[test]
     fn keeps_the_last_capacity_frames() {
