@@ -107,6 +107,17 @@ fn wait_all(rx: &mpsc::Receiver<(u32, Result<u64, String>)>, n: usize, count: u6
     }
 }
 
+/// Offers messages `range` on `p`, waiting while it is back-pressured.
+fn send_range(p: &mut intergroup_engine::runtime::Publication, range: std::ops::Range<u64>) {
+    for i in range {
+        let m = message(i);
+        while let Err(e) = p.offer(&m) {
+            assert_eq!(e, OfferError::BackPressured);
+            std::thread::yield_now();
+        }
+    }
+}
+
 /// Waits up to 20 s for `f` to hold.
 fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -313,16 +324,7 @@ fn a_rekeyed_group_carries_on_and_a_removed_member_hears_nothing_more() {
     expect_messages(&b, 2, 1, 2 * count, tx.clone());
     expect_messages(&removed, 3, 1, count, tx);
     let mut p = a.publication(GROUP, 1).unwrap();
-    let send = |p: &mut intergroup_engine::runtime::Publication, range: std::ops::Range<u64>| {
-        for i in range {
-            let m = message(i);
-            while let Err(e) = p.offer(&m) {
-                assert_eq!(e, OfferError::BackPressured);
-                std::thread::yield_now();
-            }
-        }
-    };
-    send(&mut p, 0..count);
+    send_range(&mut p, 0..count);
     wait_all(&rx, 1, count, "epoch 1 at the member to be removed");
     assert!(a.wait_acknowledged(GROUP, 2, Duration::from_secs(10)).unwrap());
     // Epoch 2 leaves member 3 out: a fresh secret it never gets.
@@ -332,7 +334,7 @@ fn a_rekeyed_group_carries_on_and_a_removed_member_hears_nothing_more() {
         a.rekey(GROUP, epoch(2, 9, &second)).is_err(),
         "an epoch is entered once"
     );
-    send(&mut p, count..2 * count);
+    send_range(&mut p, count..2 * count);
     wait_all(&rx, 1, 2 * count, "both epochs at the remaining member");
     eventually("the removed member counting epoch 2 as unknown", || {
         secure_stats(&removed).rejected(Rejection::UnknownEpoch) > 0
@@ -451,17 +453,8 @@ fn mls_epochs_key_the_data_plane_and_removal_and_joining_hold_over_real_sockets(
         engines.push(e);
     }
     let mut p = engines[0].publication(GROUP, 1).unwrap();
-    let send = |p: &mut intergroup_engine::runtime::Publication, range: std::ops::Range<u64>| {
-        for i in range {
-            let m = message(i);
-            while let Err(e) = p.offer(&m) {
-                assert_eq!(e, OfferError::BackPressured);
-                std::thread::yield_now();
-            }
-        }
-    };
     // Epoch 1: everyone gets the first thousand (the third reports at 2000 only if it could).
-    send(&mut p, 0..1_000);
+    send_range(&mut p, 0..1_000);
     assert!(engines[0]
         .wait_acknowledged(GROUP, 2, Duration::from_secs(10))
         .unwrap());
@@ -503,7 +496,7 @@ fn mls_epochs_key_the_data_plane_and_removal_and_joining_hold_over_real_sockets(
         }
     })
     .unwrap();
-    send(&mut p, 1_000..2_000);
+    send_range(&mut p, 1_000..2_000);
     wait_all(&rx, 1, 2_000, "member 2 across the MLS epochs");
     eventually("the removed member counting epoch 2 as unknown", || {
         secure_stats(&engines[2]).rejected(Rejection::UnknownEpoch) > 0
