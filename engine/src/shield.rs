@@ -26,6 +26,30 @@ use std::collections::HashMap;
 
 /// Datagram-header flag: the frames are sealed and a trailer follows them.
 pub const FLAG_SEALED: u8 = 0x01;
+/// The top bit of a sealed datagram's packet-number field: set for datagrams sent to one
+/// member, clear for those sent to the group. Receivers keep one replay window per lane,
+/// because the two arrive on different sockets and one can overtake the other by thousands.
+const LANE_BIT: u64 = 1 << 63;
+
+/// Where a datagram goes, for the replay windows (see [`Shield::seal`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// To the group address (or every unicast peer).
+    Group,
+    /// To one member's unicast address.
+    Direct,
+}
+
+impl Lane {
+    /// The lane of a datagram going to `destination`.
+    pub fn of(destination: &crate::proto::Destination) -> Self {
+        match destination {
+            crate::proto::Destination::Group => Lane::Group,
+            crate::proto::Destination::Unicast(_) => Lane::Direct,
+        }
+    }
+}
+
 /// Bytes sealing adds to a datagram: epoch, packet number and tag.
 pub const SEAL_OVERHEAD: usize = 4 + 8 + TAG_LEN;
 
@@ -153,11 +177,12 @@ pub enum SealError {
     Cipher(intergroup_secure::Error),
 }
 
-/// One transmitting member's key in one epoch, and the packet numbers accepted from it.
+/// One transmitting member's key in one epoch, and the packet numbers accepted from it, per
+/// lane.
 struct Peer {
     generation: u32,
     key: SenderKey,
-    window: ReplayWindow,
+    windows: [ReplayWindow; 2],
 }
 
 struct EpochKeys {
@@ -263,9 +288,10 @@ impl Shield {
         &self.stats
     }
 
-    /// Seals the datagram in `buf[..len]` in place and appends the trailer; returns the sealed
-    /// length, `len + SEAL_OVERHEAD`.
-    pub fn seal(&mut self, buf: &mut [u8], len: usize) -> Result<usize, SealError> {
+    /// Seals the datagram in `buf[..len]`, bound for `lane`, in place and appends the trailer;
+    /// returns the sealed length, `len + SEAL_OVERHEAD`. One packet counter serves both lanes
+    /// (so nonces stay unique); the lane rides in the top bit of the packet-number field.
+    pub fn seal(&mut self, buf: &mut [u8], len: usize, lane: Lane) -> Result<usize, SealError> {
         if len < DATAGRAM_HEADER_LEN || buf.len() < len + SEAL_OVERHEAD {
             return Err(SealError::NoRoom {
                 len,
@@ -286,7 +312,8 @@ impl Shield {
         buf[3] |= FLAG_SEALED;
         let ids = len + TAG_LEN;
         buf[ids..ids + 4].copy_from_slice(&self.current.epoch.to_le_bytes());
-        buf[ids + 4..ids + 12].copy_from_slice(&packet.to_le_bytes());
+        let field = packet | if lane == Lane::Direct { LANE_BIT } else { 0 };
+        buf[ids + 4..ids + 12].copy_from_slice(&field.to_le_bytes());
         let aad = aad(&buf[..DATAGRAM_HEADER_LEN], &buf[ids..ids + 12]);
         let tag = self
             .send
@@ -329,7 +356,8 @@ impl Shield {
         let epoch = u32::from_le_bytes(le4(&buf[ids..ids + 4]));
         let mut packet_bytes = [0u8; 8];
         packet_bytes.copy_from_slice(&buf[ids + 4..ids + 12]);
-        let packet = u64::from_le_bytes(packet_bytes);
+        let field = u64::from_le_bytes(packet_bytes);
+        let (lane, packet) = (usize::from(field & LANE_BIT != 0), field & !LANE_BIT);
         // A member the current epoch dropped is not heard in the previous one either: once
         // this member moved on, a removed member's reports no longer count.
         let in_current = self.current.members.contains_key(&source);
@@ -349,9 +377,9 @@ impl Shield {
         let peer = keys.peers.entry(source).or_insert_with(|| Peer {
             generation,
             key: keys.secret.sender_key(group, epoch, source, generation),
-            window: ReplayWindow::new(),
+            windows: [ReplayWindow::new(), ReplayWindow::new()],
         });
-        peer.window.check(packet).map_err(|_| Rejection::Replay)?;
+        peer.windows[lane].check(packet).map_err(|_| Rejection::Replay)?;
         let aad = aad(&buf[..DATAGRAM_HEADER_LEN], &buf[ids..ids + 12]);
         // Ciphertext then tag.
         let sealed = &mut buf[DATAGRAM_HEADER_LEN..ids];
@@ -370,7 +398,7 @@ impl Shield {
         }
         .map_err(|_| Rejection::BadTag)?;
         // Authentic from here: the packet number is used up whatever the frames hold.
-        let _ = peer.window.accept(packet);
+        let _ = peer.windows[lane].accept(packet);
         buf[3] &= !FLAG_SEALED;
         if !keys.all_publish && !data_senders_may_publish(&buf[..len], &keys.members) {
             return Err(Rejection::WrongRole);
@@ -462,7 +490,7 @@ mod tests {
     fn sealed(shield: &mut Shield, source: u32, sender: u32, seq: u64) -> (Vec<u8>, Vec<u8>) {
         let (mut buf, len) = datagram(source, sender, seq, b"hello, group");
         let plain = buf[..len].to_vec();
-        let n = shield.seal(&mut buf, len).unwrap();
+        let n = shield.seal(&mut buf, len, Lane::Group).unwrap();
         buf.truncate(n);
         (buf, plain)
     }
@@ -531,6 +559,34 @@ mod tests {
     }
 
     #[test]
+    fn each_lane_has_its_own_window_and_the_lane_bit_is_authenticated() {
+        let mut a = Shield::new(GROUP, 1, epoch(1, 9, &three()));
+        let mut b = Shield::new(GROUP, 2, epoch(1, 9, &three()));
+        let seal = |a: &mut Shield, lane: Lane| {
+            let (mut buf, len) = datagram(1, 1, 0, b"x");
+            let n = a.seal(&mut buf, len, lane).unwrap();
+            buf.truncate(n);
+            buf
+        };
+        // One datagram to a member, then 2000 to the group: the direct one, opened last, is far
+        // behind the group lane's newest but first in its own lane.
+        let direct = seal(&mut a, Lane::Direct);
+        for _ in 0..2000 {
+            assert!(b.open(&mut seal(&mut a, Lane::Group)).is_ok());
+        }
+        assert!(
+            b.open(&mut direct.clone()).is_ok(),
+            "cross-lane reordering is not a replay"
+        );
+        assert_eq!(b.open(&mut direct.clone()), Err(Rejection::Replay));
+        // Moving a datagram to the other lane breaks its tag.
+        let mut moved = seal(&mut a, Lane::Group);
+        let top = moved.len() - 1;
+        moved[top] ^= 0x80;
+        assert_eq!(b.open(&mut moved), Err(Rejection::BadTag));
+    }
+
+    #[test]
     fn outsiders_strangers_and_plain_datagrams_are_refused() {
         let mut b = Shield::new(GROUP, 2, epoch(1, 9, &three()));
         // An outsider who guessed the epoch but not the secret.
@@ -549,7 +605,7 @@ mod tests {
         let mut other = Shield::new(GROUP + 1, 1, epoch(1, 9, &three()));
         let (mut buf, len) = datagram(1, 1, 0, b"x");
         buf[4..8].copy_from_slice(&(GROUP + 1).to_le_bytes());
-        let n = other.seal(&mut buf, len).unwrap();
+        let n = other.seal(&mut buf, len, Lane::Group).unwrap();
         assert_eq!(b.open(&mut buf[..n]), Err(Rejection::Malformed));
     }
 
@@ -568,7 +624,7 @@ mod tests {
             position: 5.into(),
         }));
         let len = w.len();
-        let n = sub.seal(&mut buf, len).unwrap();
+        let n = sub.seal(&mut buf, len, Lane::Group).unwrap();
         assert!(b.open(&mut buf[..n]).is_ok());
         assert_eq!(b.stats().rejected(Rejection::WrongRole), 1);
     }

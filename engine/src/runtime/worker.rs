@@ -8,7 +8,7 @@ use super::sys::{self, EventFd};
 use super::{EngineError, GroupConfig, GroupInfo, GroupStats, Handler};
 use crate::group::{GroupMember, Order};
 use crate::proto::{Destination, Member, Nanos, Output};
-use crate::shield::{Shield, ShieldEpoch, SEAL_OVERHEAD};
+use crate::shield::{Lane, Shield, ShieldEpoch, SEAL_OVERHEAD};
 use crate::transport::{open_sockets, ReceiveLoss, TransportStats};
 use crate::wire;
 use crossbeam_channel::{Receiver, Sender};
@@ -953,7 +953,11 @@ fn build_sends(g: &mut Group, now: Nanos, batch: &mut SendBatch, scratch: &mut S
         };
         if let Some(shield) = g.shield.as_mut() {
             // In-place transmits are off for secured groups: the datagram is in the arena.
-            match shield.seal(&mut batch.arena[start..start + room], t.len) {
+            match shield.seal(
+                &mut batch.arena[start..start + room],
+                t.len,
+                Lane::of(&t.destination),
+            ) {
                 Ok(n) => t.len = n,
                 Err(e) => {
                     tracing::error!(group = g.id, error = %e, "datagram not sealed, dropped");

@@ -6,7 +6,7 @@
 //! subscribe-only member publishing, a datagram of an epoch nobody has, and one not sealed.
 
 use super::member_id;
-use crate::shield::{Shield, ShieldEpoch, FLAG_SEALED, SEAL_OVERHEAD};
+use crate::shield::{Lane, Shield, ShieldEpoch, FLAG_SEALED, SEAL_OVERHEAD};
 use crate::wire::{DataHeader, DatagramWriter, DATAGRAM_HEADER_LEN, MAGIC, VERSION};
 use intergroup_secure::EpochSecret;
 use rand::{Rng, SeedableRng};
@@ -151,7 +151,7 @@ fn seal_copy(shield: &mut Shield, plain: &[u8]) -> Vec<u8> {
     let mut buf = vec![0u8; plain.len() + SEAL_OVERHEAD];
     buf[..plain.len()].copy_from_slice(plain);
     buf[8..12].copy_from_slice(&source_of(shield).to_le_bytes());
-    let n = shield.seal(&mut buf, plain.len()).unwrap_or(0);
+    let n = shield.seal(&mut buf, plain.len(), Lane::Group).unwrap_or(0);
     buf.truncate(n);
     buf
 }
@@ -178,7 +178,7 @@ fn publish_as(shield: &mut Shield, group: u32) -> Vec<u8> {
     };
     w.push_data(0, &header, &[0xee; 16]);
     let len = w.len();
-    let n = shield.seal(&mut buf, len).unwrap_or(0);
+    let n = shield.seal(&mut buf, len, Lane::Group).unwrap_or(0);
     buf.truncate(n);
     buf
 }

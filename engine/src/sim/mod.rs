@@ -7,7 +7,7 @@ mod attack;
 pub mod group;
 
 use crate::proto::{Counter, Counters, Destination, Event, Member, MemberConfig, Nanos, Output};
-use crate::shield::{Rejection, Shield, SEAL_OVERHEAD};
+use crate::shield::{Lane, Rejection, Shield, SEAL_OVERHEAD};
 use crate::Error;
 use attack::Attacker;
 use rand::{Rng, SeedableRng};
@@ -549,7 +549,7 @@ impl Simulation {
                 Some(shield) => {
                     let plain = self.buf[..t.len].to_vec();
                     let n = shield
-                        .seal(&mut self.buf, t.len)
+                        .seal(&mut self.buf, t.len, Lane::of(&t.destination))
                         .expect("the buffer has room for the seal");
                     let sealed: Rc<[u8]> = Rc::from(&self.buf[..n]);
                     attack = self.attacker.as_mut().and_then(|a| a.observe(&plain, &sealed));
