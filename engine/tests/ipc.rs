@@ -718,3 +718,42 @@ fn a_new_policy_version_rolls_out_and_the_dropped_engine_is_cut_off() {
     }
     let _ = std::fs::remove_dir_all(&files);
 }
+
+/// A secured group with membership is refused a new key while it runs (views are not MLS
+/// epochs yet), before anything moves, and keeps running.
+#[test]
+fn a_secured_membership_group_refuses_a_roll_out_and_runs_on() {
+    let (dir, cfg) = setup("rollout-membership");
+    let files = dir.with_extension("files");
+    let admin = Identity::from_seed(&[200; 32]);
+    let both: &[Role] = &[Role::Publish, Role::Subscribe];
+    let (v1, secret1) = secured_files(&files, "vault", &[(1, both)], u64::MAX, &admin);
+    let with = |policy: &std::path::Path, secret: &std::path::Path, epoch: u32| {
+        let mut c = cfg.clone();
+        let mut g = secured_group("vault", policy, key_file(&files, 1), secret);
+        g.membership = true;
+        g.initial_members = 1;
+        g.epoch = epoch;
+        c.groups = vec![g];
+        c
+    };
+    let driver = Driver::start(&dir, with(&v1, &secret1, 1)).unwrap();
+    let client = Client::connect(&dir).unwrap();
+    let _subscription = client.subscription("vault", 1, Order::Total).unwrap();
+    let v2_files = files.join("v2");
+    let (v2, _) = secured_files(&v2_files, "vault", &[(1, both)], u64::MAX, &admin);
+    let mut p2 = Policy::load(&v2).unwrap();
+    p2.version = 9;
+    p2.sign(&admin).unwrap();
+    p2.save(&v2).unwrap();
+    let secret2 = v2_files.join("next.secret");
+    EpochSecret::from_bytes([79; 32]).save(&secret2, false).unwrap();
+    match driver.reload(with(&v2, &secret2, 2)) {
+        Err(IpcError::Config(m)) => assert!(m.contains("membership"), "{m}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(driver.is_running());
+    drop((_subscription, client));
+    driver.close();
+    let _ = std::fs::remove_dir_all(&files);
+}

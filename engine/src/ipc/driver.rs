@@ -815,6 +815,14 @@ impl Conductor {
                 None => changes.push(format!("group {}: secured, epoch {}", g.name, g.epoch)),
                 Some(old)
                     if old.policy_version == new.policy_version && old.epoch.epoch == new.epoch.epoch => {}
+                Some(_) if g.membership && self.groups.contains_key(&g.name) => {
+                    // Checked here, before anything moves: the runtime refuses it anyway.
+                    return Err(format!(
+                        "group {}: has membership, so its key cannot change while it runs yet; \
+                         restart its engines",
+                        g.name
+                    ));
+                }
                 Some(old) => {
                     if new.key != old.key {
                         return Err(format!(
