@@ -89,7 +89,8 @@ impl ShieldEpoch {
     }
 }
 
-/// Why an incoming datagram was dropped.
+/// Why an incoming datagram was dropped. The discriminant is the reason's index in
+/// [`Rejection::ALL`] and [`ShieldStats::rejected`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Rejection {
     /// Too short for a header and a trailer, or of another group.
@@ -152,7 +153,7 @@ pub struct ShieldStats {
 impl ShieldStats {
     /// Datagrams rejected for `reason`.
     pub fn rejected(&self, reason: Rejection) -> u64 {
-        self.rejected[Rejection::ALL.iter().position(|r| *r == reason).unwrap_or(0)]
+        self.rejected[reason as usize]
     }
 
     /// Every rejection.
@@ -333,8 +334,7 @@ impl Shield {
         match r {
             Ok(_) => self.stats.opened += 1,
             Err(reason) => {
-                let i = Rejection::ALL.iter().position(|x| *x == reason).unwrap_or(0);
-                self.stats.rejected[i] += 1;
+                self.stats.rejected[reason as usize] += 1;
             }
         }
         r
@@ -361,7 +361,8 @@ impl Shield {
         // A member the current epoch dropped is not heard in the previous one either: once
         // this member moved on, a removed member's reports no longer count.
         let in_current = self.current.members.contains_key(&source);
-        let keys = if epoch == self.current.epoch {
+        let in_previous = epoch != self.current.epoch;
+        let keys = if !in_previous {
             &mut self.current
         } else {
             match self.previous.as_mut() {
@@ -369,7 +370,9 @@ impl Shield {
                 _ => return Err(Rejection::UnknownEpoch),
             }
         };
-        if !in_current || !keys.members.contains_key(&source) {
+        // In the current epoch `in_current` is the whole check; in the previous one the member
+        // must be in both.
+        if !in_current || (in_previous && !keys.members.contains_key(&source)) {
             return Err(Rejection::NotMember);
         }
         let group = self.group;
@@ -493,6 +496,13 @@ mod tests {
         let n = shield.seal(&mut buf, len, Lane::Group).unwrap();
         buf.truncate(n);
         (buf, plain)
+    }
+
+    #[test]
+    fn every_reason_indexes_its_own_counter() {
+        for (i, r) in Rejection::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}");
+        }
     }
 
     #[test]
