@@ -26,6 +26,11 @@ use std::collections::HashMap;
 
 /// Datagram-header flag: the frames are sealed and a trailer follows them.
 pub const FLAG_SEALED: u8 = 0x01;
+/// Datagram-header flag: the frames are in the clear, only membership frames, and a trailer of
+/// packet number (u64) and the transmitting member's Ed25519 signature follows them.
+pub const FLAG_SIGNED: u8 = 0x02;
+/// Bytes signing adds to a datagram: packet number and signature.
+pub const SIGN_OVERHEAD: usize = 8 + 64;
 /// The top bit of a sealed datagram's packet-number field: set for datagrams sent to one
 /// member, clear for those sent to the group. Receivers keep one replay window per lane,
 /// because the two arrive on different sockets and one can overtake the other by thousands.
@@ -148,6 +153,10 @@ pub struct ShieldStats {
     pub epoch: u32,
     /// Key generations this member moved to because a key reached its usage limit.
     pub key_rotations: u64,
+    /// Datagrams signed (membership frames for members without the epoch's keys).
+    pub signed: u64,
+    /// Signed datagrams verified and passed on.
+    pub verified: u64,
 }
 
 impl ShieldStats {
@@ -176,6 +185,9 @@ pub enum SealError {
     /// The cipher refused (a key past its limit; cannot happen with generations).
     #[error("sealing failed: {0}")]
     Cipher(intergroup_secure::Error),
+    /// Signing needs an identity ([`Shield::with_signing`]).
+    #[error("no identity to sign with")]
+    NoIdentity,
 }
 
 /// One transmitting member's key in one epoch, and the packet numbers accepted from it, per
@@ -209,6 +221,14 @@ impl EpochKeys {
     }
 }
 
+/// The signed path: this member's identity, the policy's members, their replay windows.
+struct Signing {
+    identity: intergroup_secure::Identity,
+    roster: HashMap<u32, intergroup_secure::PublicKey>,
+    next_packet: u64,
+    windows: HashMap<u32, ReplayWindow>,
+}
+
 /// Seals this member's datagrams and opens everyone else's, for one group.
 pub struct Shield {
     group: u32,
@@ -219,6 +239,7 @@ pub struct Shield {
     send_generation: u32,
     next_packet: u64,
     stats: ShieldStats,
+    signing: Option<Signing>,
 }
 
 impl std::fmt::Debug for Shield {
@@ -249,7 +270,120 @@ impl Shield {
             send,
             send_generation: 0,
             next_packet: 0,
+            signing: None,
         }
+    }
+
+    /// A shield with no epoch yet (a member of a secured group with membership before its
+    /// first view): nothing sealed opens until [`install`](Self::install) gives it one. It
+    /// holds a random placeholder secret for epoch 0 with no members.
+    pub fn unkeyed(group: u32, me: u32) -> Result<Self, intergroup_secure::KeyError> {
+        Ok(Self::new(
+            group,
+            me,
+            ShieldEpoch {
+                epoch: 0,
+                secret: EpochSecret::generate()?,
+                members: Vec::new(),
+            },
+        ))
+    }
+
+    /// Adds the signed path: this member signs with `identity`, and datagrams signed by the
+    /// keys of `roster` (member id, key: the policy's members) open if they carry only
+    /// membership frames. `first_packet` starts the signed packet numbers; give a value above
+    /// any this identity used before (the wall clock in microseconds) so a restarted member
+    /// is not taken for a replay.
+    pub fn with_signing(
+        mut self,
+        identity: intergroup_secure::Identity,
+        roster: impl IntoIterator<Item = (u32, intergroup_secure::PublicKey)>,
+        first_packet: u64,
+    ) -> Self {
+        self.signing = Some(Signing {
+            identity,
+            roster: roster.into_iter().collect(),
+            next_packet: first_packet,
+            windows: HashMap::new(),
+        });
+        self
+    }
+
+    /// Moves to `epoch` (a view's, from the key agreement): as [`rekey`](Self::rekey) when it
+    /// is later than the current one; otherwise (a Welcome into another MLS lineage) it
+    /// replaces the current epoch and drops the previous one. Packet numbers keep growing
+    /// either way, so no nonce repeats under any key.
+    pub fn install(&mut self, epoch: ShieldEpoch) {
+        if epoch.epoch > self.current.epoch {
+            self.rekey(epoch);
+            return;
+        }
+        let next = EpochKeys::new(epoch);
+        self.send_generation = generation_of(self.next_packet);
+        self.send = next
+            .secret
+            .sender_key(self.group, next.epoch, self.me, self.send_generation);
+        self.stats.epoch = next.epoch;
+        self.current = next;
+        self.previous = None;
+    }
+
+    /// Signs the datagram in `buf[..len]` (membership frames only) and appends the trailer;
+    /// returns the signed length, `len + SIGN_OVERHEAD`.
+    pub fn sign(&mut self, buf: &mut [u8], len: usize) -> Result<usize, SealError> {
+        let Some(signing) = self.signing.as_mut() else {
+            return Err(SealError::NoIdentity);
+        };
+        if len < DATAGRAM_HEADER_LEN || buf.len() < len + SIGN_OVERHEAD {
+            return Err(SealError::NoRoom {
+                len,
+                capacity: buf.len(),
+            });
+        }
+        buf[3] |= FLAG_SIGNED;
+        buf[len..len + 8].copy_from_slice(&signing.next_packet.to_le_bytes());
+        signing.next_packet += 1;
+        let signature = signing.identity.sign(&buf[..len + 8]);
+        buf[len + 8..len + SIGN_OVERHEAD].copy_from_slice(&signature);
+        self.stats.signed += 1;
+        Ok(len + SIGN_OVERHEAD)
+    }
+
+    fn open_signed(&mut self, buf: &mut [u8]) -> Result<usize, Rejection> {
+        let Some(signing) = self.signing.as_mut() else {
+            return Err(Rejection::Unsealed);
+        };
+        if buf.len() < DATAGRAM_HEADER_LEN + SIGN_OVERHEAD || buf[3] & FLAG_SEALED != 0 {
+            return Err(Rejection::Malformed);
+        }
+        let source = u32::from_le_bytes(le4(&buf[8..12]));
+        let len = buf.len() - SIGN_OVERHEAD;
+        let Some(key) = signing.roster.get(&source) else {
+            return Err(Rejection::NotMember);
+        };
+        let mut packet_bytes = [0u8; 8];
+        packet_bytes.copy_from_slice(&buf[len..len + 8]);
+        let packet = u64::from_le_bytes(packet_bytes);
+        let window = signing.windows.entry(source).or_insert_with(ReplayWindow::new);
+        window.check(packet).map_err(|_| Rejection::Replay)?;
+        let mut signature = [0u8; 64];
+        signature.copy_from_slice(&buf[len + 8..]);
+        if !key.verify(&buf[..len + 8], &signature) {
+            return Err(Rejection::BadTag);
+        }
+        let _ = window.accept(packet);
+        buf[3] &= !FLAG_SIGNED;
+        // Only membership frames travel signed: data, reports and repairs are always sealed.
+        let Ok((_, frames)) = wire::decode_datagram(&buf[..len]) else {
+            return Err(Rejection::Malformed);
+        };
+        for f in frames {
+            if !matches!(f, Ok(Frame::Membership { .. })) {
+                return Err(Rejection::Unsealed);
+            }
+        }
+        self.stats.verified += 1;
+        Ok(len)
     }
 
     /// Moves to a later epoch: this member seals with the new keys from now on, and the
@@ -346,6 +480,9 @@ impl Shield {
         }
         if u32::from_le_bytes(le4(&buf[4..8])) != self.group {
             return Err(Rejection::Malformed);
+        }
+        if buf[3] & FLAG_SIGNED != 0 {
+            return self.open_signed(buf);
         }
         if buf[3] & FLAG_SEALED == 0 {
             return Err(Rejection::Unsealed);
@@ -639,6 +776,104 @@ mod tests {
         assert_eq!(b.stats().rejected(Rejection::WrongRole), 1);
     }
 
+    fn ident(n: u8) -> intergroup_secure::Identity {
+        intergroup_secure::Identity::from_seed(&[n; 32])
+    }
+
+    /// Members 1..=3 signing with identities 1..=3; `me` is one of them.
+    fn signer(me: u32) -> Shield {
+        let roster = (1..=3u8).map(|n| (u32::from(n), ident(n).public()));
+        Shield::unkeyed(GROUP, me)
+            .unwrap()
+            .with_signing(ident(me as u8), roster, 1000)
+    }
+
+    /// A datagram from `source` with one membership frame.
+    fn membership(source: u32) -> (Vec<u8>, usize) {
+        let mut buf = vec![0u8; 600];
+        let mut w = DatagramWriter::new(&mut buf[..600 - SIGN_OVERHEAD], GROUP, source).unwrap();
+        assert!(w.push_membership(0x10, &[7; 40]));
+        let len = w.len();
+        (buf, len)
+    }
+
+    #[test]
+    fn signed_membership_datagrams_open_for_listed_members_only() {
+        let mut a = signer(1);
+        let mut b = signer(2);
+        let (mut buf, len) = membership(1);
+        let plain = buf[..len].to_vec();
+        let n = a.sign(&mut buf, len).unwrap();
+        assert_eq!(n, len + SIGN_OVERHEAD);
+        let signed = buf[..n].to_vec();
+        let mut copy = signed.clone();
+        assert_eq!(b.open(&mut copy), Ok(len));
+        assert_eq!(
+            copy[..len],
+            plain[..],
+            "the frames travel in the clear, unchanged"
+        );
+        // Replayed.
+        assert_eq!(b.open(&mut signed.clone()), Err(Rejection::Replay));
+        // Every modified byte (header, frames, packet number, signature) is refused.
+        for i in 0..n {
+            let mut m = signed.clone();
+            m[i] ^= 0x20;
+            assert!(signer(3).open(&mut m).is_err(), "byte {i} flipped");
+        }
+        // Truncated.
+        assert!(signer(3).open(&mut signed[..n - 1].to_vec()).is_err());
+        // An identity the policy does not list, claiming member 1 or as itself.
+        let mut outsider =
+            Shield::unkeyed(GROUP, 9)
+                .unwrap()
+                .with_signing(ident(9), [(9, ident(9).public())], 0);
+        let (mut buf, len) = membership(1);
+        let n = outsider.sign(&mut buf, len).unwrap();
+        assert_eq!(signer(3).open(&mut buf[..n].to_vec()), Err(Rejection::BadTag));
+        let (mut buf, len) = membership(9);
+        let n = outsider.sign(&mut buf, len).unwrap();
+        assert_eq!(signer(3).open(&mut buf[..n].to_vec()), Err(Rejection::NotMember));
+        // Data never travels signed, even from a listed member.
+        let (mut buf, len) = datagram(1, 1, 0, b"data");
+        let n = a.sign(&mut buf, len).unwrap();
+        assert_eq!(signer(3).open(&mut buf[..n].to_vec()), Err(Rejection::Unsealed));
+        // A shield without the signed path refuses signed datagrams.
+        let (mut buf, len) = membership(1);
+        let n = a.sign(&mut buf, len).unwrap();
+        let mut plain_shield = Shield::new(GROUP, 2, epoch(1, 9, &three()));
+        assert_eq!(
+            plain_shield.open(&mut buf[..n].to_vec()),
+            Err(Rejection::Unsealed)
+        );
+        assert_eq!(b.stats().verified, 1);
+    }
+
+    #[test]
+    fn an_unkeyed_shield_opens_nothing_sealed_until_an_epoch_is_installed() {
+        let mut sender = Shield::new(GROUP, 1, epoch(4, 9, &three()));
+        let mut joiner = signer(2);
+        let (traffic, _) = sealed(&mut sender, 1, 1, 0);
+        assert_eq!(joiner.open(&mut traffic.clone()), Err(Rejection::UnknownEpoch));
+        joiner.install(epoch(4, 9, &three()));
+        assert!(joiner.open(&mut traffic.clone()).is_ok());
+        // A Welcome into another lineage at a lower epoch replaces the keys, and its own
+        // packet numbers keep growing (no nonce is used twice).
+        let (mut buf, len) = datagram(2, 2, 0, b"x");
+        let before = joiner.seal(&mut buf, len, Lane::Group).unwrap();
+        let field = u64::from_le_bytes(buf[before - 8..before].try_into().unwrap());
+        joiner.install(epoch(2, 10, &three()));
+        assert_eq!(joiner.epoch(), 2);
+        let (mut buf, len) = datagram(2, 2, 1, b"x");
+        let n = joiner.seal(&mut buf, len, Lane::Group).unwrap();
+        let after = u64::from_le_bytes(buf[n - 8..n].try_into().unwrap());
+        assert!(after > field);
+        assert!(Shield::new(GROUP, 1, epoch(2, 10, &three()))
+            .open(&mut buf[..n].to_vec())
+            .is_ok());
+        assert_eq!(joiner.open(&mut traffic.clone()), Err(Rejection::UnknownEpoch));
+    }
+
     #[test]
     fn a_removed_member_cannot_open_the_next_epoch_and_a_joiner_not_the_last() {
         // Epoch 1: members 1, 2, 3. Epoch 2: 3 removed, 4 joined, under a fresh secret.
@@ -705,13 +940,19 @@ mod tests {
         fn random_bytes_never_open_and_never_panic(
             bytes in proptest::collection::vec(any::<u8>(), 0..300),
             sealed_flag in any::<bool>(),
+            signed_flag in any::<bool>(),
+            source in 0u32..5,
         ) {
-            let mut b = Shield::new(GROUP, 2, epoch(1, 9, &three()));
+            // A keyed shield with the signed path too.
+            let mut b = signer(2);
+            b.install(epoch(1, 9, &three()));
             let mut m = bytes.clone();
             if m.len() >= DATAGRAM_HEADER_LEN {
                 m[..2].copy_from_slice(&wire::MAGIC);
                 m[4..8].copy_from_slice(&GROUP.to_le_bytes());
+                m[8..12].copy_from_slice(&source.to_le_bytes());
                 if sealed_flag { m[3] |= FLAG_SEALED; }
+                if signed_flag { m[3] |= FLAG_SIGNED; }
             }
             prop_assert!(b.open(&mut m).is_err());
             prop_assert_eq!(b.stats().rejected_total(), 1);

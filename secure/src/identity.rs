@@ -113,7 +113,9 @@ impl<'de> serde::Deserialize<'de> for PublicKey {
     }
 }
 
-/// A private signing identity. Its secret is zeroized on drop and never printed.
+/// A private signing identity. Its secret is zeroized on drop (every clone's too) and never
+/// printed.
+#[derive(Clone)]
 pub struct Identity {
     key: ed25519_dalek::SigningKey,
 }

@@ -97,6 +97,48 @@ pub struct Commit {
     pub epoch: u64,
 }
 
+/// A commit or Welcome checked and ready to take effect ([`MlsMember::apply`]), held while
+/// the view change it belongs to completes. Dropping it changes nothing.
+pub struct Staged(StagedKind);
+
+enum StagedKind {
+    Commit(Box<StagedCommit>, CommitEffect),
+    Welcome(Box<StagedWelcome>, Vec<PublicKey>),
+}
+
+impl Staged {
+    /// Whether it is a Welcome (else a commit).
+    pub fn is_welcome(&self) -> bool {
+        matches!(self.0, StagedKind::Welcome(..))
+    }
+
+    /// Whether it is a commit that removes this member.
+    pub fn removes_self(&self) -> bool {
+        matches!(&self.0, StagedKind::Commit(_, e) if e.removed_self)
+    }
+
+    /// The epoch applying it leads to (for a Welcome: the group's current epoch).
+    pub fn epoch(&self) -> u64 {
+        match &self.0 {
+            StagedKind::Commit(_, e) => e.epoch,
+            StagedKind::Welcome(w, _) => w.group_context().epoch().as_u64(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Staged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.0 {
+            StagedKind::Commit(..) => "commit",
+            StagedKind::Welcome(..) => "welcome",
+        };
+        f.debug_struct("Staged")
+            .field("kind", &kind)
+            .field("epoch", &self.epoch())
+            .finish()
+    }
+}
+
 /// One member's MLS state for one group.
 pub struct MlsMember {
     provider: OpenMlsRustCrypto,
@@ -303,6 +345,22 @@ impl MlsMember {
     /// Joins the group a Welcome (made for one of this member's key packages) describes. Every
     /// member of its tree must be in the policy.
     pub fn join(&mut self, welcome: &[u8], policy: &Policy) -> Result<u64, MlsError> {
+        let staged = self.stage_welcome(welcome, policy)?;
+        Ok(self.apply(staged)?.epoch)
+    }
+
+    /// Processes another member's commit: checks every leaf it adds or changes against the
+    /// policy, then moves to its epoch. A commit for another epoch is refused (the group's
+    /// total order makes the first commit of an epoch the one every member takes).
+    pub fn process(&mut self, message: &[u8], policy: &Policy) -> Result<CommitEffect, MlsError> {
+        let staged = self.stage(message, policy)?;
+        self.apply(staged)
+    }
+
+    /// Checks a Welcome as [`MlsMember::join`] does, without joining yet: the group is entered
+    /// by [`MlsMember::apply`] (when the view it belongs to is installed), or never if the
+    /// result is dropped.
+    pub fn stage_welcome(&mut self, welcome: &[u8], policy: &Policy) -> Result<Staged, MlsError> {
         let msg = MlsMessageIn::tls_deserialize_exact(welcome)
             .map_err(|e| MlsError::Malformed(format!("{e:?}")))?;
         let MlsMessageBodyIn::Welcome(welcome) = msg.extract() else {
@@ -310,19 +368,17 @@ impl MlsMember {
         };
         let staged =
             StagedWelcome::new_from_welcome(&self.provider, &join_config(), welcome, None).map_err(mls)?;
+        let mut added = Vec::new();
         for m in staged.members() {
-            check_leaf(&m.credential, &m.signature_key, policy)?;
+            added.push(check_leaf(&m.credential, &m.signature_key, policy)?);
         }
-        let group = staged.into_group(&self.provider).map_err(mls)?;
-        let epoch = group.epoch().as_u64();
-        self.group = Some(group);
-        Ok(epoch)
+        Ok(Staged(StagedKind::Welcome(Box::new(staged), added)))
     }
 
-    /// Processes another member's commit: checks every leaf it adds or changes against the
-    /// policy, then moves to its epoch. A commit for another epoch is refused (the group's
-    /// total order makes the first commit of an epoch the one every member takes).
-    pub fn process(&mut self, message: &[u8], policy: &Policy) -> Result<CommitEffect, MlsError> {
+    /// Checks another member's commit as [`MlsMember::process`] does, without moving to its
+    /// epoch yet: [`MlsMember::apply`] does (when the view it belongs to is installed); a
+    /// dropped result changes nothing.
+    pub fn stage(&mut self, message: &[u8], policy: &Policy) -> Result<Staged, MlsError> {
         let msg = MlsMessageIn::tls_deserialize_exact(message)
             .map_err(|e| MlsError::Malformed(format!("{e:?}")))?;
         let protocol = msg
@@ -364,18 +420,53 @@ impl MlsMember {
                 before.iter().find(|(j, _)| *j == i).and_then(|(_, k)| *k)
             })
             .collect();
-        let removed_self = staged.self_removed();
-        group.merge_staged_commit(provider, *staged).map_err(mls)?;
-        let epoch = group.epoch().as_u64();
-        if removed_self {
-            self.group = None;
-        }
-        Ok(CommitEffect {
-            epoch,
+        let effect = CommitEffect {
+            epoch: have + 1,
             added,
             removed,
-            removed_self,
-        })
+            removed_self: staged.self_removed(),
+        };
+        Ok(Staged(StagedKind::Commit(staged, effect)))
+    }
+
+    /// Moves to the epoch a staged commit or Welcome leads to. A staged commit applies only to
+    /// the epoch it was staged in.
+    pub fn apply(&mut self, staged: Staged) -> Result<CommitEffect, MlsError> {
+        match staged.0 {
+            StagedKind::Commit(commit, effect) => {
+                let provider = &self.provider;
+                let group = self.group.as_mut().ok_or(MlsError::NoGroup)?;
+                let have = group.epoch().as_u64();
+                if have + 1 != effect.epoch {
+                    return Err(MlsError::WrongEpoch {
+                        got: effect.epoch - 1,
+                        have,
+                    });
+                }
+                group.merge_staged_commit(provider, *commit).map_err(mls)?;
+                if effect.removed_self {
+                    self.group = None;
+                }
+                Ok(effect)
+            }
+            StagedKind::Welcome(welcome, added) => {
+                let group = welcome.into_group(&self.provider).map_err(mls)?;
+                let epoch = group.epoch().as_u64();
+                self.group = Some(group);
+                Ok(CommitEffect {
+                    epoch,
+                    added,
+                    removed: Vec::new(),
+                    removed_self: false,
+                })
+            }
+        }
+    }
+
+    /// Leaves the group locally (this member was removed, or gives its state up to be welcomed
+    /// into another lineage).
+    pub fn drop_group(&mut self) {
+        self.group = None;
     }
 
     /// The data plane's secret for the current epoch, bound to `context` (the group's id).

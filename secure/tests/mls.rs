@@ -172,3 +172,72 @@ proptest! {
         prop_assert_eq!(a.epoch(), Some(0));
     }
 }
+
+#[test]
+fn staged_commits_and_welcomes_take_effect_only_when_applied() {
+    let p = policy(&[1, 2, 3, 4]);
+    let (mut a, mut b, mut c) = three(&p);
+    let mut d = MlsMember::new(identity(4));
+    println!("key package: {} bytes", d.key_package().unwrap().len());
+    let commit = a
+        .commit(&[d.key_package().unwrap()], &[identity(3).public()], &p)
+        .unwrap();
+    let welcome = commit.welcome.clone().unwrap();
+    println!(
+        "commit {} bytes, welcome {} bytes",
+        commit.commit.len(),
+        welcome.len()
+    );
+    // A staged commit that is dropped (its view change was abandoned) changes nothing.
+    let dropped = b.stage(&commit.commit, &p).unwrap();
+    assert_eq!(dropped.epoch(), 2);
+    drop(dropped);
+    assert_eq!(b.epoch(), Some(1));
+    assert_eq!(secret_bytes(&b), secret_bytes(&c));
+    // Staged again and applied: the same epoch as the committer's.
+    let staged = b.stage(&commit.commit, &p).unwrap();
+    let removed = c.stage(&commit.commit, &p).unwrap();
+    let joined = d.stage_welcome(&welcome, &p).unwrap();
+    assert_eq!(joined.epoch(), 2);
+    assert_eq!(d.epoch(), None, "a staged welcome is not a group yet");
+    assert_eq!(a.merge_pending().unwrap(), 2);
+    assert_eq!(b.apply(staged).unwrap().epoch, 2);
+    assert_eq!(d.apply(joined).unwrap().epoch, 2);
+    let effect = c.apply(removed).unwrap();
+    assert!(effect.removed_self);
+    assert_eq!(c.epoch(), None);
+    assert_eq!(secret_bytes(&a), secret_bytes(&b));
+    assert_eq!(secret_bytes(&a), secret_bytes(&d));
+    // A commit staged for one epoch does not apply in another.
+    let next = a.self_update().unwrap();
+    let stale = b.stage(&next.commit, &p).unwrap();
+    a.merge_pending().unwrap();
+    let again = a.self_update().unwrap();
+    b.process(&next.commit, &p).unwrap();
+    a.discard_pending().unwrap();
+    drop(again);
+    assert!(matches!(b.apply(stale), Err(MlsError::WrongEpoch { .. })));
+}
+
+#[test]
+fn a_member_out_of_step_is_replaced_by_a_fresh_leaf_in_one_commit() {
+    let p = policy(&[1, 2, 3]);
+    let (mut a, mut b, mut c) = three(&p);
+    // C missed an epoch (it staged a commit and dropped it, say).
+    let missed = a.self_update().unwrap();
+    a.merge_pending().unwrap();
+    b.process(&missed.commit, &p).unwrap();
+    // One commit removes C's old leaf and adds C again from a fresh key package.
+    let fresh = c.key_package().unwrap();
+    let commit = a.commit(&[fresh], &[identity(3).public()], &p).unwrap();
+    a.merge_pending().unwrap();
+    b.process(&commit.commit, &p).unwrap();
+    assert!(matches!(
+        c.stage(&commit.commit, &p),
+        Err(MlsError::WrongEpoch { .. })
+    ));
+    c.join(&commit.welcome.unwrap(), &p).unwrap();
+    assert_eq!(secret_bytes(&a), secret_bytes(&c));
+    assert_eq!(secret_bytes(&b), secret_bytes(&c));
+    assert_eq!(a.members().len(), 3);
+}

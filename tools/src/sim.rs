@@ -85,7 +85,8 @@ pub struct SimArgs {
     #[arg(long, default_value_t = 200)]
     ack_interval_us: u64,
     /// Seal every datagram with the Secure Group Layer (AES-256-GCM; members after the
-    /// senders may only subscribe). Core simulator only.
+    /// senders may only subscribe). With the group layer, every primary view change is also
+    /// an MLS commit and members without the epoch's keys speak in signed datagrams.
     #[arg(long)]
     secure: bool,
     /// With --secure: probability per datagram that an adversary on the segment injects an
@@ -103,10 +104,8 @@ pub fn run(args: SimArgs) -> Result<ExitCode, String> {
     if args.order.is_some()
         || args.crash + args.partition + args.join + args.leave + args.one_way + args.link_cut > 0
     {
-        if args.secure || args.attack > 0.0 {
-            return Err(
-                "--secure and --attack apply to the core simulator only, not with the group layer".into(),
-            );
+        if args.attack > 0.0 {
+            return Err("--attack applies to the core simulator only, not with the group layer".into());
         }
         return run_group(args);
     }
@@ -227,6 +226,7 @@ fn run_group(args: SimArgs) -> Result<ExitCode, String> {
         seed: args.seed,
         order: args.order.unwrap_or(Order::Fifo),
         max_virtual_ns: (args.max_virtual_seconds.max(0.0) * 1e9) as u64,
+        secure: args.secure,
         ..GroupSimConfig::default()
     };
     if args.dup > 0.0 || args.reorder > 0.0 {
@@ -253,11 +253,13 @@ fn run_group(args: SimArgs) -> Result<ExitCode, String> {
     } else {
         print_group_report(&report, wall);
     }
-    Ok(if report.delivered_ok && report.virtual_synchrony_ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(
+        if report.delivered_ok && report.virtual_synchrony_ok && report.keys_ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        },
+    )
 }
 
 fn print_group_report(r: &GroupSimReport, wall: f64) {
@@ -295,6 +297,30 @@ fn print_group_report(r: &GroupSimReport, wall: f64) {
     );
     println!("  relayed in flushes  {}", r.relays);
     println!("  datagrams sent      {}", r.sent_datagrams);
+    if let Some(epoch) = r.key_epoch.filter(|_| !r.secure_rejected.is_empty()) {
+        println!();
+        println!(
+            "  keys                {} (MLS epoch {epoch}, {} commits)",
+            ok(r.keys_ok),
+            r.key_commits
+        );
+        if let Some(locked) = r.departed_locked_out {
+            println!(
+                "  departed members    {}",
+                if locked {
+                    "cannot open the final epoch"
+                } else {
+                    "OPEN THE FINAL EPOCH"
+                }
+            );
+        }
+        for (reason, n) in &r.secure_rejected {
+            println!("  rejected: {reason:<16} {n:>10}");
+        }
+    } else if !r.secure_rejected.is_empty() {
+        println!();
+        println!("  keys                FAILED (no common MLS epoch)");
+    }
     println!();
     println!(
         "  virtual time {:.3} s, wall time {:.2} s",

@@ -18,6 +18,15 @@ pub const KIND_FLUSH_DONE: u8 = 0x14;
 pub const KIND_INSTALL: u8 = 0x15;
 /// A participant refuses a proposal because it accepted a later one.
 pub const KIND_REFUSE: u8 = 0x16;
+/// Secured groups: a participant's MLS key package, sent with its answer to a proposal.
+pub const KIND_KEY_PACKAGE: u8 = 0x17;
+/// Secured groups: one fragment of the coordinator's key message for a proposal (the MLS
+/// commit for the members of the old epoch and the Welcome for those it adds).
+pub const KIND_KEYS: u8 = 0x18;
+
+/// Largest key message a fragment may announce (a Welcome carries the ratchet tree: about
+/// 70 KB at 256 members).
+pub const MAX_KEYS_BYTES: u32 = 4 << 20;
 
 /// Most members in one list (a view, a proposal).
 pub const MAX_LIST: usize = 256;
@@ -28,6 +37,8 @@ pub const STATE_PRIMARY: u8 = 1;
 pub const STATE_LEAVING: u8 = 2;
 /// The member wants to be a sender.
 pub const STATE_WANTS_SEND: u8 = 4;
+/// Secured groups: the member holds the keys of its installed primary view.
+pub const STATE_KEYED: u8 = 8;
 
 /// A view as carried in frames: its id, coordinator, members and senders (both sorted).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -132,6 +143,26 @@ pub enum Control {
         /// The highest view or proposal number the refuser has seen.
         seen: u32,
     },
+    /// See [`KIND_KEY_PACKAGE`].
+    KeyPackage {
+        /// The proposal answered.
+        proposal: u32,
+        /// The MLS epoch the participant is in ([`u64::MAX`]: none).
+        epoch: u64,
+        /// A serialized MLS key package of the participant.
+        package: Vec<u8>,
+    },
+    /// See [`KIND_KEYS`].
+    Keys {
+        /// The proposal the key message belongs to.
+        proposal: u32,
+        /// The key message's whole length (at most [`MAX_KEYS_BYTES`]).
+        total: u32,
+        /// Where this fragment starts in it.
+        offset: u32,
+        /// The fragment.
+        chunk: Vec<u8>,
+    },
 }
 
 /// Why a membership frame failed to decode.
@@ -214,6 +245,11 @@ impl<'a> Reader<'a> {
             senders,
         })
     }
+    /// A `u16`-counted byte string.
+    fn bytes(&mut self) -> Result<Vec<u8>, ControlError> {
+        let n = usize::from(self.u16()?);
+        Ok(self.take(n)?.to_vec())
+    }
     fn end(self) -> Result<(), ControlError> {
         if self.bytes.is_empty() {
             Ok(())
@@ -250,6 +286,11 @@ impl Writer<'_> {
             self.u32(id);
         }
     }
+    fn bytes(&mut self, b: &[u8]) {
+        debug_assert!(b.len() <= usize::from(u16::MAX), "byte strings are u16-counted");
+        self.u16(b.len() as u16);
+        self.out.extend_from_slice(b);
+    }
     fn view(&mut self, v: &ViewDesc) {
         self.u32(v.id);
         self.u32(v.coord);
@@ -269,6 +310,8 @@ impl Control {
             Control::FlushDone { .. } => KIND_FLUSH_DONE,
             Control::Install { .. } => KIND_INSTALL,
             Control::Refuse { .. } => KIND_REFUSE,
+            Control::KeyPackage { .. } => KIND_KEY_PACKAGE,
+            Control::Keys { .. } => KIND_KEYS,
         }
     }
 
@@ -353,6 +396,26 @@ impl Control {
             Control::Refuse { proposal, seen } => {
                 w.u32(*proposal);
                 w.u32(*seen);
+            }
+            Control::KeyPackage {
+                proposal,
+                epoch,
+                package,
+            } => {
+                w.u32(*proposal);
+                w.u64(*epoch);
+                w.bytes(package);
+            }
+            Control::Keys {
+                proposal,
+                total,
+                offset,
+                chunk,
+            } => {
+                w.u32(*proposal);
+                w.u32(*total);
+                w.u32(*offset);
+                w.bytes(chunk);
             }
         }
     }
@@ -446,6 +509,27 @@ impl Control {
                 proposal: r.u32()?,
                 seen: r.u32()?,
             },
+            KIND_KEY_PACKAGE => Control::KeyPackage {
+                proposal: r.u32()?,
+                epoch: r.u64()?,
+                package: r.bytes()?,
+            },
+            KIND_KEYS => {
+                let proposal = r.u32()?;
+                let total = r.u32()?;
+                let offset = r.u32()?;
+                let chunk = r.bytes()?;
+                let end = u64::from(offset) + chunk.len() as u64;
+                if total > MAX_KEYS_BYTES || end > u64::from(total) || chunk.is_empty() {
+                    return Err(ControlError::BadList);
+                }
+                Control::Keys {
+                    proposal,
+                    total,
+                    offset,
+                    chunk,
+                }
+            }
             k => return Err(ControlError::UnknownKind(k)),
         };
         r.end()?;
@@ -513,6 +597,17 @@ mod tests {
             Control::FlushDone { proposal: 4 },
             Control::Install { view: view(4) },
             Control::Refuse { proposal: 4, seen: 9 },
+            Control::KeyPackage {
+                proposal: 4,
+                epoch: 3,
+                package: vec![7; 310],
+            },
+            Control::Keys {
+                proposal: 4,
+                total: 2000,
+                offset: 1000,
+                chunk: vec![9; 1000],
+            },
         ];
         let mut buf = Vec::new();
         for c in all {
@@ -524,6 +619,30 @@ mod tests {
             }
             buf.push(0);
             assert_eq!(Control::decode(c.kind(), &buf), Err(ControlError::Trailing));
+        }
+    }
+
+    #[test]
+    fn key_fragments_outside_their_message_are_refused() {
+        let mut buf = Vec::new();
+        for (total, offset, len) in [
+            (10, 5, 6),
+            (MAX_KEYS_BYTES + 1, 0, 1),
+            (10, 0, 0),
+            (u32::MAX, u32::MAX, 2),
+        ] {
+            Control::Keys {
+                proposal: 1,
+                total,
+                offset,
+                chunk: vec![1; len],
+            }
+            .encode(&mut buf);
+            assert_eq!(
+                Control::decode(KIND_KEYS, &buf),
+                Err(ControlError::BadList),
+                "{total} {offset} {len}"
+            );
         }
     }
 

@@ -21,12 +21,14 @@
 //! [`poll_output`](GroupMember::poll_output), and ask [`poll_timeout`](GroupMember::poll_timeout).
 
 pub mod control;
+pub mod keys;
 pub mod udp;
 
 use crate::proto::{Destination, Member, MemberConfig, Nanos, Output, Transmit};
 use crate::wire::{self, DatagramWriter, Frame};
 use crate::Error;
-use control::{Control, CutEntry, ViewDesc, STATE_LEAVING, STATE_PRIMARY, STATE_WANTS_SEND};
+use control::{Control, CutEntry, ViewDesc, STATE_KEYED, STATE_LEAVING, STATE_PRIMARY, STATE_WANTS_SEND};
+use keys::{GroupKeys, KeyStats, Keying};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -255,6 +257,8 @@ struct PeerInfo {
     accepted: u32,
     leaving: bool,
     wants_send: bool,
+    /// Secured groups: it holds the keys of its installed primary view.
+    keyed: bool,
 }
 
 /// The messages of one sender in the current view.
@@ -399,6 +403,10 @@ struct Round {
     states: BTreeMap<u32, Control>,
     commit: Option<Control>,
     done: BTreeSet<u32>,
+    /// Secured groups: the participants' MLS epochs and key packages.
+    packages: BTreeMap<u32, (u64, Vec<u8>)>,
+    /// Secured groups: the key message of the commit, sent with it.
+    keys: Option<Vec<u8>>,
 }
 
 impl Round {
@@ -437,7 +445,10 @@ pub struct GroupMember {
     /// anyone is seen to have installed it, dropped when a later view commits without it.
     pending_install: Option<Accepted>,
     round: Option<Round>,
-    control_out: VecDeque<Control>,
+    /// Membership frames to send, each with whether its datagram must be signed.
+    control_out: VecDeque<(Control, bool)>,
+    /// Secured groups: the MLS key agreement.
+    keys: Option<Box<Keying>>,
     next_hello: Nanos,
     next_tick: Nanos,
     last_state: Nanos,
@@ -490,6 +501,7 @@ impl GroupMember {
             pending_install: None,
             round: None,
             control_out: VecDeque::new(),
+            keys: None,
             next_hello: 0,
             next_tick: 0,
             last_state: 0,
@@ -503,6 +515,51 @@ impl GroupMember {
             scratch: Vec::new(),
             cfg,
         })
+    }
+
+    /// A member of a secured group: every primary view change is an MLS commit, a view is
+    /// installed only with its epoch's keys, and each installed epoch comes out of
+    /// [`poll_rekey`](Self::poll_rekey) for the data plane ([`keys`]). The member id must be
+    /// the identity's ([`GroupKeys::id_of`]), and the policy must list it.
+    pub fn new_keyed(cfg: GroupConfig, seed: u64, keys: GroupKeys) -> Result<Self, Error> {
+        let public = keys.identity.public();
+        if keys.id_of(&public) != cfg.member.member_id {
+            return Err(Error::Config(format!(
+                "member id {} is not the identity's ({})",
+                cfg.member.member_id,
+                keys.id_of(&public)
+            )));
+        }
+        if !keys.policy.members.iter().any(|m| m.key == public) {
+            return Err(Error::Config(format!("the policy does not list {public}")));
+        }
+        let group = cfg.member.group;
+        let mut m = Self::new(cfg, seed)?;
+        m.keys = Some(Box::new(Keying::new(keys, group)));
+        Ok(m)
+    }
+
+    /// Secured groups: the next epoch to seal and open with, once its view is installed.
+    /// Apply each before sealing anything more this member transmits.
+    pub fn poll_rekey(&mut self) -> Option<crate::shield::ShieldEpoch> {
+        self.keys.as_mut()?.poll_rekey()
+    }
+
+    /// Secured groups: the key agreement's counters.
+    pub fn key_stats(&self) -> Option<&KeyStats> {
+        self.keys.as_ref().map(|k| &k.stats)
+    }
+
+    /// Secured groups: whether this member holds its installed primary view's keys, and the
+    /// MLS epoch it is in.
+    pub fn key_state(&self) -> Option<(bool, Option<u64>)> {
+        self.keys.as_ref().map(|k| (k.keyed(), k.mls_epoch()))
+    }
+
+    /// Queues a membership frame; in secured groups its datagram is signed.
+    fn push_control(&mut self, c: Control) {
+        let signed = self.keys.is_some();
+        self.control_out.push_back((c, signed));
     }
 
     /// This member's id.
@@ -732,12 +789,12 @@ impl GroupMember {
         self.start(now);
         self.pump_relays();
         self.pump_pending();
-        if now >= self.next_hello
-            || (self.state_changed() && now >= self.last_state + self.cfg.ack_interval_ns)
-        {
-            self.queue_state(now);
+        if now >= self.next_hello {
+            self.queue_state(now, true);
+        } else if self.state_changed() && now >= self.last_state + self.cfg.ack_interval_ns {
+            self.queue_state(now, false);
         }
-        if let Some(c) = self.control_out.pop_front() {
+        if let Some((c, signed)) = self.control_out.pop_front() {
             c.encode(&mut self.scratch);
             let mtu = self.cfg.member.mtu.min(buf.len());
             let mut w = DatagramWriter::new(&mut buf[..mtu], self.cfg.member.group, self.id)?;
@@ -752,6 +809,7 @@ impl GroupMember {
                 len: w.len(),
                 new_data_frames: 0,
                 in_place: None,
+                signed,
             });
         }
         self.data.as_mut()?.member.poll_transmit(now, buf)
@@ -773,7 +831,10 @@ impl GroupMember {
             || !counts.iter().copied().eq(d.logs.iter().map(SenderLog::count))
     }
 
-    fn queue_state(&mut self, now: Nanos) {
+    /// Queues a `STATE`: `periodic` for the heartbeat, else an acknowledgement. In secured
+    /// groups heartbeats are signed (members without the keys must hear the group), and so is
+    /// everything a member without the keys sends.
+    fn queue_state(&mut self, now: Nanos, periodic: bool) {
         self.next_hello = now + self.cfg.hello_interval_ns;
         self.last_state = now;
         let mut flags = 0;
@@ -786,6 +847,11 @@ impl GroupMember {
         if self.wants_send {
             flags |= STATE_WANTS_SEND;
         }
+        let keyed = self.keys.as_ref().is_some_and(|k| k.keyed());
+        if keyed {
+            flags |= STATE_KEYED;
+        }
+        let signed = self.keys.is_some() && (periodic || !keyed);
         let (sent, clock, prefixes) = match &self.data {
             Some(d) => (
                 d.sender_pos(self.id).map_or(0, |s| d.logs[s].count()),
@@ -795,15 +861,18 @@ impl GroupMember {
             None => (0, 0, Vec::new()),
         };
         self.last_state_sent = (sent, clock, prefixes.clone());
-        self.control_out.push_back(Control::State {
-            view: self.view.id,
-            coord: self.view.coord,
-            accepted: self.accepted.as_ref().map_or(0, |a| a.view.id),
-            flags,
-            sent,
-            clock,
-            prefixes,
-        });
+        self.control_out.push_back((
+            Control::State {
+                view: self.view.id,
+                coord: self.view.coord,
+                accepted: self.accepted.as_ref().map_or(0, |a| a.view.id),
+                flags,
+                sent,
+                clock,
+                prefixes,
+            },
+            signed,
+        ));
     }
 
     /// Takes what the reliable layer delivered into the sender logs: first what `datagram`
@@ -890,9 +959,29 @@ impl GroupMember {
         r
     }
 
+    /// Who coordinates among `reachable`: the lowest id; in secured groups the lowest id
+    /// among the members that hold the keys of a primary view if any does (only they can
+    /// commit the next epoch), else the lowest id (a new group: it founds the MLS group).
+    fn coordinator_of(&self, reachable: &[u32]) -> Option<u32> {
+        let Some(k) = &self.keys else {
+            return reachable.first().copied();
+        };
+        reachable
+            .iter()
+            .copied()
+            .find(|&m| {
+                if m == self.id {
+                    k.keyed()
+                } else {
+                    self.peers.get(&m).is_some_and(|p| p.keyed)
+                }
+            })
+            .or_else(|| reachable.first().copied())
+    }
+
     fn coordinate(&mut self, now: Nanos) {
         let reachable = self.reachable(now);
-        if self.leaving || reachable.first() != Some(&self.id) {
+        if self.leaving || self.coordinator_of(&reachable) != Some(self.id) {
             if self.round.take().is_some() {
                 self.stats.rounds_abandoned += 1;
             }
@@ -951,7 +1040,7 @@ impl GroupMember {
             if !lagging.is_empty() {
                 // Members that agreed to this view but missed its INSTALL (its coordinator may
                 // be gone): the view is committed and every participant was done.
-                self.control_out.push_back(Control::Install {
+                self.push_control(Control::Install {
                     view: self.view.clone(),
                 });
             }
@@ -971,6 +1060,8 @@ impl GroupMember {
             states: BTreeMap::new(),
             commit: None,
             done: BTreeSet::new(),
+            packages: BTreeMap::new(),
+            keys: None,
         };
         self.max_seen = round.view.id;
         self.stats.rounds_started += 1;
@@ -1013,7 +1104,8 @@ impl GroupMember {
             },
             Some(c) => c.clone(),
         };
-        self.control_out.push_back(msg.clone());
+        self.push_control(msg.clone());
+        self.push_key_fragments();
         self.on_control(now, self.id, msg);
     }
 
@@ -1021,7 +1113,34 @@ impl GroupMember {
         if coord == self.id {
             self.on_coordinator_input(self.now, self.id, c);
         } else {
-            self.control_out.push_back(c);
+            self.push_control(c);
+        }
+    }
+
+    /// Queues every fragment of the round's key message (after its `COMMIT`).
+    fn push_key_fragments(&mut self) {
+        let Some(r) = self.round.as_ref().filter(|r| r.commit.is_some()) else {
+            return;
+        };
+        let Some(keys) = r.keys.clone() else {
+            return;
+        };
+        let proposal = r.view.id;
+        // The datagram header, the frame header and the fragment's fields.
+        let room = self
+            .cfg
+            .member
+            .mtu
+            .saturating_sub(wire::DATAGRAM_HEADER_LEN + wire::FRAME_HEADER_LEN + 14);
+        let room = room.clamp(64, usize::from(u16::MAX));
+        let total = keys.len() as u32;
+        for (k, chunk) in keys.chunks(room).enumerate() {
+            self.push_control(Control::Keys {
+                proposal,
+                total,
+                offset: (k * room) as u32,
+                chunk: chunk.to_vec(),
+            });
         }
     }
 
@@ -1061,6 +1180,7 @@ impl GroupMember {
                 p.accepted = accepted;
                 p.leaving = flags & STATE_LEAVING != 0;
                 p.wants_send = flags & STATE_WANTS_SEND != 0;
+                p.keyed = flags & STATE_KEYED != 0;
                 self.max_seen = self.max_seen.max(view);
                 if let Some(d) = self.data.as_mut().filter(|d| d.view.id == view) {
                     if prefixes.len() == d.logs.len() && d.view.members.binary_search(&source).is_ok() {
@@ -1089,9 +1209,27 @@ impl GroupMember {
                 }
             }
             Control::Install { view } => self.on_install(&view),
-            c @ (Control::FlushState { .. } | Control::FlushDone { .. } | Control::Refuse { .. }) => {
-                self.on_coordinator_input(now, source, c)
+            Control::Keys {
+                proposal,
+                total,
+                offset,
+                chunk,
+            } => {
+                let mine = self.accepted.as_ref().is_some_and(|a| {
+                    a.view.id == proposal
+                        && a.coord == source
+                        && a.view.members.binary_search(&self.id).is_ok()
+                });
+                if let Some(k) = self.keys.as_mut().filter(|_| mine) {
+                    if k.on_fragment(proposal, total, offset, chunk) {
+                        self.check_done();
+                    }
+                }
             }
+            c @ (Control::FlushState { .. }
+            | Control::FlushDone { .. }
+            | Control::Refuse { .. }
+            | Control::KeyPackage { .. }) => self.on_coordinator_input(now, source, c),
         }
     }
 
@@ -1113,6 +1251,7 @@ impl GroupMember {
                 // A repeat: answer again with the same frozen state.
                 let state = self.flush_state(view.id);
                 self.send_to(coord, state);
+                self.send_key_package(coord, view.id);
                 return;
             }
         }
@@ -1126,7 +1265,12 @@ impl GroupMember {
         }
         if let Some(a) = self.accepted.take() {
             if a.done {
+                if let Some(p) = self.pending_install.take() {
+                    self.forget_keys(p.view.id);
+                }
                 self.pending_install = Some(a);
+            } else {
+                self.forget_keys(a.view.id);
             }
         }
         if let Some(d) = self.data.as_mut() {
@@ -1145,6 +1289,23 @@ impl GroupMember {
         let proposal = self.accepted.as_ref().expect("set").view.id;
         let state = self.flush_state(proposal);
         self.send_to(coord, state);
+        self.send_key_package(coord, proposal);
+    }
+
+    /// Secured groups: this member's key package and MLS epoch, with its answer to `proposal`.
+    fn send_key_package(&mut self, coord: u32, proposal: u32) {
+        let Some(k) = self.keys.as_mut() else {
+            return;
+        };
+        if let Some(c) = k.key_package(proposal) {
+            self.send_to(coord, c);
+        }
+    }
+
+    fn forget_keys(&mut self, proposal: u32) {
+        if let Some(k) = self.keys.as_mut() {
+            k.forget(proposal);
+        }
     }
 
     fn flush_state(&self, proposal: u32) -> Control {
@@ -1192,7 +1353,16 @@ impl GroupMember {
         if a.commit.is_none() {
             // A later view committed: whatever this member had pending was never installed by
             // any participant (the coordinator checked), so it is dropped.
-            self.pending_install = None;
+            if let Some(p) = self.pending_install.take() {
+                if let Some(k) = self.keys.as_mut() {
+                    k.forget(p.view.id);
+                }
+            }
+            if let Some(k) = self.keys.as_mut() {
+                if !primary || view.members.binary_search(&self.id).is_err() {
+                    k.nothing_to_stage(view.id);
+                }
+            }
             if primary && !self.attempts.iter().any(|x| x.id == view.id) {
                 self.attempts.push(view.clone());
             }
@@ -1263,6 +1433,10 @@ impl GroupMember {
         if a.done {
             return;
         }
+        // Secured groups: not done before this member holds the next view's keys.
+        if self.keys.as_ref().is_some_and(|k| !k.is_ready(a.view.id)) {
+            return;
+        }
         let done = match self.data.as_ref().filter(|d| d.view.id == *old_view) {
             None => true,
             Some(d) => cut.iter().all(|e| {
@@ -1310,34 +1484,77 @@ impl GroupMember {
                 if r.participants().any(|p| p == source) {
                     r.states.insert(source, c);
                 }
-                if r.participants().all(|p| r.states.contains_key(&p)) {
-                    if let Some(v) = installed_pending(r) {
-                        // Some participant finished a view that another installed: it must
-                        // install it before any further view.
-                        self.round = None;
-                        self.stats.rounds_abandoned += 1;
-                        self.control_out.push_back(Control::Install { view: v.clone() });
-                        self.on_install(&v);
-                        return;
-                    }
-                    let commit = make_commit(r, self.cfg.initial_members);
-                    r.commit = Some(commit);
-                    r.last_send = 0;
-                    self.progress_round(now);
+                self.try_commit(now);
+            }
+            Control::KeyPackage {
+                proposal,
+                epoch,
+                package,
+            } if proposal == r.view.id && r.commit.is_none() => {
+                if r.participants().any(|p| p == source) {
+                    r.packages.insert(source, (epoch, package));
                 }
+                self.try_commit(now);
             }
             Control::FlushDone { proposal } if proposal == r.view.id && r.commit.is_some() => {
                 r.done.insert(source);
                 if r.participants().all(|p| r.done.contains(&p)) {
                     let view = r.view.clone();
                     self.round = None;
-                    self.control_out
-                        .push_back(Control::Install { view: view.clone() });
+                    self.push_control(Control::Install { view: view.clone() });
                     self.on_install(&view);
                 }
             }
             _ => {}
         }
+    }
+
+    /// Commits the round once every participant answered (and, in secured groups, sent its key
+    /// package; a primary view's commit is then also the MLS commit).
+    fn try_commit(&mut self, now: Nanos) {
+        let Some(r) = self.round.as_mut() else {
+            return;
+        };
+        if r.commit.is_some() || !r.participants().all(|p| r.states.contains_key(&p)) {
+            return;
+        }
+        if let Some(v) = installed_pending(r) {
+            // Some participant finished a view that another installed: it must
+            // install it before any further view.
+            self.round = None;
+            self.stats.rounds_abandoned += 1;
+            self.push_control(Control::Install { view: v.clone() });
+            self.on_install(&v);
+            return;
+        }
+        if self.keys.is_some() && !r.participants().all(|p| r.packages.contains_key(&p)) {
+            return;
+        }
+        let commit = make_commit(r, self.cfg.initial_members);
+        if let (
+            Some(k),
+            Control::Commit {
+                view, primary: true, ..
+            },
+        ) = (self.keys.as_mut(), &commit)
+        {
+            match k.commit(self.id, view.id, &view.members, &r.packages) {
+                Ok(message) => r.keys = Some(message),
+                Err(refused) => {
+                    // A key package missing or refused: the view goes on without its member.
+                    for m in refused {
+                        self.stats.suspected_in_flush += 1;
+                        self.suspects.insert(m, now + self.cfg.fail_timeout_ns);
+                    }
+                    self.round = None;
+                    self.stats.rounds_abandoned += 1;
+                    return;
+                }
+            }
+        }
+        r.commit = Some(commit);
+        r.last_send = 0;
+        self.progress_round(now);
     }
 
     fn on_install(&mut self, view: &ViewDesc) {
@@ -1354,6 +1571,9 @@ impl GroupMember {
         };
         self.pending_install = None;
         let (primary, old_view, _) = a.commit.expect("done implies committed");
+        if let Some(k) = self.keys.as_mut() {
+            k.install(a.view.id, a.view.members.binary_search(&self.id).is_ok(), primary);
+        }
         let mine = self
             .data
             .as_ref()

@@ -36,6 +36,9 @@ pub struct Transmit {
     /// With in-place transmits on ([`Member::set_in_place_transmit`]): the datagram was not
     /// written into the buffer; it is [`Member::transmitted`] of this sequence.
     pub in_place: Option<u64>,
+    /// Secured groups: the datagram carries only membership frames and must be signed rather
+    /// than sealed ([`crate::shield::Shield::sign`]), for members without the epoch's keys.
+    pub signed: bool,
 }
 
 /// Why input was rejected; reported once per reason as an [`Event::Rejected`], counted always.
@@ -586,6 +589,7 @@ impl Member {
                 len: w.len(),
                 new_data_frames,
                 in_place: None,
+                signed: false,
             });
         }
         let s = self.sender.as_mut()?;
@@ -608,6 +612,7 @@ impl Member {
                 len,
                 new_data_frames: 1,
                 in_place,
+                signed: false,
             });
         }
         None
@@ -670,6 +675,7 @@ impl Member {
             len: w.len(),
             new_data_frames: 0,
             in_place: None,
+            signed: false,
         })
     }
 

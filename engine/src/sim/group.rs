@@ -12,9 +12,13 @@
 //! they are entitled to).
 
 use super::{addr_index, fill_payload, member_addr, member_id, Partition, TICK_NS};
+use crate::group::keys::GroupKeys;
 use crate::group::{GroupConfig, GroupEvent, GroupMember, GroupOutput, Order};
 use crate::proto::{Counter, Counters, Destination, Nanos};
+use crate::shield::{Lane, Rejection, Shield, SIGN_OVERHEAD};
+use crate::wire::DatagramWriter;
 use crate::Error;
+use intergroup_secure::{Identity, Policy, Role};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -63,6 +67,10 @@ pub struct GroupSimConfig {
     pub group: GroupConfig,
     /// The run fails if it has not converged by this virtual time.
     pub max_virtual_ns: Nanos,
+    /// Secured group: members listed in a signed policy (senders may publish, the others only
+    /// subscribe), every primary view change an MLS commit, datagrams sealed under each view's
+    /// epoch or signed. Convergence then also needs every live member in the same MLS epoch.
+    pub secure: bool,
 }
 
 impl Default for GroupSimConfig {
@@ -92,6 +100,7 @@ impl Default for GroupSimConfig {
             order: Order::Total,
             group,
             max_virtual_ns: 120_000_000_000,
+            secure: false,
         }
     }
 }
@@ -225,6 +234,19 @@ pub struct GroupSimReport {
     pub virtual_seconds: f64,
     /// Mean virtual time from publish to delivery in `order`, in microseconds.
     pub mean_latency_us: f64,
+    /// Secured runs: the MLS epoch the live members ended in.
+    pub key_epoch: Option<u64>,
+    /// Secured runs: MLS commits made, summed over members.
+    pub key_commits: u64,
+    /// Secured runs: datagrams the shields rejected, by reason, summed over members (a member
+    /// without the epoch's keys rejects what it cannot open, so joins and partitions count).
+    pub secure_rejected: Vec<(String, u64)>,
+    /// Secured runs: whether a crashed or departed member's shield failed to open the final
+    /// epoch's datagrams (forward secrecy), checked at the end; `None` if nobody left.
+    pub departed_locked_out: Option<bool>,
+    /// The key agreement held: in secured runs the live members ended in one MLS epoch and no
+    /// departed member opens it (always true in plain runs).
+    pub keys_ok: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -333,6 +355,10 @@ pub struct GroupSimulation {
     buf: Vec<u8>,
     payload: Vec<u8>,
     converged: bool,
+    /// Secured runs: each member's shield.
+    shields: Vec<Shield>,
+    /// Secured runs: a datagram sealed in the final epoch, for the forward-secrecy check.
+    last_sealed: Option<Vec<u8>>,
 }
 
 impl GroupSimulation {
@@ -361,6 +387,12 @@ impl GroupSimulation {
         }
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         let mut members = Vec::with_capacity(total);
+        let keys = if cfg.secure {
+            Some(secure_setup(cfg.seed, total, cfg.senders)?)
+        } else {
+            None
+        };
+        let mut shields = Vec::new();
         for i in 0..total {
             let mut g = cfg.group.clone();
             g.member.member_id = member_id(i);
@@ -369,7 +401,19 @@ impl GroupSimulation {
             // deployment configures it (Corosync's expected_votes): a partition at start-up
             // must not make two primaries.
             g.initial_members = g.initial_members.max(cfg.members / 2 + 1);
-            members.push(GroupMember::new(g, rng.random())?);
+            match &keys {
+                None => members.push(GroupMember::new(g, rng.random())?),
+                Some(k) => {
+                    // The signature trailer comes out of the datagram size.
+                    g.member.mtu -= SIGN_OVERHEAD;
+                    let group = g.member.group;
+                    members.push(GroupMember::new_keyed(g, rng.random(), k[i].clone())?);
+                    let shield = Shield::unkeyed(group, member_id(i))
+                        .map_err(|e| Error::Config(e.to_string()))?
+                        .with_signing(k[i].identity.clone(), k[i].roster(), 0);
+                    shields.push(shield);
+                }
+            }
         }
         let mut events = BinaryHeap::new();
         for i in 0..cfg.members {
@@ -438,6 +482,8 @@ impl GroupSimulation {
             events,
             sides,
             converged: false,
+            shields,
+            last_sealed: None,
             cfg,
         })
     }
@@ -496,10 +542,19 @@ impl GroupSimulation {
         while self.network.first_key_value().is_some_and(|(&t, _)| t <= now) {
             let (_, arrivals) = self.network.pop_first().expect("checked");
             for f in arrivals {
-                if self.life[f.to] == Life::Running {
-                    self.members[f.to].handle_datagram(now, member_addr(f.from), &f.bytes);
-                    touched.push(f.to);
+                if self.life[f.to] != Life::Running {
+                    continue;
                 }
+                if let Some(shield) = self.shields.get_mut(f.to) {
+                    let mut bytes = f.bytes.to_vec();
+                    // Rejections are counted by the shield; nothing reaches the member.
+                    if let Ok(n) = shield.open(&mut bytes) {
+                        self.members[f.to].handle_datagram(now, member_addr(f.from), &bytes[..n]);
+                    }
+                } else {
+                    self.members[f.to].handle_datagram(now, member_addr(f.from), &f.bytes);
+                }
+                touched.push(f.to);
             }
         }
         while let Some(&Reverse((t, ev))) = self.events.peek() {
@@ -566,8 +621,36 @@ impl GroupSimulation {
 
     fn flush(&mut self, i: usize) {
         let now = self.now;
-        while let Some(t) = self.members[i].poll_transmit(now, &mut self.buf) {
-            let bytes: Rc<[u8]> = Rc::from(&self.buf[..t.len]);
+        loop {
+            // A view installed: seal with its epoch from now on.
+            if let Some(shield) = self.shields.get_mut(i) {
+                while let Some(e) = self.members[i].poll_rekey() {
+                    shield.install(e);
+                }
+            }
+            let Some(t) = self.members[i].poll_transmit(now, &mut self.buf) else {
+                break;
+            };
+            let mut len = t.len;
+            if let Some(shield) = self.shields.get_mut(i) {
+                let sealed = if t.signed {
+                    shield.sign(&mut self.buf, len)
+                } else {
+                    shield.seal(&mut self.buf, len, Lane::of(&t.destination))
+                };
+                match sealed {
+                    Ok(n) => len = n,
+                    Err(e) => {
+                        self.checker
+                            .fail(format!("member {i} could not seal or sign: {e}"));
+                        continue;
+                    }
+                }
+                if !t.signed {
+                    self.last_sealed = Some(self.buf[..len].to_vec());
+                }
+            }
+            let bytes: Rc<[u8]> = Rc::from(&self.buf[..len]);
             match t.destination {
                 Destination::Group => {
                     for j in 0..self.members.len() {
@@ -817,9 +900,22 @@ impl GroupSimulation {
         let live = self.live();
         let views: Vec<String> = live
             .iter()
-            .map(|&i| match self.members[i].view() {
-                Some(v) => format!("{i}:v{}{}", v.id, if v.primary { "" } else { "np" }),
-                None => format!("{i}:none"),
+            .map(|&i| {
+                let view = match self.members[i].view() {
+                    Some(v) => format!("{i}:v{}{}", v.id, if v.primary { "" } else { "np" }),
+                    None => format!("{i}:none"),
+                };
+                match (self.members[i].key_state(), self.members[i].key_stats()) {
+                    (Some((keyed, epoch)), Some(k)) => format!(
+                        "{view}/{}e{}c{}x{}f{}",
+                        if keyed { "k" } else { "u" },
+                        epoch.map_or("-".to_string(), |e| e.to_string()),
+                        k.commits_made,
+                        k.key_errors,
+                        k.commit_failures
+                    ),
+                    _ => view,
+                }
             })
             .collect();
         format!(
@@ -847,6 +943,20 @@ impl GroupSimulation {
             }
             if i < self.cfg.senders && self.published[i] < self.cfg.messages {
                 return false;
+            }
+        }
+        // Secured: every live member holds the final view's keys, in one MLS epoch.
+        if !self.shields.is_empty() {
+            let first = self.members[live[0]].key_state();
+            if !matches!(first, Some((true, Some(_)))) {
+                return false;
+            }
+            for &i in &live {
+                if self.members[i].key_state() != first
+                    || self.shields[i].epoch() != self.shields[live[0]].epoch()
+                {
+                    return false;
+                }
             }
         }
         // Every live sender's messages of the final view reached every live member in every order.
@@ -969,7 +1079,32 @@ impl GroupSimulation {
             .iter()
             .map(|l| l[oi].iter().filter(|e| matches!(e, Entry::Msg { .. })).count() as u64)
             .sum();
+        let live = self.live();
+        let departed_locked_out = self.departed_locked_out(&live);
         let (primary, non_primary): (Vec<_>, Vec<_>) = self.checker.views.values().partition(|v| v.2);
+        let key_epoch = live
+            .first()
+            .and_then(|&i| self.members[i].key_state())
+            .and_then(|(_, e)| e);
+        let key_commits = self
+            .members
+            .iter()
+            .filter_map(|m| m.key_stats())
+            .map(|k| k.commits_made)
+            .sum();
+        let secure_rejected = if self.shields.is_empty() {
+            Vec::new()
+        } else {
+            Rejection::ALL
+                .iter()
+                .map(|&r| {
+                    (
+                        r.label().to_string(),
+                        self.shields.iter().map(|s| s.stats().rejected(r)).sum(),
+                    )
+                })
+                .collect()
+        };
         GroupSimReport {
             seed: self.cfg.seed,
             members: self.cfg.members,
@@ -999,8 +1134,73 @@ impl GroupSimulation {
             } else {
                 self.checker.latency_sum / self.checker.latency_n as f64 / 1e3
             },
+            keys_ok: !self.cfg.secure || (key_epoch.is_some() && departed_locked_out != Some(false)),
+            key_epoch,
+            key_commits,
+            secure_rejected,
+            departed_locked_out,
         }
     }
+
+    /// Secured runs: a datagram sealed by a live member in the final epoch opens at the other
+    /// live members and at none of the crashed or departed ones.
+    fn departed_locked_out(&mut self, live: &[usize]) -> Option<bool> {
+        let &sealer = live.first()?;
+        let gone: Vec<usize> = (0..self.members.len())
+            .filter(|&j| matches!(self.life[j], Life::Crashed | Life::Left) || self.members[j].has_left())
+            .collect();
+        if self.shields.is_empty() || gone.is_empty() {
+            return None;
+        }
+        let mut buf = vec![0u8; 256];
+        let len = DatagramWriter::new(&mut buf, self.cfg.group.member.group, member_id(sealer))?.len();
+        let n = self.shields[sealer].seal(&mut buf, len, Lane::Group).ok()?;
+        let sealed = buf[..n].to_vec();
+        let opens = |shield: &mut Shield| shield.open(&mut sealed.clone()).is_ok();
+        if live[1..].iter().any(|&i| !opens(&mut self.shields[i])) {
+            self.checker
+                .fail("a live member cannot open the final epoch's datagrams".to_string());
+            return Some(false);
+        }
+        Some(gone.iter().all(|&j| !opens(&mut self.shields[j])))
+    }
+}
+
+/// The identities and signed policy of a secured run: member `i`'s key comes from the seed and
+/// `i`, and its member id is the simulator's (`member_id(i)`); senders may publish, the rest
+/// only subscribe.
+fn secure_setup(seed: u64, total: usize, senders: usize) -> Result<Vec<GroupKeys>, Error> {
+    let identity = |i: u64| {
+        let mut b = [0u8; 32];
+        b[..8].copy_from_slice(&seed.to_le_bytes());
+        b[8..16].copy_from_slice(&i.to_le_bytes());
+        b[16] = 0x5e;
+        Identity::from_seed(&b)
+    };
+    let bad = |e: intergroup_secure::PolicyError| Error::Config(e.to_string());
+    let admin = identity(u64::MAX);
+    let mut policy = Policy::new("sim", vec![admin.public()], 0, u64::MAX).map_err(bad)?;
+    let ids: BTreeMap<_, _> = (0..total)
+        .map(|i| (identity(i as u64).public(), member_id(i)))
+        .collect();
+    for i in 0..total {
+        let roles = if i < senders {
+            vec![Role::Publish, Role::Subscribe]
+        } else {
+            vec![Role::Subscribe]
+        };
+        policy
+            .add_member(&format!("m{i}"), identity(i as u64).public(), roles)
+            .map_err(bad)?;
+    }
+    policy.sign(&admin).map_err(bad)?;
+    Ok((0..total)
+        .map(|i| GroupKeys {
+            identity: identity(i as u64),
+            policy: policy.clone(),
+            ids: ids.clone(),
+        })
+        .collect())
 }
 
 /// Runs one group simulation.
@@ -1080,22 +1280,25 @@ mod tests {
     }
 
     #[test]
-    fn a_partition_heals_into_one_primary_view() {
-        let r = check(GroupSimConfig {
-            members: 7,
-            senders: 3,
-            partitions: vec![Partition {
-                start_ns: 700_000_000,
-                end_ns: 3_000_000_000,
-                side: vec![0, 4, 5],
-            }],
-            ..Default::default()
-        });
-        assert!(
-            r.non_primary_views >= 1,
-            "the minority must report non-primary: {r:?}"
-        );
-        assert!(r.views_installed >= 3, "{r:?}");
+    fn a_partition_heals_into_one_primary_view_plain_and_secured() {
+        for secure in [false, true] {
+            let cfg = GroupSimConfig {
+                members: 7,
+                senders: 3,
+                partitions: vec![Partition {
+                    start_ns: 700_000_000,
+                    end_ns: 3_000_000_000,
+                    side: vec![0, 4, 5],
+                }],
+                ..Default::default()
+            };
+            let r = if secure { check_secure(cfg) } else { check(cfg) };
+            assert!(
+                r.non_primary_views >= 1,
+                "the minority must report non-primary: {r:?}"
+            );
+            assert!(r.views_installed >= 3, "{r:?}");
+        }
     }
 
     #[test]
@@ -1119,6 +1322,53 @@ mod tests {
             ..Default::default()
         });
         assert!(r.non_primary_views >= 3, "{r:?}");
+    }
+
+    /// A secured run that must hold everything a plain one does, end with every live member
+    /// in one MLS epoch, and lock out every member that crashed or left.
+    fn check_secure(cfg: GroupSimConfig) -> GroupSimReport {
+        let r = check(GroupSimConfig { secure: true, ..cfg });
+        assert!(r.key_epoch.is_some(), "seed {}: no MLS epoch: {r:?}", r.seed);
+        assert!(
+            r.key_commits >= r.views_installed,
+            "seed {}: a primary view without a commit: {r:?}",
+            r.seed
+        );
+        assert_ne!(
+            r.departed_locked_out,
+            Some(false),
+            "seed {}: a departed member opens the final epoch",
+            r.seed
+        );
+        r
+    }
+
+    #[test]
+    fn a_secured_group_forms_with_one_commit_and_delivers_everything() {
+        let r = check_secure(GroupSimConfig::default());
+        assert_eq!(r.views_installed, 1, "{r:?}");
+        assert_eq!(r.key_commits, 1, "{r:?}");
+        assert_eq!(r.key_epoch, Some(1), "{r:?}");
+        assert_eq!(r.delivered_messages, 400 * 5);
+        // Only datagrams of the new epoch that overtook the view's INSTALL are turned away
+        // (and repaired): nothing forged, replayed or out of role.
+        for (reason, n) in &r.secure_rejected {
+            assert!(reason == "unknown_epoch" || *n == 0, "{r:?}");
+        }
+    }
+
+    #[test]
+    fn a_secured_group_rekeys_at_crashes_joins_and_leaves_and_locks_out_who_went() {
+        let r = check_secure(GroupSimConfig {
+            crashes: vec![(1, 800_000_000)],
+            joins: vec![600_000_000, 2_500_000_000],
+            leaves: vec![(3, 1_650_000_000)],
+            loss: 0.05,
+            ..Default::default()
+        });
+        assert!(r.views_installed >= 3, "{r:?}");
+        assert_eq!(r.departed_locked_out, Some(true), "{r:?}");
+        assert!(r.key_epoch.unwrap_or(0) >= 3, "{r:?}");
     }
 
     #[test]
@@ -1156,10 +1406,12 @@ mod tests {
     /// CI's sweep: 500 seeds of mixed scenarios (crashes, partitions, joins, leaves, one-way
     /// and single-link cuts; 0% and 10% loss). A failing seed is printed; `intergroup sim` with
     /// the printed flags replays it.
-    #[test]
-    fn mixed_scenarios_over_500_seeds() {
+    /// Runs the mixed scenarios of `seeds` (a seed-derived mix of crashes, partitions, joins,
+    /// leaves, one-way and single-link cuts, loss and orders); returns the failures, each with
+    /// the command that replays it.
+    fn mixed(seeds: impl Iterator<Item = u64>, secure: bool) -> Vec<String> {
         let mut failed = Vec::new();
-        for seed in 1..=500u64 {
+        for seed in seeds {
             let k = seed % 7;
             let loss = if seed % 2 == 0 { 0.1 } else { 0.0 };
             let (crash, partition, join, leave, one_way, link_cut) = match k {
@@ -1183,6 +1435,7 @@ mod tests {
                 loss,
                 seed,
                 order,
+                secure,
                 max_virtual_ns: 60_000_000_000,
                 ..Default::default()
             }
@@ -1190,17 +1443,42 @@ mod tests {
             .one_way_cuts(one_way)
             .link_cuts(link_cut);
             let r = run(cfg).expect("valid");
-            if !(r.delivered_ok && r.virtual_synchrony_ok) {
+            if !(r.delivered_ok && r.virtual_synchrony_ok && r.keys_ok) {
                 failed.push(format!(
-                    "seed {seed}: {:?} (replay: intergroup sim --members 7 --senders 3 --messages {messages} --loss {loss} --order {} --crash {crash} --partition {partition} --join {join} --leave {leave} --one-way {one_way} --link-cut {link_cut} --max-virtual-seconds 60 --seed {seed})",
+                    "seed {seed}: {:?}, key epoch {:?}, departed locked out {:?} (replay: intergroup sim{} --members 7 --senders 3 --messages {messages} --loss {loss} --order {} --crash {crash} --partition {partition} --join {join} --leave {leave} --one-way {one_way} --link-cut {link_cut} --max-virtual-seconds 60 --seed {seed})",
                     r.failure,
+                    r.key_epoch,
+                    r.departed_locked_out,
+                    if secure { " --secure" } else { "" },
                     order.name()
                 ));
             }
         }
+        failed
+    }
+
+    #[test]
+    fn mixed_scenarios_over_500_seeds() {
+        let failed = mixed(1..=500, false);
         assert!(
             failed.is_empty(),
             "{} of 500 seeds failed:\n{}",
+            failed.len(),
+            failed.join("\n")
+        );
+    }
+
+    /// Secured: every primary view change is an MLS commit. `IGSIM_SECURE_SEEDS` runs more.
+    #[test]
+    fn secured_mixed_scenarios_over_120_seeds() {
+        let seeds: u64 = std::env::var("IGSIM_SECURE_SEEDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(120);
+        let failed = mixed(1..=seeds, true);
+        assert!(
+            failed.is_empty(),
+            "{} of {seeds} seeds failed:\n{}",
             failed.len(),
             failed.join("\n")
         );

@@ -1,0 +1,447 @@
+//! Key agreement of a secured group with membership: every primary view change is exactly one
+//! MLS commit, made by the view's coordinator and carried by the view change itself.
+//!
+//! The view change is the one point every member's delivery stream shares (virtual synchrony:
+//! the members that go from one view to the next deliver the same messages before it), so a
+//! commit made there is taken by every member at the same place in the group's order, with no
+//! competing commit: only the coordinator of a primary view commits. In steps:
+//!
+//! 1. Each participant answers a proposal with its state and a [`Control::KeyPackage`]: its
+//!    MLS key package and the MLS epoch it is in (if any).
+//! 2. Once every participant answered, the coordinator of a primary view commits: removals for
+//!    the members of its MLS group that are not in the view (crashed, left, partitioned away),
+//!    additions for the view's members outside its group or in another epoch (from their key
+//!    packages), and a fresh path of its own. The commit and the Welcome go out as one key
+//!    message, in [`Control::Keys`] fragments, beside the view change's `COMMIT`.
+//! 3. A participant of the new view stages the commit (a member of the coordinator's epoch) or
+//!    the Welcome (anyone else) and only then reports its flush done: the coordinator installs
+//!    the view only when every participant holds its keys.
+//! 4. Installing the view applies the staged commit or Welcome and hands the new epoch to the
+//!    data plane ([`GroupMember::poll_rekey`](super::GroupMember::poll_rekey)); a view change
+//!    that is abandoned applies nothing. Non-primary views change no keys.
+//!
+//! Members without the epoch (joiners, members back from a non-primary component) cannot
+//! read sealed datagrams, so membership frames travel in signed datagrams
+//! ([`crate::shield::Shield::sign`]) except the frequent acknowledging `STATE`s of keyed members.
+
+use super::control::Control;
+use crate::shield::ShieldEpoch;
+use intergroup_secure::mls::{MlsError, MlsMember, Staged};
+use intergroup_secure::{Identity, Policy, PublicKey, Role};
+use std::collections::{BTreeMap, VecDeque};
+
+/// "No MLS epoch" in a [`Control::KeyPackage`].
+pub const NO_EPOCH: u64 = u64::MAX;
+
+/// What a member of a secured group with membership needs for key agreement.
+#[derive(Debug, Clone)]
+pub struct GroupKeys {
+    /// The member's identity.
+    pub identity: Identity,
+    /// The group's signed policy: only the members it lists are added, in their roles.
+    pub policy: Policy,
+    /// Member ids assigned to keys; a key not listed has [`PublicKey::member_id`] (the
+    /// default everywhere). Every member of a group must use the same assignment.
+    pub ids: BTreeMap<PublicKey, u32>,
+}
+
+impl GroupKeys {
+    /// Keys with the default member ids.
+    pub fn new(identity: Identity, policy: Policy) -> Self {
+        Self {
+            identity,
+            policy,
+            ids: BTreeMap::new(),
+        }
+    }
+
+    /// The member id of `key`.
+    pub fn id_of(&self, key: &PublicKey) -> u32 {
+        self.ids.get(key).copied().unwrap_or_else(|| key.member_id())
+    }
+
+    /// The policy's members as (member id, key), for the shield's signed path.
+    pub fn roster(&self) -> Vec<(u32, PublicKey)> {
+        self.policy
+            .members
+            .iter()
+            .map(|m| (self.id_of(&m.key), m.key))
+            .collect()
+    }
+}
+
+/// Counters of the key agreement.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct KeyStats {
+    /// MLS commits made as coordinator.
+    pub commits_made: u64,
+    /// Epochs installed (each a view change, or the Welcome of a join).
+    pub epochs_installed: u64,
+    /// Of those, by a Welcome.
+    pub welcomes_applied: u64,
+    /// Key messages that could not be used (malformed, another epoch, refused by the policy).
+    pub key_errors: u64,
+    /// View changes given up because a key package or commit failed.
+    pub commit_failures: u64,
+}
+
+/// What installing a finished proposal applies.
+#[derive(Debug)]
+enum Ready {
+    /// This member's own commit (it coordinated).
+    Own,
+    /// A staged commit or Welcome.
+    Apply(Box<Staged>),
+    /// Nothing: the view does not include this member, or is not primary.
+    Nothing,
+}
+
+/// A key message being reassembled.
+#[derive(Debug)]
+struct Incoming {
+    proposal: u32,
+    total: u32,
+    chunks: BTreeMap<u32, Vec<u8>>,
+}
+
+impl Incoming {
+    fn complete(&self) -> Option<Vec<u8>> {
+        let mut end = 0u32;
+        for (&off, c) in &self.chunks {
+            if off > end {
+                return None;
+            }
+            end = end.max(off + c.len() as u32);
+        }
+        if end != self.total {
+            return None;
+        }
+        let mut out = vec![0u8; self.total as usize];
+        for (&off, c) in &self.chunks {
+            out[off as usize..off as usize + c.len()].copy_from_slice(c);
+        }
+        Some(out)
+    }
+}
+
+/// The coordinator's key message: the MLS epoch it commits from, the commit, the Welcome.
+pub(crate) struct KeyMessage {
+    pub(crate) from_epoch: u64,
+    pub(crate) commit: Vec<u8>,
+    pub(crate) welcome: Vec<u8>,
+}
+
+impl KeyMessage {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 + self.commit.len() + self.welcome.len());
+        out.extend_from_slice(&self.from_epoch.to_le_bytes());
+        for part in [&self.commit, &self.welcome] {
+            out.extend_from_slice(&(part.len() as u32).to_le_bytes());
+            out.extend_from_slice(part);
+        }
+        out
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Option<Self> {
+        let from_epoch = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+        let mut rest = &bytes[8..];
+        let mut part = || -> Option<Vec<u8>> {
+            let n = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+            let p = rest.get(4..4 + n)?.to_vec();
+            rest = &rest[4 + n..];
+            Some(p)
+        };
+        let commit = part()?;
+        let welcome = part()?;
+        rest.is_empty().then_some(Self {
+            from_epoch,
+            commit,
+            welcome,
+        })
+    }
+}
+
+/// One member's key agreement state.
+pub(crate) struct Keying {
+    mls: MlsMember,
+    policy: Policy,
+    ids: BTreeMap<PublicKey, u32>,
+    group: u32,
+    /// This member's key package, reused until a Welcome consumes it.
+    package: Option<Vec<u8>>,
+    incoming: Option<Incoming>,
+    /// Per proposal this member holds the keys of.
+    ready: BTreeMap<u32, Ready>,
+    /// The installed view is primary and this member holds its epoch.
+    keyed: bool,
+    rekeys: VecDeque<ShieldEpoch>,
+    pub(crate) stats: KeyStats,
+}
+
+impl std::fmt::Debug for Keying {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keying")
+            .field("mls", &self.mls)
+            .field("keyed", &self.keyed)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Keying {
+    pub(crate) fn new(keys: GroupKeys, group: u32) -> Self {
+        Self {
+            mls: MlsMember::new(keys.identity),
+            policy: keys.policy,
+            ids: keys.ids,
+            group,
+            package: None,
+            incoming: None,
+            ready: BTreeMap::new(),
+            keyed: false,
+            rekeys: VecDeque::new(),
+            stats: KeyStats::default(),
+        }
+    }
+
+    fn id_of(&self, key: &PublicKey) -> u32 {
+        self.ids.get(key).copied().unwrap_or_else(|| key.member_id())
+    }
+
+    fn group_id(&self) -> Vec<u8> {
+        let mut id = b"intergroup group ".to_vec();
+        id.extend_from_slice(&self.group.to_be_bytes());
+        id
+    }
+
+    /// Whether this member holds the keys of its installed primary view.
+    pub(crate) fn keyed(&self) -> bool {
+        self.keyed
+    }
+
+    /// The MLS epoch this member is in.
+    pub(crate) fn mls_epoch(&self) -> Option<u64> {
+        self.mls.epoch()
+    }
+
+    pub(crate) fn poll_rekey(&mut self) -> Option<ShieldEpoch> {
+        self.rekeys.pop_front()
+    }
+
+    /// The answer that goes with this member's `FLUSH_STATE` to `proposal`.
+    pub(crate) fn key_package(&mut self, proposal: u32) -> Option<Control> {
+        if self.package.is_none() {
+            match self.mls.key_package() {
+                Ok(p) => self.package = Some(p),
+                Err(_) => {
+                    self.stats.key_errors += 1;
+                    return None;
+                }
+            }
+        }
+        Some(Control::KeyPackage {
+            proposal,
+            epoch: self.mls.epoch().unwrap_or(NO_EPOCH),
+            package: self.package.clone()?,
+        })
+    }
+
+    /// As coordinator of a primary view with `members` (and this member among them), makes
+    /// the one commit of the view change; `packages` are the participants' answers. Returns
+    /// the key message, or the members whose key package was missing or refused.
+    pub(crate) fn commit(
+        &mut self,
+        me: u32,
+        proposal: u32,
+        members: &[u32],
+        packages: &BTreeMap<u32, (u64, Vec<u8>)>,
+    ) -> Result<Vec<u8>, Vec<u32>> {
+        // One pending commit at a time: an earlier one (an abandoned round's) is void.
+        let _ = self.mls.discard_pending();
+        self.ready
+            .retain(|&p, r| p != proposal && !matches!(r, Ready::Own));
+        if self.mls.epoch().is_none() {
+            // A new group: this coordinator founds the MLS group and adds everyone else.
+            if self.mls.create_group(&self.group_id()).is_err() {
+                self.stats.commit_failures += 1;
+                return Err(Vec::new());
+            }
+        }
+        let epoch = self.mls.epoch().unwrap_or(NO_EPOCH);
+        let in_group: BTreeMap<u32, PublicKey> = self
+            .mls
+            .members()
+            .into_iter()
+            .map(|k| (self.id_of(&k), k))
+            .collect();
+        let mut remove: Vec<PublicKey> = in_group
+            .iter()
+            .filter(|(id, _)| members.binary_search(id).is_err())
+            .map(|(_, k)| *k)
+            .collect();
+        let mut add = Vec::new();
+        let mut missing = Vec::new();
+        for &m in members.iter().filter(|&&m| m != me) {
+            let current = in_group.contains_key(&m);
+            match packages.get(&m) {
+                Some((e, _)) if current && *e == epoch => {}
+                Some((_, package)) => {
+                    // Outside the group, or in another epoch of it: a fresh leaf.
+                    if let Some(k) = in_group.get(&m) {
+                        remove.push(*k);
+                    }
+                    add.push((m, package.clone()));
+                }
+                None if current => {}
+                None => missing.push(m),
+            }
+        }
+        if !missing.is_empty() {
+            return Err(missing);
+        }
+        let packages: Vec<Vec<u8>> = add.iter().map(|(_, p)| p.clone()).collect();
+        match self.mls.commit(&packages, &remove, &self.policy) {
+            Ok(c) => {
+                self.stats.commits_made += 1;
+                self.ready.insert(proposal, Ready::Own);
+                Ok(KeyMessage {
+                    from_epoch: epoch,
+                    commit: c.commit,
+                    welcome: c.welcome.unwrap_or_default(),
+                }
+                .encode())
+            }
+            Err(_) => {
+                self.stats.commit_failures += 1;
+                Err(add.into_iter().map(|(m, _)| m).collect())
+            }
+        }
+    }
+
+    /// A proposal this member need not stage keys for (it is not in the next view, or the
+    /// view is not primary).
+    pub(crate) fn nothing_to_stage(&mut self, proposal: u32) {
+        self.ready.entry(proposal).or_insert(Ready::Nothing);
+    }
+
+    /// Whether this member holds what installing `proposal` needs.
+    pub(crate) fn is_ready(&self, proposal: u32) -> bool {
+        self.ready.contains_key(&proposal)
+    }
+
+    /// Takes one fragment of `proposal`'s key message; returns true when the message is
+    /// complete and staged (the keys are ready).
+    pub(crate) fn on_fragment(&mut self, proposal: u32, total: u32, offset: u32, chunk: Vec<u8>) -> bool {
+        if self.ready.contains_key(&proposal) {
+            return false;
+        }
+        let inc = match &mut self.incoming {
+            Some(i) if i.proposal == proposal && i.total == total => i,
+            _ => self.incoming.insert(Incoming {
+                proposal,
+                total,
+                chunks: BTreeMap::new(),
+            }),
+        };
+        inc.chunks.entry(offset).or_insert(chunk);
+        let Some(bytes) = inc.complete() else {
+            return false;
+        };
+        self.incoming = None;
+        match self.stage(&bytes) {
+            Ok(staged) => {
+                self.ready.insert(proposal, Ready::Apply(Box::new(staged)));
+                true
+            }
+            Err(_) => {
+                self.stats.key_errors += 1;
+                false
+            }
+        }
+    }
+
+    fn stage(&mut self, bytes: &[u8]) -> Result<Staged, MlsError> {
+        let msg = KeyMessage::decode(bytes).ok_or_else(|| MlsError::Malformed("key message".into()))?;
+        if self.mls.epoch() == Some(msg.from_epoch) && !msg.commit.is_empty() {
+            match self.mls.stage(&msg.commit, &self.policy) {
+                Ok(s) if !s.removes_self() => return Ok(s),
+                // Removed and added again (a fresh leaf): the Welcome is ours.
+                Ok(_) | Err(_) => {}
+            }
+        }
+        if msg.welcome.is_empty() {
+            return Err(MlsError::Malformed("no welcome for this member".into()));
+        }
+        // Opening a Welcome uses the key package's private keys up (openmls deletes them),
+        // whether or not its view is installed: the next proposal gets a fresh package.
+        self.package = None;
+        self.mls.stage_welcome(&msg.welcome, &self.policy)
+    }
+
+    /// The view of `proposal` is installed: apply its keys. `in_view`: this member is in it;
+    /// `primary`: it is primary.
+    pub(crate) fn install(&mut self, proposal: u32, in_view: bool, primary: bool) {
+        let ready = self.ready.remove(&proposal);
+        self.ready.clear();
+        self.incoming = None;
+        if !primary {
+            self.keyed = false;
+            return;
+        }
+        if !in_view {
+            self.mls.drop_group();
+            self.keyed = false;
+            return;
+        }
+        let result = match ready {
+            Some(Ready::Own) => self.mls.merge_pending().map(|_| ()),
+            Some(Ready::Apply(s)) => {
+                let welcome = s.is_welcome();
+                let r = self.mls.apply(*s).map(|_| ());
+                if welcome && r.is_ok() {
+                    // Its key package is used up.
+                    self.package = None;
+                    self.stats.welcomes_applied += 1;
+                }
+                r
+            }
+            Some(Ready::Nothing) | None => Err(MlsError::NoGroup),
+        };
+        let Ok(_) = result else {
+            self.stats.key_errors += 1;
+            self.keyed = false;
+            return;
+        };
+        let epoch = self.mls.epoch().and_then(|e| u32::try_from(e).ok());
+        let secret = self.mls.epoch_secret(&self.group.to_be_bytes());
+        let members: Vec<(u32, bool)> = self
+            .mls
+            .members()
+            .iter()
+            .map(|k| (self.id_of(k), self.policy.allows(k, Role::Publish)))
+            .collect();
+        match (epoch, secret) {
+            (Some(epoch), Ok(secret)) => {
+                let e = ShieldEpoch {
+                    epoch,
+                    secret,
+                    members,
+                };
+                self.keyed = true;
+                self.stats.epochs_installed += 1;
+                self.rekeys.push_back(e);
+            }
+            _ => {
+                self.stats.key_errors += 1;
+                self.keyed = false;
+            }
+        }
+    }
+
+    /// A proposal this member accepted was superseded without being installed.
+    pub(crate) fn forget(&mut self, proposal: u32) {
+        if let Some(Ready::Own) = self.ready.remove(&proposal) {
+            let _ = self.mls.discard_pending();
+        }
+    }
+}
