@@ -507,3 +507,132 @@ fn mls_epochs_key_the_data_plane_and_removal_and_joining_hold_over_real_sockets(
         heard.load(Ordering::Relaxed) > 0
     });
 }
+
+/// The membership protocol keys real engines by MLS: three engines form a group (one commit
+/// founds the MLS group and adds the others), deliver in total order under the first view's
+/// epoch; one engine stops and the survivors' next view is a new epoch without it; a fourth
+/// joins by a Welcome in the view change and hears only what follows its join.
+#[test]
+fn membership_keys_the_group_by_mls_over_real_sockets() {
+    use intergroup_engine::group::keys::GroupKeys;
+    use intergroup_engine::group::{GroupConfig as MembershipConfig, Order};
+    use intergroup_secure::{Identity, Policy, Role};
+    let port = port();
+    let idents: Vec<Identity> = (1..=4u8).map(|n| Identity::from_seed(&[n + 40; 32])).collect();
+    let admin = Identity::from_seed(&[98; 32]);
+    let mut policy = Policy::new("g", vec![admin.public()], 0, u64::MAX).unwrap();
+    for (n, id) in idents.iter().enumerate() {
+        let roles = vec![Role::Publish, Role::Subscribe];
+        policy.add_member(&format!("m{n}"), id.public(), roles).unwrap();
+    }
+    policy.sign(&admin).unwrap();
+    let ids: Vec<u32> = idents.iter().map(|i| i.public().member_id()).collect();
+    let views = std::sync::Arc::new(std::sync::Mutex::new(
+        std::collections::BTreeMap::<u32, u32>::new(),
+    ));
+    let (tx, rx) = mpsc::channel::<(u32, u32, u64)>();
+    let start = |n: usize| -> Engine {
+        let e = engine(BackendKind::Auto);
+        let mut g = group(ids[n], port, None, 0.0, n as u64 + 1);
+        g.membership = Some(MembershipConfig {
+            initial_members: 2,
+            ..MembershipConfig::default()
+        });
+        g.keys = Some(GroupKeys::new(idents[n].clone(), policy.clone()));
+        e.join(g).unwrap();
+        let (tx, views, me) = (tx.clone(), views.clone(), ids[n]);
+        e.subscribe_ordered(GROUP, Order::Total, move |out: Output<'_>| match out {
+            Output::Message(m) => {
+                let i = u64::from_le_bytes(m.payload[..8].try_into().unwrap());
+                let _ = tx.send((me, m.sender, i));
+            }
+            Output::Event(Event::View { members, .. }) => {
+                views.lock().unwrap().insert(me, members);
+            }
+            Output::Event(_) => {}
+        })
+        .unwrap();
+        e
+    };
+    let members_seen = |who: &[usize], n: u32| {
+        let v = views.lock().unwrap();
+        who.iter().all(|&k| v.get(&ids[k]) == Some(&n))
+    };
+    let keyed_epoch = |e: &Engine| {
+        let s = e.stats(GROUP).unwrap();
+        (s.secure.expect("shield").epoch, s.keys.expect("keyed"))
+    };
+    let mut engines: Vec<Option<Engine>> = (0..3).map(|n| Some(start(n))).collect();
+    eventually("a view of three", || members_seen(&[0, 1, 2], 3));
+    let first = keyed_epoch(engines[0].as_ref().unwrap()).0;
+    assert!(first >= 1);
+    for e in engines.iter().flatten() {
+        assert_eq!(keyed_epoch(e).0, first, "one epoch at every member");
+    }
+    let drain = |from: u32, range: std::ops::Range<u64>, at: &[u32]| {
+        let mut want: std::collections::BTreeSet<(u32, u64)> = at
+            .iter()
+            .flat_map(|&m| range.clone().map(move |i| (m, i)))
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut extra = Vec::new();
+        while !want.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (me, sender, i) = rx.recv_timeout(left).expect("every message delivered");
+            assert_eq!(sender, from);
+            if !want.remove(&(me, i)) {
+                extra.push((me, i));
+            }
+        }
+        extra
+    };
+    let send = |e: &Engine, range: std::ops::Range<u64>| {
+        let mut p = e.publication(GROUP, 1).unwrap();
+        send_range(&mut p, range);
+    };
+    send(engines[0].as_ref().unwrap(), 0..300);
+    drain(ids[0], 0..300, &[ids[0], ids[1], ids[2]]);
+
+    // The third engine stops: the survivors' next view is a new epoch without it.
+    engines[2].take().unwrap().close();
+    eventually("a view of two", || members_seen(&[0, 1], 2));
+    eventually("the survivors' next epoch", || {
+        let (a, b) = (
+            keyed_epoch(engines[0].as_ref().unwrap()),
+            keyed_epoch(engines[1].as_ref().unwrap()),
+        );
+        a.0 > first && a.0 == b.0
+    });
+    let second = keyed_epoch(engines[0].as_ref().unwrap()).0;
+
+    // A fourth joins: a Welcome in the view change gives it the next epoch, and only that.
+    engines.push(Some(start(3)));
+    eventually("a view of three with the joiner", || members_seen(&[0, 1, 3], 3));
+    eventually("the joiner's epoch", || {
+        let e = keyed_epoch(engines[3].as_ref().unwrap()).0;
+        e > second && e == keyed_epoch(engines[0].as_ref().unwrap()).0
+    });
+    let (_, joiner_keys) = keyed_epoch(engines[3].as_ref().unwrap());
+    assert_eq!(joiner_keys.welcomes_applied, 1, "{joiner_keys:?}");
+    send(engines[0].as_ref().unwrap(), 300..600);
+    let extra = drain(ids[0], 300..600, &[ids[0], ids[1], ids[3]]);
+    assert!(
+        extra.iter().all(|&(me, i)| me != ids[3] || i >= 300),
+        "the joiner got a message from before its join: {extra:?}"
+    );
+    for e in engines.iter().flatten() {
+        let s = secure_stats(e);
+        for r in [
+            Rejection::BadTag,
+            Rejection::Replay,
+            Rejection::WrongRole,
+            Rejection::Malformed,
+        ] {
+            assert_eq!(s.rejected(r), 0, "{r:?}: {s:?}");
+        }
+        assert!(s.signed > 0 && s.verified > 0, "{s:?}");
+    }
+    // Three views at least (of three, of two, of three with the joiner), each its own epoch.
+    let keys = keyed_epoch(engines[0].as_ref().unwrap()).1;
+    assert!(keys.epochs_installed >= 3 && keys.key_errors == 0, "{keys:?}");
+}

@@ -123,6 +123,11 @@ pub struct GroupConfig {
     /// this epoch ([`crate::shield`]); `None` sends in the clear. Datagrams then carry
     /// [`crate::shield::SEAL_OVERHEAD`] more bytes within `member.mtu`.
     pub secure: Option<crate::shield::ShieldEpoch>,
+    /// A secured group with membership keyed by MLS ([`crate::group::keys`]): every primary
+    /// view change is an MLS commit and the data plane moves to each view's epoch. Needs
+    /// `membership` and no `secure` (the epochs come from MLS). Datagrams carry up to
+    /// [`crate::shield::SIGN_OVERHEAD`] more bytes within `member.mtu`.
+    pub keys: Option<crate::group::keys::GroupKeys>,
 }
 
 impl GroupConfig {
@@ -136,6 +141,7 @@ impl GroupConfig {
             loss_seed: 1,
             membership: None,
             secure: None,
+            keys: None,
         }
     }
 }
@@ -178,6 +184,8 @@ pub struct GroupStats {
     pub sunk: u64,
     /// The Secure Group Layer's counters (sealed, opened, rejected by reason), when secured.
     pub secure: Option<crate::shield::ShieldStats>,
+    /// MLS-keyed groups: the key agreement's counters.
+    pub keys: Option<crate::group::keys::KeyStats>,
 }
 
 impl GroupStats {

@@ -36,6 +36,14 @@ impl Proto {
         }
     }
 
+    /// MLS-keyed groups: the next epoch the data plane moves to (a view was installed).
+    pub(crate) fn poll_rekey(&mut self) -> Option<crate::shield::ShieldEpoch> {
+        match self {
+            Proto::Plain(_) => None,
+            Proto::Group(g) => g.poll_rekey(),
+        }
+    }
+
     pub(crate) fn has_membership(&self) -> bool {
         matches!(self, Proto::Group(_))
     }

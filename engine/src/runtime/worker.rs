@@ -8,7 +8,7 @@ use super::sys::{self, EventFd};
 use super::{EngineError, GroupConfig, GroupInfo, GroupStats, Handler};
 use crate::group::{GroupMember, Order};
 use crate::proto::{Destination, Member, Nanos, Output};
-use crate::shield::{Lane, Shield, ShieldEpoch, SEAL_OVERHEAD};
+use crate::shield::{Lane, Shield, ShieldEpoch, SEAL_OVERHEAD, SIGN_OVERHEAD};
 use crate::transport::{open_sockets, ReceiveLoss, TransportStats};
 use crate::wire;
 use crossbeam_channel::{Receiver, Sender};
@@ -249,6 +249,8 @@ struct Group {
     touched: bool,
     /// Seals and opens every datagram of a secured group.
     shield: Option<Shield>,
+    /// Bytes the shield adds to a datagram at most (0 unsecured).
+    trailer: usize,
 }
 
 /// The worker's state.
@@ -519,6 +521,10 @@ impl Worker {
                             pushed_back: self.pushed_back,
                             sunk: g.sunk,
                             secure: g.shield.as_ref().map(|s| s.stats().clone()),
+                            keys: match &g.proto {
+                                Proto::Group(m) => m.key_stats().cloned(),
+                                Proto::Plain(_) => None,
+                            },
                         })
                     }
                 };
@@ -539,21 +545,44 @@ impl Worker {
         if self.group_index(cfg.member.group).is_some() {
             return Err(EngineError::GroupExists(cfg.member.group));
         }
-        if cfg.secure.is_some() {
+        let keys = cfg.keys.take();
+        if keys.is_some() && (cfg.membership.is_none() || cfg.secure.is_some()) {
+            return Err(EngineError::Config(
+                "an MLS-keyed group needs membership and no pre-shared epoch".into(),
+            ));
+        }
+        // Keyed groups sign some datagrams: the larger trailer bounds them all.
+        let overhead = if keys.is_some() {
+            SIGN_OVERHEAD
+        } else {
+            SEAL_OVERHEAD
+        };
+        if cfg.secure.is_some() || keys.is_some() {
             // The trailer goes inside the configured datagram size.
-            if cfg.member.mtu < wire::MIN_MTU + SEAL_OVERHEAD {
+            if cfg.member.mtu < wire::MIN_MTU + overhead {
                 return Err(EngineError::Config(format!(
                     "mtu {} leaves no room for the seal: a secured group needs at least {}",
                     cfg.member.mtu,
-                    wire::MIN_MTU + SEAL_OVERHEAD
+                    wire::MIN_MTU + overhead
                 )));
             }
-            cfg.member.mtu -= SEAL_OVERHEAD;
+            cfg.member.mtu -= overhead;
         }
-        let shield = cfg
+        let mut shield = cfg
             .secure
             .take()
             .map(|e| Shield::new(cfg.member.group, cfg.member.member_id, e));
+        if let Some(k) = &keys {
+            // Signed packet numbers start at the wall clock (microseconds), above any this
+            // identity used before a restart.
+            let first = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64);
+            let s = Shield::unkeyed(cfg.member.group, cfg.member.member_id)
+                .map_err(|e| EngineError::Config(e.to_string()))?
+                .with_signing(k.identity.clone(), k.roster(), first);
+            shield = Some(s);
+        }
         let proto = match &cfg.membership {
             None => {
                 let mut member = Member::new(cfg.member.clone(), cfg.seed)
@@ -567,9 +596,11 @@ impl Worker {
             Some(m) => {
                 let mut gc = m.clone();
                 gc.member = cfg.member.clone();
-                Proto::Group(Box::new(
-                    GroupMember::new(gc, cfg.seed).map_err(|e| EngineError::Config(e.to_string()))?,
-                ))
+                let member = match keys {
+                    Some(k) => GroupMember::new_keyed(gc, cfg.seed, k),
+                    None => GroupMember::new(gc, cfg.seed),
+                };
+                Proto::Group(Box::new(member.map_err(|e| EngineError::Config(e.to_string()))?))
             }
         };
         let (group_socket, unicast) = open_sockets(&cfg.udp).map_err(|e| EngineError::Io(e.to_string()))?;
@@ -616,6 +647,7 @@ impl Worker {
             stats: TransportStats::default(),
             deadline: None,
             touched: true,
+            trailer: if shield.is_some() { overhead } else { 0 },
             shield,
         });
         Ok(GroupInfo {
@@ -734,6 +766,8 @@ impl Worker {
                         }
                         write_sinks(sinks, order, out, sunk);
                     });
+                // A view installed by this datagram: later ones may be sealed in its epoch.
+                apply_rekeys(g);
             }
             g.touched = true;
         });
@@ -754,6 +788,7 @@ impl Worker {
             if g.deadline == Some(deadline) {
                 g.deadline = None;
                 g.proto.handle_timeout(now);
+                apply_rekeys(g);
                 g.touched = true;
             }
         }
@@ -876,6 +911,15 @@ struct Scratch {
     plan: Vec<(Option<libc::sockaddr_in>, Run)>,
 }
 
+/// MLS-keyed groups: moves the shield to the epochs of the views just installed.
+fn apply_rekeys(g: &mut Group) {
+    if let Some(shield) = g.shield.as_mut() {
+        while let Some(e) = g.proto.poll_rekey() {
+            shield.install(e);
+        }
+    }
+}
+
 /// Moves a secured group to a later epoch (see [`super::Engine::rekey`]).
 fn rekey(g: &mut Group, epoch: ShieldEpoch) -> Result<(), EngineError> {
     let id = g.id;
@@ -883,8 +927,11 @@ fn rekey(g: &mut Group, epoch: ShieldEpoch) -> Result<(), EngineError> {
         (_, None) => Err(EngineError::Config(format!("group {id} is not secured"))),
         // A view change's flush relays old messages as new data: under a new key a joiner
         // could read them. Views are not MLS epochs yet.
+        (Proto::Group(m), Some(_)) if m.key_stats().is_some() => Err(EngineError::Config(format!(
+            "group {id} is keyed by MLS: its epochs follow its views"
+        ))),
         (Proto::Group(_), Some(_)) => Err(EngineError::Config(format!(
-            "group {id} has membership: its key cannot change while it runs yet"
+            "group {id} has membership and a pre-shared key: its key cannot change while it runs (key it by MLS instead)"
         ))),
         (Proto::Plain(member), Some(s)) => {
             let (from, to) = (s.epoch(), epoch.epoch);
@@ -932,8 +979,8 @@ struct Run {
 fn build_sends(g: &mut Group, now: Nanos, batch: &mut SendBatch, scratch: &mut Scratch, gso: bool) -> bool {
     let Scratch { pieces, plan } = scratch;
     let mtu = g.proto.config().mtu;
-    // A secured group's datagrams grow by the seal once built.
-    let room = mtu + if g.shield.is_some() { SEAL_OVERHEAD } else { 0 };
+    // A secured group's datagrams grow by the seal (or signature) once built.
+    let room = mtu + g.trailer;
     // In-place datagrams stay valid until the retransmit buffer takes this many more frames.
     let max_in_place = (g.proto.config().retransmit_frames as usize / 2).clamp(1, 1024);
     let fd = g.unicast.as_raw_fd();
@@ -953,11 +1000,13 @@ fn build_sends(g: &mut Group, now: Nanos, batch: &mut SendBatch, scratch: &mut S
         };
         if let Some(shield) = g.shield.as_mut() {
             // In-place transmits are off for secured groups: the datagram is in the arena.
-            match shield.seal(
-                &mut batch.arena[start..start + room],
-                t.len,
-                Lane::of(&t.destination),
-            ) {
+            let buf = &mut batch.arena[start..start + room];
+            let sealed = if t.signed {
+                shield.sign(buf, t.len)
+            } else {
+                shield.seal(buf, t.len, Lane::of(&t.destination))
+            };
+            match sealed {
                 Ok(n) => t.len = n,
                 Err(e) => {
                     tracing::error!(group = g.id, error = %e, "datagram not sealed, dropped");
