@@ -538,7 +538,9 @@ fn membership_keys_the_group_by_mls_over_real_sockets() {
             initial_members: 2,
             ..MembershipConfig::default()
         });
-        g.keys = Some(GroupKeys::new(idents[n].clone(), policy.clone()));
+        let mut keys = GroupKeys::new(idents[n].clone(), policy.clone());
+        keys.update_period_ns = Some(400_000_000);
+        g.keys = Some(keys);
         e.join(g).unwrap();
         let (tx, views, me) = (tx.clone(), views.clone(), ids[n]);
         e.subscribe_ordered(GROUP, Order::Total, move |out: Output<'_>| match out {
@@ -635,4 +637,17 @@ fn membership_keys_the_group_by_mls_over_real_sockets() {
     // Three views at least (of three, of two, of three with the joiner), each its own epoch.
     let keys = keyed_epoch(engines[0].as_ref().unwrap()).1;
     assert!(keys.epochs_installed >= 3 && keys.key_errors == 0, "{keys:?}");
+    // Members other than the coordinator commit their periodic self-updates.
+    eventually("a member's self-update", || {
+        engines
+            .iter()
+            .flatten()
+            .map(|e| keyed_epoch(e).1.self_updates)
+            .sum::<u64>()
+            >= 2
+    });
+    let before = keyed_epoch(engines[0].as_ref().unwrap()).0;
+    send(engines[0].as_ref().unwrap(), 600..700);
+    drain(ids[0], 600..700, &[ids[0], ids[1], ids[3]]);
+    assert!(keyed_epoch(engines[0].as_ref().unwrap()).0 >= before);
 }

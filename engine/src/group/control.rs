@@ -23,6 +23,9 @@ pub const KIND_KEY_PACKAGE: u8 = 0x17;
 /// Secured groups: one fragment of the coordinator's key message for a proposal (the MLS
 /// commit for the members of the old epoch and the Welcome for those it adds).
 pub const KIND_KEYS: u8 = 0x18;
+/// Secured groups: the coordinator names the participant that commits this view change (a
+/// member whose periodic self-update is due), instead of committing itself.
+pub const KIND_DELEGATE: u8 = 0x19;
 
 /// Largest key message a fragment may announce (a Welcome carries the ratchet tree: about
 /// 70 KB at 256 members).
@@ -39,6 +42,8 @@ pub const STATE_LEAVING: u8 = 2;
 pub const STATE_WANTS_SEND: u8 = 4;
 /// Secured groups: the member holds the keys of its installed primary view.
 pub const STATE_KEYED: u8 = 8;
+/// Secured groups: the member's periodic self-update is due.
+pub const STATE_UPDATE_DUE: u8 = 16;
 
 /// A view as carried in frames: its id, coordinator, members and senders (both sorted).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -149,8 +154,17 @@ pub enum Control {
         proposal: u32,
         /// The MLS epoch the participant is in ([`u64::MAX`]: none).
         epoch: u64,
+        /// Its periodic self-update is due: it asks to commit this view change.
+        update: bool,
         /// A serialized MLS key package of the participant.
         package: Vec<u8>,
+    },
+    /// See [`KIND_DELEGATE`].
+    Delegate {
+        /// The proposal.
+        proposal: u32,
+        /// The participant that commits it.
+        committer: u32,
     },
     /// See [`KIND_KEYS`].
     Keys {
@@ -312,6 +326,7 @@ impl Control {
             Control::Refuse { .. } => KIND_REFUSE,
             Control::KeyPackage { .. } => KIND_KEY_PACKAGE,
             Control::Keys { .. } => KIND_KEYS,
+            Control::Delegate { .. } => KIND_DELEGATE,
         }
     }
 
@@ -400,10 +415,12 @@ impl Control {
             Control::KeyPackage {
                 proposal,
                 epoch,
+                update,
                 package,
             } => {
                 w.u32(*proposal);
                 w.u64(*epoch);
+                w.u8(u8::from(*update));
                 w.bytes(package);
             }
             Control::Keys {
@@ -416,6 +433,10 @@ impl Control {
                 w.u32(*total);
                 w.u32(*offset);
                 w.bytes(chunk);
+            }
+            Control::Delegate { proposal, committer } => {
+                w.u32(*proposal);
+                w.u32(*committer);
             }
         }
     }
@@ -512,6 +533,7 @@ impl Control {
             KIND_KEY_PACKAGE => Control::KeyPackage {
                 proposal: r.u32()?,
                 epoch: r.u64()?,
+                update: r.u8()? != 0,
                 package: r.bytes()?,
             },
             KIND_KEYS => {
@@ -530,6 +552,10 @@ impl Control {
                     chunk,
                 }
             }
+            KIND_DELEGATE => Control::Delegate {
+                proposal: r.u32()?,
+                committer: r.u32()?,
+            },
             k => return Err(ControlError::UnknownKind(k)),
         };
         r.end()?;
@@ -600,7 +626,12 @@ mod tests {
             Control::KeyPackage {
                 proposal: 4,
                 epoch: 3,
+                update: true,
                 package: vec![7; 310],
+            },
+            Control::Delegate {
+                proposal: 4,
+                committer: 5,
             },
             Control::Keys {
                 proposal: 4,

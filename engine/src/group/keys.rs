@@ -32,6 +32,8 @@ use std::collections::{BTreeMap, VecDeque};
 
 /// "No MLS epoch" in a [`Control::KeyPackage`].
 pub const NO_EPOCH: u64 = u64::MAX;
+/// The default self-update period: ten minutes.
+pub const DEFAULT_UPDATE_PERIOD_NS: u64 = 600_000_000_000;
 
 /// What a member of a secured group with membership needs for key agreement.
 #[derive(Debug, Clone)]
@@ -43,6 +45,10 @@ pub struct GroupKeys {
     /// Member ids assigned to keys; a key not listed has [`PublicKey::member_id`] (the
     /// default everywhere). Every member of a group must use the same assignment.
     pub ids: BTreeMap<PublicKey, u32>,
+    /// How often this member commits a self-update (fresh leaf and path keys: post-compromise
+    /// security, and a full tree so commits stay small); `None`: never on its own. The first
+    /// is staggered by member id over one period.
+    pub update_period_ns: Option<u64>,
 }
 
 impl GroupKeys {
@@ -52,6 +58,7 @@ impl GroupKeys {
             identity,
             policy,
             ids: BTreeMap::new(),
+            update_period_ns: Some(DEFAULT_UPDATE_PERIOD_NS),
         }
     }
 
@@ -83,6 +90,16 @@ pub struct KeyStats {
     pub key_errors: u64,
     /// View changes given up because a key package or commit failed.
     pub commit_failures: u64,
+    /// Self-updates this member committed as the delegated committer of a view change.
+    pub self_updates: u64,
+}
+
+/// A participant's answer: its MLS epoch, whether its self-update is due, its key package.
+#[derive(Debug, Clone)]
+pub(crate) struct Package {
+    pub(crate) epoch: u64,
+    pub(crate) update: bool,
+    pub(crate) package: Vec<u8>,
 }
 
 /// What installing a finished proposal applies.
@@ -175,6 +192,11 @@ pub(crate) struct Keying {
     /// The installed view is primary and this member holds its epoch.
     keyed: bool,
     rekeys: VecDeque<ShieldEpoch>,
+    period: Option<u64>,
+    /// When this member's next self-update is due (set at its first keyed view).
+    next_update: Option<u64>,
+    /// This member's own key message of a delegated self-update, per proposal.
+    own_message: Option<(u32, Vec<u8>)>,
     pub(crate) stats: KeyStats,
 }
 
@@ -200,7 +222,45 @@ impl Keying {
             ready: BTreeMap::new(),
             keyed: false,
             rekeys: VecDeque::new(),
+            period: keys.update_period_ns.filter(|&p| p > 0),
+            next_update: None,
+            own_message: None,
             stats: KeyStats::default(),
+        }
+    }
+
+    /// Whether this member's periodic self-update is due at `now`.
+    pub(crate) fn update_due(&self, now: u64) -> bool {
+        self.keyed && self.next_update.is_some_and(|t| now >= t)
+    }
+
+    /// As the delegated committer of `proposal`: commits a self-update (pending until the view
+    /// is installed) and returns its key message; the same message again on a repeat.
+    pub(crate) fn self_update(&mut self, proposal: u32) -> Option<Vec<u8>> {
+        if let Some((p, m)) = &self.own_message {
+            if *p == proposal {
+                return Some(m.clone());
+            }
+        }
+        let epoch = self.mls.epoch()?;
+        let _ = self.mls.discard_pending();
+        self.ready.retain(|_, r| !matches!(r, Ready::Own));
+        match self.mls.self_update() {
+            Ok(c) => {
+                self.ready.insert(proposal, Ready::Own);
+                let m = KeyMessage {
+                    from_epoch: epoch,
+                    commit: c.commit,
+                    welcome: Vec::new(),
+                }
+                .encode();
+                self.own_message = Some((proposal, m.clone()));
+                Some(m)
+            }
+            Err(_) => {
+                self.stats.commit_failures += 1;
+                None
+            }
         }
     }
 
@@ -229,7 +289,7 @@ impl Keying {
     }
 
     /// The answer that goes with this member's `FLUSH_STATE` to `proposal`.
-    pub(crate) fn key_package(&mut self, proposal: u32) -> Option<Control> {
+    pub(crate) fn key_package(&mut self, proposal: u32, now: u64) -> Option<Control> {
         if self.package.is_none() {
             match self.mls.key_package() {
                 Ok(p) => self.package = Some(p),
@@ -242,6 +302,7 @@ impl Keying {
         Some(Control::KeyPackage {
             proposal,
             epoch: self.mls.epoch().unwrap_or(NO_EPOCH),
+            update: self.update_due(now),
             package: self.package.clone()?,
         })
     }
@@ -254,10 +315,11 @@ impl Keying {
         me: u32,
         proposal: u32,
         members: &[u32],
-        packages: &BTreeMap<u32, (u64, Vec<u8>)>,
+        packages: &BTreeMap<u32, Package>,
     ) -> Result<Vec<u8>, Vec<u32>> {
         // One pending commit at a time: an earlier one (an abandoned round's) is void.
         let _ = self.mls.discard_pending();
+        self.own_message = None;
         self.ready
             .retain(|&p, r| p != proposal && !matches!(r, Ready::Own));
         if self.mls.epoch().is_none() {
@@ -284,8 +346,8 @@ impl Keying {
         for &m in members.iter().filter(|&&m| m != me) {
             let current = in_group.contains_key(&m);
             match packages.get(&m) {
-                Some((e, _)) if current && *e == epoch => {}
-                Some((_, package)) => {
+                Some(p) if current && p.epoch == epoch => {}
+                Some(Package { package, .. }) => {
                     // Outside the group, or in another epoch of it: a fresh leaf.
                     if let Some(k) = in_group.get(&m) {
                         remove.push(*k);
@@ -316,6 +378,35 @@ impl Keying {
                 Err(add.into_iter().map(|(m, _)| m).collect())
             }
         }
+    }
+
+    /// The participant that should commit a view change of `members` instead of the
+    /// coordinator `me`: the lowest one whose self-update is due, if the view keeps exactly the
+    /// MLS group's members, all in this member's epoch (else the coordinator must add or
+    /// remove, and its own commit is the one).
+    pub(crate) fn delegate(
+        &self,
+        me: u32,
+        members: &[u32],
+        packages: &BTreeMap<u32, Package>,
+    ) -> Option<u32> {
+        let epoch = self.mls.epoch()?;
+        let mut in_group: Vec<u32> = self.mls.members().iter().map(|k| self.id_of(k)).collect();
+        in_group.sort_unstable();
+        if in_group != members
+            || members
+                .iter()
+                .any(|m| packages.get(m).is_none_or(|p| p.epoch != epoch))
+        {
+            return None;
+        }
+        if packages.get(&me).is_some_and(|p| p.update) {
+            return None;
+        }
+        members
+            .iter()
+            .copied()
+            .find(|m| *m != me && packages.get(m).is_some_and(|p| p.update))
     }
 
     /// A proposal this member need not stage keys for (it is not in the next view, or the
@@ -380,10 +471,11 @@ impl Keying {
 
     /// The view of `proposal` is installed: apply its keys. `in_view`: this member is in it;
     /// `primary`: it is primary.
-    pub(crate) fn install(&mut self, proposal: u32, in_view: bool, primary: bool) {
+    pub(crate) fn install(&mut self, now: u64, me: u32, proposal: u32, in_view: bool, primary: bool) {
         let ready = self.ready.remove(&proposal);
         self.ready.clear();
         self.incoming = None;
+        let delegated = self.own_message.take().is_some_and(|(p, _)| p == proposal);
         if !primary {
             self.keyed = false;
             return;
@@ -393,6 +485,7 @@ impl Keying {
             self.keyed = false;
             return;
         }
+        let own = matches!(ready, Some(Ready::Own));
         let result = match ready {
             Some(Ready::Own) => self.mls.merge_pending().map(|_| ()),
             Some(Ready::Apply(s)) => {
@@ -427,6 +520,17 @@ impl Keying {
                     secret,
                     members,
                 };
+                if let Some(period) = self.period {
+                    if own || self.next_update.is_none() {
+                        // Its own commit refreshed its leaf and path: the next is a period
+                        // away (the first one staggered by member id).
+                        let stagger = if own { 0 } else { period / 16 * u64::from(me % 16) };
+                        self.next_update = Some(now + period + stagger);
+                    }
+                }
+                if delegated && own {
+                    self.stats.self_updates += 1;
+                }
                 self.keyed = true;
                 self.stats.epochs_installed += 1;
                 self.rekeys.push_back(e);
@@ -442,6 +546,7 @@ impl Keying {
     pub(crate) fn forget(&mut self, proposal: u32) {
         if let Some(Ready::Own) = self.ready.remove(&proposal) {
             let _ = self.mls.discard_pending();
+            self.own_message = None;
         }
     }
 }

@@ -27,8 +27,11 @@ pub mod udp;
 use crate::proto::{Destination, Member, MemberConfig, Nanos, Output, Transmit};
 use crate::wire::{self, DatagramWriter, Frame};
 use crate::Error;
-use control::{Control, CutEntry, ViewDesc, STATE_KEYED, STATE_LEAVING, STATE_PRIMARY, STATE_WANTS_SEND};
-use keys::{GroupKeys, KeyStats, Keying};
+use control::{
+    Control, CutEntry, ViewDesc, STATE_KEYED, STATE_LEAVING, STATE_PRIMARY, STATE_UPDATE_DUE,
+    STATE_WANTS_SEND,
+};
+use keys::{GroupKeys, KeyStats, Keying, Package};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -259,6 +262,8 @@ struct PeerInfo {
     wants_send: bool,
     /// Secured groups: it holds the keys of its installed primary view.
     keyed: bool,
+    /// Secured groups: its periodic self-update is due.
+    update_due: bool,
 }
 
 /// The messages of one sender in the current view.
@@ -391,6 +396,8 @@ struct Accepted {
     /// The newest old primary view the commit flushes (0: none): the view the next continues.
     continues: u32,
     done: bool,
+    /// Secured groups: the participant the coordinator named to commit, if not itself.
+    delegate: Option<u32>,
 }
 
 /// A view change this member runs as coordinator.
@@ -404,9 +411,11 @@ struct Round {
     commit: Option<Control>,
     done: BTreeSet<u32>,
     /// Secured groups: the participants' MLS epochs and key packages.
-    packages: BTreeMap<u32, (u64, Vec<u8>)>,
+    packages: BTreeMap<u32, Package>,
     /// Secured groups: the key message of the commit, sent with it.
     keys: Option<Vec<u8>>,
+    /// Secured groups: the participant that commits instead (its self-update).
+    delegate: Option<u32>,
 }
 
 impl Round {
@@ -851,6 +860,9 @@ impl GroupMember {
         if keyed {
             flags |= STATE_KEYED;
         }
+        if self.keys.as_ref().is_some_and(|k| k.update_due(now)) {
+            flags |= STATE_UPDATE_DUE;
+        }
         let signed = self.keys.is_some() && (periodic || !keyed);
         let (sent, clock, prefixes) = match &self.data {
             Some(d) => (
@@ -1031,11 +1043,22 @@ impl GroupMember {
                 lagging.push(*m);
             }
         }
+        // Secured groups: a member's periodic self-update is due (seen in a STATE of this view):
+        // a view change of the same members lets it commit.
+        let update_due = self.primary
+            && self.keys.as_ref().is_some_and(|k| k.keyed())
+            && (self.keys.as_ref().is_some_and(|k| k.update_due(now))
+                || reachable.iter().any(|m| {
+                    self.peers
+                        .get(m)
+                        .is_some_and(|p| p.update_due && p.view == self.view.id)
+                }));
         let stable = self.view.id != 0
             && self.view.members == reachable
             && (self.view.senders == senders || !self.primary)
             && extra.is_empty()
-            && !ahead;
+            && !ahead
+            && !update_due;
         if stable {
             if !lagging.is_empty() {
                 // Members that agreed to this view but missed its INSTALL (its coordinator may
@@ -1062,6 +1085,7 @@ impl GroupMember {
             done: BTreeSet::new(),
             packages: BTreeMap::new(),
             keys: None,
+            delegate: None,
         };
         self.max_seen = round.view.id;
         self.stats.rounds_started += 1;
@@ -1104,9 +1128,20 @@ impl GroupMember {
             },
             Some(c) => c.clone(),
         };
+        let delegate = r
+            .delegate
+            .filter(|_| r.commit.is_some())
+            .map(|committer| Control::Delegate {
+                proposal: r.view.id,
+                committer,
+            });
         self.push_control(msg.clone());
         self.push_key_fragments();
         self.on_control(now, self.id, msg);
+        if let Some(d) = delegate {
+            self.push_control(d.clone());
+            self.on_control(now, self.id, d);
+        }
     }
 
     fn send_to(&mut self, coord: u32, c: Control) {
@@ -1126,6 +1161,11 @@ impl GroupMember {
             return;
         };
         let proposal = r.view.id;
+        self.push_fragments(proposal, &keys);
+    }
+
+    /// Queues `keys`, the key message of `proposal`, in fragments that fit a datagram.
+    fn push_fragments(&mut self, proposal: u32, keys: &[u8]) {
         // The datagram header, the frame header and the fragment's fields.
         let room = self
             .cfg
@@ -1181,6 +1221,7 @@ impl GroupMember {
                 p.leaving = flags & STATE_LEAVING != 0;
                 p.wants_send = flags & STATE_WANTS_SEND != 0;
                 p.keyed = flags & STATE_KEYED != 0;
+                p.update_due = flags & STATE_UPDATE_DUE != 0;
                 self.max_seen = self.max_seen.max(view);
                 if let Some(d) = self.data.as_mut().filter(|d| d.view.id == view) {
                     if prefixes.len() == d.logs.len() && d.view.members.binary_search(&source).is_ok() {
@@ -1209,6 +1250,24 @@ impl GroupMember {
                 }
             }
             Control::Install { view } => self.on_install(&view),
+            Control::Delegate { proposal, committer } => {
+                let Some(a) = self
+                    .accepted
+                    .as_mut()
+                    .filter(|a| a.view.id == proposal && a.coord == source)
+                else {
+                    return;
+                };
+                a.delegate = Some(committer);
+                if committer == self.id {
+                    // This member commits its self-update; every repeat of the coordinator's
+                    // request sends the key message again.
+                    if let Some(message) = self.keys.as_mut().and_then(|k| k.self_update(proposal)) {
+                        self.push_fragments(proposal, &message);
+                        self.check_done();
+                    }
+                }
+            }
             Control::Keys {
                 proposal,
                 total,
@@ -1217,7 +1276,7 @@ impl GroupMember {
             } => {
                 let mine = self.accepted.as_ref().is_some_and(|a| {
                     a.view.id == proposal
-                        && a.coord == source
+                        && (a.coord == source || a.delegate == Some(source))
                         && a.view.members.binary_search(&self.id).is_ok()
                 });
                 if let Some(k) = self.keys.as_mut().filter(|_| mine) {
@@ -1285,6 +1344,7 @@ impl GroupMember {
             commit: None,
             continues: 0,
             done: false,
+            delegate: None,
         });
         let proposal = self.accepted.as_ref().expect("set").view.id;
         let state = self.flush_state(proposal);
@@ -1297,7 +1357,7 @@ impl GroupMember {
         let Some(k) = self.keys.as_mut() else {
             return;
         };
-        if let Some(c) = k.key_package(proposal) {
+        if let Some(c) = k.key_package(proposal, self.now) {
             self.send_to(coord, c);
         }
     }
@@ -1489,10 +1549,18 @@ impl GroupMember {
             Control::KeyPackage {
                 proposal,
                 epoch,
+                update,
                 package,
             } if proposal == r.view.id && r.commit.is_none() => {
                 if r.participants().any(|p| p == source) {
-                    r.packages.insert(source, (epoch, package));
+                    r.packages.insert(
+                        source,
+                        Package {
+                            epoch,
+                            update,
+                            package,
+                        },
+                    );
                 }
                 self.try_commit(now);
             }
@@ -1538,8 +1606,14 @@ impl GroupMember {
             },
         ) = (self.keys.as_mut(), &commit)
         {
-            match k.commit(self.id, view.id, &view.members, &r.packages) {
-                Ok(message) => r.keys = Some(message),
+            r.delegate = k.delegate(self.id, &view.members, &r.packages);
+            let result = match r.delegate {
+                // The delegate's self-update is the commit: this coordinator stages it.
+                Some(_) => Ok(None),
+                None => k.commit(self.id, view.id, &view.members, &r.packages).map(Some),
+            };
+            match result {
+                Ok(message) => r.keys = message,
                 Err(refused) => {
                     // A key package missing or refused: the view goes on without its member.
                     for m in refused {
@@ -1572,7 +1646,13 @@ impl GroupMember {
         self.pending_install = None;
         let (primary, old_view, _) = a.commit.expect("done implies committed");
         if let Some(k) = self.keys.as_mut() {
-            k.install(a.view.id, a.view.members.binary_search(&self.id).is_ok(), primary);
+            k.install(
+                self.now,
+                self.id,
+                a.view.id,
+                a.view.members.binary_search(&self.id).is_ok(),
+                primary,
+            );
         }
         let mine = self
             .data

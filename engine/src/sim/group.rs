@@ -71,6 +71,8 @@ pub struct GroupSimConfig {
     /// subscribe), every primary view change an MLS commit, datagrams sealed under each view's
     /// epoch or signed. Convergence then also needs every live member in the same MLS epoch.
     pub secure: bool,
+    /// Secured runs: each member's self-update period ([`GroupKeys::update_period_ns`]).
+    pub update_period_ns: Option<Nanos>,
 }
 
 impl Default for GroupSimConfig {
@@ -101,6 +103,7 @@ impl Default for GroupSimConfig {
             group,
             max_virtual_ns: 120_000_000_000,
             secure: false,
+            update_period_ns: None,
         }
     }
 }
@@ -236,8 +239,10 @@ pub struct GroupSimReport {
     pub mean_latency_us: f64,
     /// Secured runs: the MLS epoch the live members ended in.
     pub key_epoch: Option<u64>,
-    /// Secured runs: MLS commits made, summed over members.
+    /// Secured runs: MLS commits made as coordinator, summed over members.
     pub key_commits: u64,
+    /// Secured runs: per member, the self-updates it committed as a view change's delegate.
+    pub self_updates: Vec<u64>,
     /// Secured runs: datagrams the shields rejected, by reason, summed over members (a member
     /// without the epoch's keys rejects what it cannot open, so joins and partitions count).
     pub secure_rejected: Vec<(String, u64)>,
@@ -388,7 +393,7 @@ impl GroupSimulation {
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         let mut members = Vec::with_capacity(total);
         let keys = if cfg.secure {
-            Some(secure_setup(cfg.seed, total, cfg.senders)?)
+            Some(secure_setup(cfg.seed, total, cfg.senders, cfg.update_period_ns)?)
         } else {
             None
         };
@@ -1135,6 +1140,11 @@ impl GroupSimulation {
                 self.checker.latency_sum / self.checker.latency_n as f64 / 1e3
             },
             keys_ok: !self.cfg.secure || (key_epoch.is_some() && departed_locked_out != Some(false)),
+            self_updates: self
+                .members
+                .iter()
+                .map(|m| m.key_stats().map_or(0, |k| k.self_updates))
+                .collect(),
             key_epoch,
             key_commits,
             secure_rejected,
@@ -1169,7 +1179,12 @@ impl GroupSimulation {
 /// The identities and signed policy of a secured run: member `i`'s key comes from the seed and
 /// `i`, and its member id is the simulator's (`member_id(i)`); senders may publish, the rest
 /// only subscribe.
-fn secure_setup(seed: u64, total: usize, senders: usize) -> Result<Vec<GroupKeys>, Error> {
+fn secure_setup(
+    seed: u64,
+    total: usize,
+    senders: usize,
+    update_period_ns: Option<Nanos>,
+) -> Result<Vec<GroupKeys>, Error> {
     let identity = |i: u64| {
         let mut b = [0u8; 32];
         b[..8].copy_from_slice(&seed.to_le_bytes());
@@ -1199,6 +1214,7 @@ fn secure_setup(seed: u64, total: usize, senders: usize) -> Result<Vec<GroupKeys
             identity: identity(i as u64),
             policy: policy.clone(),
             ids: ids.clone(),
+            update_period_ns,
         })
         .collect())
 }
@@ -1329,8 +1345,9 @@ mod tests {
     fn check_secure(cfg: GroupSimConfig) -> GroupSimReport {
         let r = check(GroupSimConfig { secure: true, ..cfg });
         assert!(r.key_epoch.is_some(), "seed {}: no MLS epoch: {r:?}", r.seed);
+        let commits = r.key_commits + r.self_updates.iter().sum::<u64>();
         assert!(
-            r.key_commits >= r.views_installed,
+            commits >= r.views_installed,
             "seed {}: a primary view without a commit: {r:?}",
             r.seed
         );
@@ -1355,6 +1372,23 @@ mod tests {
         for (reason, n) in &r.secure_rejected {
             assert!(reason == "unknown_epoch" || *n == 0, "{r:?}");
         }
+    }
+
+    #[test]
+    fn every_member_of_a_secured_group_commits_its_periodic_self_update() {
+        let r = check_secure(GroupSimConfig {
+            messages: 1000,
+            update_period_ns: Some(300_000_000),
+            loss: 0.05,
+            ..Default::default()
+        });
+        // The coordinator (member 0) refreshes its path with every commit it makes; each other
+        // member commits its own self-update when due (about every 300 ms of the 2 s run).
+        assert!(r.key_commits >= 1, "{r:?}");
+        for (i, n) in r.self_updates.iter().enumerate().skip(1) {
+            assert!(*n >= 2, "member {i} committed {n} self-updates: {r:?}");
+        }
+        assert!(r.key_epoch.unwrap_or(0) >= 9, "{r:?}");
     }
 
     #[test]
@@ -1436,6 +1470,8 @@ mod tests {
                 seed,
                 order,
                 secure,
+                // Secured: self-updates come due during the faults too.
+                update_period_ns: secure.then_some(800_000_000),
                 max_virtual_ns: 60_000_000_000,
                 ..Default::default()
             }
