@@ -309,6 +309,14 @@ impl Shield {
         self
     }
 
+    /// Replaces the members whose signed datagrams open (a new policy version).
+    pub fn set_roster(&mut self, roster: impl IntoIterator<Item = (u32, intergroup_secure::PublicKey)>) {
+        if let Some(s) = self.signing.as_mut() {
+            s.roster = roster.into_iter().collect();
+            s.windows.retain(|id, _| s.roster.contains_key(id));
+        }
+    }
+
     /// Moves to `epoch` (a view's, from the key agreement): as [`rekey`](Self::rekey) when it
     /// is later than the current one; otherwise (a Welcome into another MLS lineage) it
     /// replaces the current epoch and drops the previous one. Packet numbers keep growing

@@ -650,4 +650,42 @@ fn membership_keys_the_group_by_mls_over_real_sockets() {
     send(engines[0].as_ref().unwrap(), 600..700);
     drain(ids[0], 600..700, &[ids[0], ids[1], ids[3]]);
     assert!(keyed_epoch(engines[0].as_ref().unwrap()).0 >= before);
+
+    // Policy version 2 drops the second engine: rolled out to the others, it is removed by
+    // the next commit, and hears nothing of what follows.
+    let mut v2 = policy.clone();
+    assert!(v2.remove_member(&idents[1].public()));
+    v2.version += 1;
+    v2.sign(&admin).unwrap();
+    let mut stale = policy.clone();
+    stale.sign(&admin).unwrap();
+    assert!(
+        engines[0].as_ref().unwrap().update_policy(GROUP, stale).is_err(),
+        "not a later version"
+    );
+    for k in [0, 3] {
+        engines[k]
+            .as_ref()
+            .unwrap()
+            .update_policy(GROUP, v2.clone())
+            .unwrap();
+    }
+    eventually("a view without the dropped member", || members_seen(&[0, 3], 2));
+    let dropped_epoch = keyed_epoch(engines[1].as_ref().unwrap()).0;
+    eventually("the epoch that removed it", || {
+        let (a, d) = (
+            keyed_epoch(engines[0].as_ref().unwrap()).0,
+            keyed_epoch(engines[3].as_ref().unwrap()).0,
+        );
+        a > dropped_epoch && a == d
+    });
+    send(engines[0].as_ref().unwrap(), 700..800);
+    let extra = drain(ids[0], 700..800, &[ids[0], ids[3]]);
+    std::thread::sleep(Duration::from_millis(200));
+    let late: Vec<(u32, u64)> = rx.try_iter().map(|(m, _, i)| (m, i)).collect();
+    assert!(
+        extra.iter().chain(&late).all(|&(m, i)| m != ids[1] || i < 700),
+        "the dropped member got messages after its removal: {extra:?} {late:?}"
+    );
+    assert!(keyed_epoch(engines[1].as_ref().unwrap()).0 < keyed_epoch(engines[0].as_ref().unwrap()).0);
 }

@@ -192,6 +192,8 @@ pub(crate) struct Keying {
     /// The installed view is primary and this member holds its epoch.
     keyed: bool,
     rekeys: VecDeque<ShieldEpoch>,
+    /// The policy version the installed epoch was committed under.
+    installed_policy: u64,
     period: Option<u64>,
     /// When this member's next self-update is due (set at its first keyed view).
     next_update: Option<u64>,
@@ -222,11 +224,47 @@ impl Keying {
             ready: BTreeMap::new(),
             keyed: false,
             rekeys: VecDeque::new(),
+            installed_policy: 0,
             period: keys.update_period_ns.filter(|&p| p > 0),
             next_update: None,
             own_message: None,
             stats: KeyStats::default(),
         }
+    }
+
+    /// Whether the policy lists member `id`.
+    pub(crate) fn listed(&self, id: u32) -> bool {
+        self.policy.members.iter().any(|m| self.id_of(&m.key) == id)
+    }
+
+    /// Takes a later version of the group's signed policy (checked by the caller): members it
+    /// no longer lists are left out of the next view, whose commit removes them, and roles
+    /// change with that epoch. Returns the new roster for the shield's signed path.
+    pub(crate) fn set_policy(&mut self, policy: Policy) -> Result<Vec<(u32, PublicKey)>, String> {
+        if policy.group != self.policy.group {
+            return Err(format!(
+                "the policy is for group {:?}, not {:?}",
+                policy.group, self.policy.group
+            ));
+        }
+        if !policy.supersedes(&self.policy) {
+            return Err(format!(
+                "policy version {} does not supersede the running version {}",
+                policy.version, self.policy.version
+            ));
+        }
+        self.policy = policy;
+        Ok(self
+            .policy
+            .members
+            .iter()
+            .map(|m| (self.id_of(&m.key), m.key))
+            .collect())
+    }
+
+    /// A later policy came since the installed epoch: the next view change applies it.
+    pub(crate) fn policy_pending(&self) -> bool {
+        self.keyed && self.policy.version > self.installed_policy
     }
 
     /// Whether this member's periodic self-update is due at `now`.
@@ -531,6 +569,7 @@ impl Keying {
                 if delegated && own {
                     self.stats.self_updates += 1;
                 }
+                self.installed_policy = self.policy.version;
                 self.keyed = true;
                 self.stats.epochs_installed += 1;
                 self.rekeys.push_back(e);

@@ -565,6 +565,26 @@ impl GroupMember {
         self.keys.as_ref().map(|k| (k.keyed(), k.mls_epoch()))
     }
 
+    /// Secured groups: takes a later version of the signed policy (verified by the caller).
+    /// Members it no longer lists are left out of the next view, whose MLS commit removes them;
+    /// if it drops this member, this member leaves. Returns the roster for the shield's signed
+    /// path ([`crate::shield::Shield::set_roster`]).
+    pub fn update_policy(
+        &mut self,
+        policy: intergroup_secure::Policy,
+    ) -> Result<Vec<(u32, intergroup_secure::PublicKey)>, Error> {
+        let k = self
+            .keys
+            .as_mut()
+            .ok_or_else(|| Error::Config("the group is not keyed by MLS".into()))?;
+        let roster = k.set_policy(policy).map_err(Error::Config)?;
+        if !k.listed(self.id) && !self.left {
+            self.leave();
+        }
+        self.next_tick = self.now;
+        Ok(roster)
+    }
+
     /// Queues a membership frame; in secured groups its datagram is signed.
     fn push_control(&mut self, c: Control) {
         let signed = self.keys.is_some();
@@ -960,7 +980,10 @@ impl GroupMember {
             .peers
             .iter()
             .filter(|(id, p)| {
-                now < p.last_heard + self.cfg.fail_timeout_ns && !p.leaving && !self.suspects.contains_key(id)
+                now < p.last_heard + self.cfg.fail_timeout_ns
+                    && !p.leaving
+                    && !self.suspects.contains_key(id)
+                    && self.keys.as_ref().is_none_or(|k| k.listed(**id))
             })
             .map(|(&id, _)| id)
             .collect();
@@ -1053,6 +1076,9 @@ impl GroupMember {
                         .get(m)
                         .is_some_and(|p| p.update_due && p.view == self.view.id)
                 }));
+        // Secured groups: a later policy takes effect with the next epoch.
+        let update_due =
+            update_due || (self.primary && self.keys.as_ref().is_some_and(|k| k.policy_pending()));
         let stable = self.view.id != 0
             && self.view.members == reachable
             && (self.view.senders == senders || !self.primary)

@@ -562,6 +562,20 @@ impl Engine {
         self.ask(group, |tx| Command::Rekey(group, Box::new(epoch), tx))
     }
 
+    /// Rolls a later version of an MLS-keyed group's signed policy out to this member: it must
+    /// verify now (signature, signer, validity) and supersede the running one. Members it no
+    /// longer lists are not heard any more and are left out of the next view, whose commit
+    /// removes them from the MLS group; roles change with that epoch. Give it to every member.
+    pub fn update_policy(&self, group: u32, policy: intergroup_secure::Policy) -> Result<(), EngineError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        policy
+            .verify(now)
+            .map_err(|e| EngineError::Config(format!("policy refused: {e}")))?;
+        self.ask(group, |tx| Command::UpdatePolicy(group, Box::new(policy), tx))
+    }
+
     /// Waits until everything published on `group` has been acknowledged by at least
     /// `receivers` live receivers, or `timeout` passes; returns whether it was.
     pub fn wait_acknowledged(

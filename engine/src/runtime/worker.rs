@@ -121,6 +121,11 @@ pub enum Command {
     Stats(u32, Sender<Result<GroupStats, EngineError>>),
     /// Move a secured group to a later epoch.
     Rekey(u32, Box<ShieldEpoch>, Sender<Result<(), EngineError>>),
+    UpdatePolicy(
+        u32,
+        Box<intergroup_secure::Policy>,
+        Sender<Result<(), EngineError>>,
+    ),
     /// Stop: the worker returns after closing everything.
     Shutdown,
 }
@@ -526,6 +531,23 @@ impl Worker {
                                 Proto::Plain(_) => None,
                             },
                         })
+                    }
+                };
+                let _ = reply.send(r);
+            }
+            Command::UpdatePolicy(group, policy, reply) => {
+                let r = match self.group_index(group) {
+                    None => Err(EngineError::UnknownGroup(group)),
+                    Some(i) => {
+                        let g = &mut self.groups[i];
+                        g.touched = true;
+                        match (&mut g.proto, g.shield.as_mut()) {
+                            (Proto::Group(m), Some(shield)) => m
+                                .update_policy(*policy)
+                                .map(|roster| shield.set_roster(roster))
+                                .map_err(|e| EngineError::Config(e.to_string())),
+                            _ => Err(EngineError::Config(format!("group {group} is not keyed by MLS"))),
+                        }
                     }
                 };
                 let _ = reply.send(r);
