@@ -461,6 +461,7 @@ fn toml_group(name: &str) -> intergroup_engine::ipc::GroupEntry {
         identity: None,
         epoch_secret: None,
         epoch: 1,
+        key_update_s: 600,
     }
 }
 
@@ -604,25 +605,57 @@ fn a_secured_group_admits_listed_engines_in_their_roles_and_refuses_bad_policies
     let _ = std::fs::remove_dir_all(&files);
 }
 
+const BOTH: &[Role] = &[Role::Publish, Role::Subscribe];
+
+/// Three engines' directories, their configuration, and the files of group "vault": policy
+/// version 1 listing engines 1, 2 and 3 in both roles, signed by the admin, and a secret.
+struct ThreeEngines {
+    dirs: [PathBuf; 3],
+    cfg: DriverConfig,
+    files: PathBuf,
+    admin: Identity,
+    v1: PathBuf,
+    secret1: PathBuf,
+}
+
+fn three_engines(prefix: &str) -> ThreeEngines {
+    let (dir_a, mut cfg) = setup(&format!("{prefix}-a"));
+    let (dir_b, _) = setup(&format!("{prefix}-b"));
+    let (dir_c, _) = setup(&format!("{prefix}-c"));
+    cfg.subscription_log_bytes = 4 << 20;
+    let files = dir_a.with_extension("files");
+    let admin = Identity::from_seed(&[200; 32]);
+    let (v1, secret1) = secured_files(
+        &files,
+        "vault",
+        &[(1, BOTH), (2, BOTH), (3, BOTH)],
+        u64::MAX,
+        &admin,
+    );
+    ThreeEngines {
+        dirs: [dir_a, dir_b, dir_c],
+        cfg,
+        files,
+        admin,
+        v1,
+        secret1,
+    }
+}
+
 /// A new policy version without one engine, with a new secret and epoch, rolled out to the
 /// others while they run: the dropped engine hears nothing after it and is no longer heard;
 /// stale or same-epoch roll-outs are refused and change nothing.
 #[test]
 fn a_new_policy_version_rolls_out_and_the_dropped_engine_is_cut_off() {
-    let (dir_a, mut cfg) = setup("rollout-a");
-    let (dir_b, _) = setup("rollout-b");
-    let (dir_c, _) = setup("rollout-c");
-    cfg.subscription_log_bytes = 4 << 20;
-    let files = dir_a.with_extension("files");
-    let admin = Identity::from_seed(&[200; 32]);
-    let both: &[Role] = &[Role::Publish, Role::Subscribe];
-    let (v1, secret1) = secured_files(
-        &files,
-        "vault",
-        &[(1, both), (2, both), (3, both)],
-        u64::MAX,
-        &admin,
-    );
+    let ThreeEngines {
+        dirs: [dir_a, dir_b, dir_c],
+        cfg,
+        files,
+        admin,
+        v1,
+        secret1,
+    } = three_engines("rollout");
+    let both = BOTH;
     let with = |key: u8, policy: &std::path::Path, secret: &std::path::Path, epoch: u32| {
         let mut c = cfg.clone();
         let mut g = secured_group("vault", policy, key_file(&files, key), secret);
@@ -755,5 +788,115 @@ fn a_secured_membership_group_refuses_a_roll_out_and_runs_on() {
     assert!(driver.is_running());
     drop((_subscription, client));
     driver.close();
+    let _ = std::fs::remove_dir_all(&files);
+}
+
+/// Polls `sub` into `got` (message payloads as u64); returns the member count of the last
+/// view event it saw.
+fn poll_messages(sub: &mut intergroup_engine::ipc::Subscription, got: &mut Vec<u64>) -> Option<u32> {
+    let mut view = None;
+    sub.poll(256, |d| match d {
+        Delivery::Message(m) => got.push(u64::from_le_bytes(m.payload.try_into().unwrap())),
+        Delivery::Event(SubscriptionEvent::View { members, .. }) => view = Some(*members),
+        Delivery::Event(_) => {}
+    })
+    .unwrap();
+    view
+}
+
+/// Three engine daemons keyed by MLS (membership, a policy and keys, no pre-shared secret):
+/// they form a group, deliver in total order, and a policy version that drops one engine,
+/// rolled out by reload, removes it by the next view's commit; it reads nothing more.
+#[test]
+fn mls_keyed_daemons_form_a_group_and_a_roll_out_removes_the_dropped_engine() {
+    let ThreeEngines {
+        dirs: [dir_a, dir_b, dir_c],
+        cfg,
+        files,
+        admin,
+        v1,
+        ..
+    } = three_engines("mls");
+    let both = BOTH;
+    let with = |key: u8, policy: &std::path::Path| {
+        let mut c = cfg.clone();
+        c.groups = vec![intergroup_engine::ipc::GroupEntry {
+            policy: Some(policy.to_path_buf()),
+            identity: Some(key_file(&files, key)),
+            initial_members: 3,
+            ..toml_group("vault")
+        }];
+        c
+    };
+    // Without membership, MLS cannot key a group: the engine says so.
+    let mut plain = with(1, &v1);
+    plain.groups[0].membership = false;
+    match Driver::start(setup("mls-refused").0, plain) {
+        Err(IpcError::Config(m)) => assert!(m.contains("membership"), "{m}"),
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+    let engines = [
+        Driver::start(&dir_a, with(1, &v1)).unwrap(),
+        Driver::start(&dir_b, with(2, &v1)).unwrap(),
+        Driver::start(&dir_c, with(3, &v1)).unwrap(),
+    ];
+    let clients = [&dir_a, &dir_b, &dir_c].map(|d| Client::connect(d).unwrap());
+    let mut subs: Vec<_> = clients
+        .iter()
+        .map(|c| c.subscription("vault", 1, Order::Total).unwrap())
+        .collect();
+    let mut publication = clients[0].publication("vault", 1).unwrap();
+    let mut got: [Vec<u64>; 3] = Default::default();
+    let mut sent = 0u64;
+    until("all three have the first 500", || {
+        while sent < 500 && publication.offer(&sent.to_le_bytes()).is_ok() {
+            sent += 1;
+        }
+        for (s, g) in subs.iter_mut().zip(got.iter_mut()) {
+            poll_messages(s, g);
+        }
+        got.iter().all(|g| g.len() == 500)
+    });
+    for g in &got {
+        assert!(g.iter().copied().eq(0..500), "every message once, in order");
+    }
+    until("engines sealing and verifying", || {
+        counter(&dir_b, "secure_opened") > 0 && counter(&dir_b, "secure_rejected_bad_tag") == 0
+    });
+
+    // Version 2 drops engine c; a and b take it by reload (SIGHUP in `intergroup engine`).
+    let v2_files = files.join("v2");
+    let (v2, _) = secured_files(&v2_files, "vault", &[(1, both), (2, both)], u64::MAX, &admin);
+    let mut p2 = Policy::load(&v2).unwrap();
+    p2.version = 5;
+    p2.sign(&admin).unwrap();
+    p2.save(&v2).unwrap();
+    let changes = engines[0].reload(with(1, &v2)).unwrap();
+    assert!(changes.iter().any(|c| c.contains("MLS")), "{changes:?}");
+    engines[1].reload(with(2, &v2)).unwrap();
+    // The roll-out is refused with a pre-shared secret on an MLS-keyed group.
+    let mut mixed = with(1, &v2);
+    mixed.groups[0].epoch_secret = Some(files.join("vault.secret"));
+    assert!(engines[0].reload(mixed).is_err());
+    until("the view without c", || {
+        poll_messages(&mut subs[0], &mut got[0]) == Some(2)
+    });
+    until("a and b have the next 500", || {
+        while sent < 1_000 && publication.offer(&sent.to_le_bytes()).is_ok() {
+            sent += 1;
+        }
+        for (s, g) in subs.iter_mut().zip(got.iter_mut()).take(2) {
+            poll_messages(s, g);
+        }
+        got[0].len() == 1_000 && got[1].len() == 1_000
+    });
+    assert_eq!(got[0], got[1], "a and b: one order");
+    std::thread::sleep(Duration::from_millis(300));
+    poll_messages(&mut subs[2], &mut got[2]);
+    assert_eq!(got[2].len(), 500, "engine c read messages sent after its removal");
+    drop((publication, subs, clients));
+    for e in engines {
+        e.close();
+    }
     let _ = std::fs::remove_dir_all(&files);
 }

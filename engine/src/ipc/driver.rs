@@ -89,22 +89,32 @@ pub struct GroupEntry {
     #[serde(default = "second")]
     pub fail_timeout_ms: u64,
     /// Secure the group: the signed policy (TOML) that lists its members and their roles. With
-    /// it, `identity` and `epoch_secret` are required; every datagram is sealed, only listed
-    /// members are heard, and each only in its roles. The engine refuses to start when the
-    /// policy's signature, signer or validity does not check out.
+    /// it, `identity` is required, and `epoch_secret` unless the group has `membership` (then
+    /// MLS keys it: each view change is one MLS commit, a view is installed only with its
+    /// epoch's keys); every datagram is sealed, only listed members are heard, and each only
+    /// in its roles. The engine refuses to start when the policy's signature, signer or
+    /// validity does not check out.
     #[serde(default)]
     pub policy: Option<PathBuf>,
     /// This engine's private key file (mode 0600); its key must be in the policy, and its
     /// member id in the group is the key's ([`intergroup_secure::PublicKey::member_id`]).
     #[serde(default)]
     pub identity: Option<PathBuf>,
-    /// The epoch secret every member holds (mode 0600, `intergroup keys secret`). Until the
-    /// membership protocol drives MLS, this pre-shared secret keys the data plane.
+    /// A pre-shared epoch secret every member holds (mode 0600, `intergroup keys secret`),
+    /// for groups without membership (or to skip MLS): it keys the data plane instead of MLS.
     #[serde(default)]
     pub epoch_secret: Option<PathBuf>,
     /// The epoch number that secret belongs to; every engine of the group must agree.
     #[serde(default = "first_epoch")]
     pub epoch: u32,
+    /// MLS-keyed groups: seconds between this engine's self-update commits (fresh leaf and
+    /// path keys: post-compromise security); 0 turns them off.
+    #[serde(default = "ten_minutes")]
+    pub key_update_s: u64,
+}
+
+fn ten_minutes() -> u64 {
+    600
 }
 
 fn first_epoch() -> u32 {
@@ -119,7 +129,26 @@ struct Secured {
     member_id: u32,
     may_publish: bool,
     may_subscribe: bool,
-    epoch: crate::shield::ShieldEpoch,
+    keying: Keying,
+}
+
+/// How a secured group is keyed.
+#[derive(Debug, Clone)]
+enum Keying {
+    /// By a pre-shared epoch secret.
+    PreShared(crate::shield::ShieldEpoch),
+    /// By MLS, driven by the membership protocol.
+    Mls(Box<crate::group::keys::GroupKeys>),
+}
+
+impl Secured {
+    /// The pre-shared epoch number (0 for MLS-keyed groups, whose epochs follow their views).
+    fn epoch(&self) -> u32 {
+        match &self.keying {
+            Keying::PreShared(e) => e.epoch,
+            Keying::Mls(_) => 0,
+        }
+    }
 }
 
 /// Loads and checks a secured group's policy, identity and secret at `now` (Unix seconds).
@@ -127,10 +156,17 @@ fn load_secured(g: &GroupEntry, now: u64) -> Result<Option<Secured>, String> {
     use intergroup_secure::{EpochSecret, Identity, Policy, Role};
     let (policy, identity, secret) = match (&g.policy, &g.identity, &g.epoch_secret) {
         (None, None, None) => return Ok(None),
-        (Some(p), Some(i), Some(s)) => (p, i, s),
+        (Some(p), Some(i), s) if s.is_some() || g.membership => (p, i, s),
+        (Some(_), Some(_), None) => {
+            return Err(format!(
+                "group {}: without membership a secured group needs epoch_secret (MLS keys \
+                 follow the membership protocol's views: set membership = true)",
+                g.name
+            ))
+        }
         _ => {
             return Err(format!(
-                "group {}: policy, identity and epoch_secret go together",
+                "group {}: policy and identity go together (and epoch_secret needs both)",
                 g.name
             ))
         }
@@ -153,28 +189,41 @@ fn load_secured(g: &GroupEntry, now: u64) -> Result<Option<Secured>, String> {
         ));
     }
     let roster = policy.roster().map_err(|e| what(&e))?;
-    let me = Identity::load(identity).map_err(|e| what(&e))?.public();
+    let identity = Identity::load(identity).map_err(|e| what(&e))?;
+    let me = identity.public();
     let Some(mine) = policy.members.iter().find(|m| m.key == me) else {
         return Err(format!(
             "group {}: this engine's key {me} is not a member of the policy",
             g.name
         ));
     };
-    let secret = EpochSecret::load(secret).map_err(|e| what(&e))?;
-    Ok(Some(Secured {
-        key: me,
-        policy_version: policy.version,
-        member_id: me.member_id(),
-        may_publish: mine.roles.contains(&Role::Publish),
-        may_subscribe: mine.roles.contains(&Role::Subscribe),
-        epoch: crate::shield::ShieldEpoch {
+    let (may_publish, may_subscribe) = (
+        mine.roles.contains(&Role::Publish),
+        mine.roles.contains(&Role::Subscribe),
+    );
+    let keying = match secret {
+        Some(secret) => Keying::PreShared(crate::shield::ShieldEpoch {
             epoch: g.epoch,
-            secret,
+            secret: EpochSecret::load(secret).map_err(|e| what(&e))?,
             members: roster
                 .iter()
                 .map(|(id, m)| (*id, m.roles.contains(&Role::Publish)))
                 .collect(),
-        },
+        }),
+        None => {
+            let mut keys = crate::group::keys::GroupKeys::new(identity, policy.clone());
+            keys.update_period_ns =
+                (g.key_update_s > 0).then(|| g.key_update_s.saturating_mul(1_000_000_000));
+            Keying::Mls(Box::new(keys))
+        }
+    };
+    Ok(Some(Secured {
+        key: me,
+        policy_version: policy.version,
+        member_id: me.member_id(),
+        may_publish,
+        may_subscribe,
+        keying,
     }))
 }
 
@@ -283,8 +332,11 @@ socket_buffer_bytes = 8388608
 # fail_timeout_ms = 1000  # with membership: silence before an engine is suspected
 # policy = "/etc/intergroup/demo.policy"   # secure the group: signed policy of its members
 # identity = "/etc/intergroup/engine.key"  # this engine's key (must be in the policy)
-# epoch_secret = "/etc/intergroup/demo.secret"  # pre-shared data-plane secret (intergroup keys secret)
+# With membership = true, MLS keys the group (one commit per view change); otherwise give a
+# pre-shared data-plane secret (intergroup keys secret) and its epoch number:
+# epoch_secret = "/etc/intergroup/demo.secret"
 # epoch = 1
+# key_update_s = 600   # MLS: seconds between this engine's self-update commits (0: never)
 "#;
 
 impl DriverConfig {
@@ -481,7 +533,12 @@ impl Driver {
         let mut secured = HashMap::new();
         for g in &cfg.groups {
             if let Some(s) = load_secured(g, now).map_err(IpcError::Config)? {
-                tracing::info!(group = %g.name, key = %s.key, member_id = s.member_id, epoch = g.epoch, "secured group");
+                let keyed_by = if matches!(s.keying, Keying::Mls(_)) {
+                    "mls"
+                } else {
+                    "pre-shared secret"
+                };
+                tracing::info!(group = %g.name, key = %s.key, member_id = s.member_id, keyed_by, "secured group");
                 secured.insert(g.name.clone(), s);
             }
         }
@@ -571,7 +628,9 @@ impl Driver {
     /// is checked as at start, and against the running one (same group, higher version, higher
     /// epoch, same identity); only if every group passes are the joined ones rekeyed. Members
     /// the new policy drops are then not heard, and cannot read what follows unless they got
-    /// the new secret. Other settings are not reloaded. Returns what changed.
+    /// the new secret. MLS-keyed groups need only the later policy version: the members it
+    /// drops are left out of the next view, whose commit removes them from the MLS group.
+    /// Other settings are not reloaded. Returns what changed.
     pub fn reload(&self, cfg: DriverConfig) -> Result<Vec<String>, IpcError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.reloads
@@ -812,14 +871,37 @@ impl Conductor {
                         g.name
                     ))
                 }
-                None => changes.push(format!("group {}: secured, epoch {}", g.name, g.epoch)),
+                None => changes.push(format!("group {}: secured", g.name)),
                 Some(old)
-                    if old.policy_version == new.policy_version && old.epoch.epoch == new.epoch.epoch => {}
+                    if matches!(old.keying, Keying::Mls(_)) != matches!(new.keying, Keying::Mls(_)) =>
+                {
+                    return Err(format!(
+                        "group {}: changing between MLS and a pre-shared secret needs a restart of its engines",
+                        g.name
+                    ))
+                }
+                Some(old) if old.policy_version == new.policy_version && old.epoch() == new.epoch() => {}
+                Some(old) if matches!(new.keying, Keying::Mls(_)) => {
+                    if new.key != old.key {
+                        return Err(format!("group {}: the identity changed; restart the engine", g.name));
+                    }
+                    if new.policy_version <= old.policy_version {
+                        return Err(format!(
+                            "group {}: policy version {} does not supersede the running version {}",
+                            g.name, new.policy_version, old.policy_version
+                        ));
+                    }
+                    changes.push(format!(
+                        "group {}: policy version {} -> {} (MLS: the next view's commit applies it)",
+                        g.name, old.policy_version, new.policy_version
+                    ));
+                }
                 Some(_) if g.membership && self.groups.contains_key(&g.name) => {
                     // Checked here, before anything moves: the runtime refuses it anyway.
                     return Err(format!(
-                        "group {}: has membership, so its key cannot change while it runs yet; \
-                         restart its engines",
+                        "group {}: has membership and a pre-shared secret, so its key cannot \
+                         change while it runs; restart its engines (or key it by MLS: drop \
+                         epoch_secret)",
                         g.name
                     ));
                 }
@@ -836,15 +918,20 @@ impl Conductor {
                             g.name, new.policy_version, old.policy_version
                         ));
                     }
-                    if new.epoch.epoch <= old.epoch.epoch {
+                    if new.epoch() <= old.epoch() {
                         return Err(format!(
                             "group {}: a new policy needs a new epoch_secret and an epoch above {}",
-                            g.name, old.epoch.epoch
+                            g.name,
+                            old.epoch()
                         ));
                     }
                     changes.push(format!(
                         "group {}: policy version {} -> {}, epoch {} -> {}",
-                        g.name, old.policy_version, new.policy_version, old.epoch.epoch, new.epoch.epoch
+                        g.name,
+                        old.policy_version,
+                        new.policy_version,
+                        old.epoch(),
+                        new.epoch()
                     ));
                 }
             }
@@ -854,14 +941,20 @@ impl Conductor {
             return Err(format!("group {name}: a running secured group stays secured"));
         }
         for (name, new) in &next {
-            let moved = self
-                .secured
-                .get(name)
-                .is_some_and(|old| old.epoch.epoch != new.epoch.epoch);
-            if let (true, Some(joined)) = (moved, self.groups.get(name)) {
-                self.engine()
-                    .rekey(joined.id, new.epoch.clone())
-                    .map_err(|e| format!("group {name}: {e}"))?;
+            let Some(joined) = self.groups.get(name) else {
+                continue;
+            };
+            let old = self.secured.get(name);
+            match &new.keying {
+                Keying::PreShared(epoch) if old.is_some_and(|o| o.epoch() != epoch.epoch) => self
+                    .engine()
+                    .rekey(joined.id, epoch.clone())
+                    .map_err(|e| format!("group {name}: {e}"))?,
+                Keying::Mls(keys) if old.is_some_and(|o| o.policy_version != new.policy_version) => self
+                    .engine()
+                    .update_policy(joined.id, keys.policy.clone())
+                    .map_err(|e| format!("group {name}: {e}"))?,
+                _ => {}
             }
         }
         self.secured = next;
@@ -927,7 +1020,10 @@ impl Conductor {
         };
         if let Some(s) = self.secured.get(name) {
             group.member.member_id = s.member_id;
-            group.secure = Some(s.epoch.clone());
+            match &s.keying {
+                Keying::PreShared(e) => group.secure = Some(e.clone()),
+                Keying::Mls(k) => group.keys = Some((**k).clone()),
+            }
         }
         if membership {
             let fail_ms = entry.map_or(1000, |e| e.fail_timeout_ms).max(10);
