@@ -90,6 +90,21 @@ assert out["delivered_ok"] and out["virtual_synchrony_ok"] and out["order"] == "
 print(f"seed {out['seed']}: {out['views_installed']} primary views, {out['delivered_messages']} total-order deliveries, delivered_ok and virtual_synchrony_ok")
 PY
 done
+echo "== secured group layer: MLS commit per view change, crash + join + leave, self-updates every 300 ms, 10% loss"
+for seed in 1 2 3; do
+  out=$("$bin" sim --secure --key-update-ms 300 --members 7 --senders 3 --order safe --crash 1 --join 1 --leave 1 --loss 0.1 --seed "$seed" --json)
+  python3 - "$out" <<'PY'
+import json, sys
+out = json.loads(sys.argv[1])
+need = ["keys_ok", "key_epoch", "key_commits", "self_updates", "departed_locked_out", "secure_rejected"]
+missing = [k for k in need if k not in out]
+assert not missing, f"secured group sim JSON lacks {missing}"
+assert out["delivered_ok"] and out["virtual_synchrony_ok"] and out["keys_ok"], out
+assert out["departed_locked_out"] is True, out
+assert sum(out["self_updates"]) > 0, out
+print(f"seed {out['seed']}: MLS epoch {out['key_epoch']}, {out['key_commits']} coordinator commits, {sum(out['self_updates'])} self-updates, departed members locked out")
+PY
+done
 out=$("$bin" bench order --senders 3 --size 64 --duration 0.5 --json)
 python3 - "$out" <<'PY'
 import json, sys

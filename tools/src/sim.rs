@@ -94,6 +94,10 @@ pub struct SimArgs {
     /// subscriber publishing, unknown epoch, in turn). Honest members must still get everything.
     #[arg(long, default_value_t = 0.0)]
     attack: f64,
+    /// With --secure and the group layer: each member commits a self-update this often
+    /// (milliseconds of virtual time); none if not given.
+    #[arg(long)]
+    key_update_ms: Option<u64>,
     /// Print one JSON object instead of the report.
     #[arg(long)]
     json: bool,
@@ -138,14 +142,6 @@ pub fn run(args: SimArgs) -> Result<ExitCode, String> {
         if let Some(obj) = value.as_object_mut() {
             obj.insert("wall_seconds".into(), wall.into());
             obj.insert("nak_ratio".into(), report.nak_ratio().into());
-            // Name -> count lists as JSON objects.
-            let object = |pairs: &[(String, u64)]| -> serde_json::Value {
-                pairs
-                    .iter()
-                    .map(|(k, v)| (k.clone(), serde_json::Value::from(*v)))
-                    .collect::<serde_json::Map<_, _>>()
-                    .into()
-            };
             obj.insert("secure_rejected".into(), object(&report.secure_rejected));
             obj.insert("counters".into(), object(&report.counters));
         }
@@ -227,6 +223,7 @@ fn run_group(args: SimArgs) -> Result<ExitCode, String> {
         order: args.order.unwrap_or(Order::Fifo),
         max_virtual_ns: (args.max_virtual_seconds.max(0.0) * 1e9) as u64,
         secure: args.secure,
+        update_period_ns: args.key_update_ms.map(|ms| ms.max(1) * 1_000_000),
         ..GroupSimConfig::default()
     };
     if args.dup > 0.0 || args.reorder > 0.0 {
@@ -248,6 +245,7 @@ fn run_group(args: SimArgs) -> Result<ExitCode, String> {
         let mut value = serde_json::to_value(&report).map_err(|e| e.to_string())?;
         if let Some(obj) = value.as_object_mut() {
             obj.insert("wall_seconds".into(), wall.into());
+            obj.insert("secure_rejected".into(), object(&report.secure_rejected));
         }
         println!("{value}");
     } else {
@@ -329,4 +327,13 @@ fn print_group_report(r: &GroupSimReport, wall: f64) {
     if !(r.delivered_ok && r.virtual_synchrony_ok) {
         println!("  replay this run with --seed {}", r.seed);
     }
+}
+
+/// A name -> count list as a JSON object.
+fn object(pairs: &[(String, u64)]) -> serde_json::Value {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::from(*v)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }

@@ -589,3 +589,60 @@ impl Keying {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn keying() -> Keying {
+        let admin = Identity::from_seed(&[9; 32]);
+        let me = Identity::from_seed(&[1; 32]);
+        let mut policy = Policy::new("g", vec![admin.public()], 0, u64::MAX).unwrap();
+        policy
+            .add_member("m", me.public(), vec![Role::Publish, Role::Subscribe])
+            .unwrap();
+        policy.sign(&admin).unwrap();
+        Keying::new(GroupKeys::new(me, policy), 7)
+    }
+
+    #[test]
+    fn key_messages_round_trip_and_every_cut_is_refused() {
+        let m = KeyMessage {
+            from_epoch: 4,
+            commit: vec![1; 30],
+            welcome: vec![2; 50],
+        }
+        .encode();
+        let back = KeyMessage::decode(&m).unwrap();
+        assert_eq!(
+            (back.from_epoch, back.commit.len(), back.welcome.len()),
+            (4, 30, 50)
+        );
+        for n in 0..m.len() {
+            assert!(KeyMessage::decode(&m[..n]).is_none(), "cut at {n}");
+        }
+    }
+
+    proptest! {
+        /// Random key messages, whole or in random fragments, never panic, never stage keys,
+        /// and are counted.
+        #[test]
+        fn random_key_messages_are_refused(
+            bytes in proptest::collection::vec(any::<u8>(), 1..600),
+            cut in 1usize..200,
+        ) {
+            // Decoding alone must not panic, whatever it makes of the bytes.
+            let _ = KeyMessage::decode(&bytes);
+            let mut k = keying();
+            let total = bytes.len() as u32;
+            let mut ready = false;
+            for (i, chunk) in bytes.chunks(cut).enumerate() {
+                ready |= k.on_fragment(3, total, (i * cut) as u32, chunk.to_vec());
+            }
+            prop_assert!(!ready);
+            prop_assert!(!k.is_ready(3));
+            prop_assert_eq!(k.stats.key_errors, 1);
+        }
+    }
+}
