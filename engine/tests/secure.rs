@@ -689,3 +689,86 @@ fn membership_keys_the_group_by_mls_over_real_sockets() {
     );
     assert!(keyed_epoch(engines[1].as_ref().unwrap()).0 < keyed_epoch(engines[0].as_ref().unwrap()).0);
 }
+
+/// An outsider cannot join an MLS-keyed group: an engine whose key the group's policy does not
+/// list (it runs with a policy of its own making that lists itself) is never heard by the
+/// members, never enters their views, and reads nothing of their traffic.
+#[test]
+fn an_outsider_cannot_join_an_mls_keyed_group() {
+    use intergroup_engine::group::keys::GroupKeys;
+    use intergroup_engine::group::{GroupConfig as MembershipConfig, Order};
+    use intergroup_secure::{Identity, Policy, Role};
+    let port = port();
+    let both = || vec![Role::Publish, Role::Subscribe];
+    let members: Vec<Identity> = (1..=2u8).map(|n| Identity::from_seed(&[n + 60; 32])).collect();
+    let outsider = Identity::from_seed(&[66; 32]);
+    let admin = Identity::from_seed(&[97; 32]);
+    let mut policy = Policy::new("g", vec![admin.public()], 0, u64::MAX).unwrap();
+    for (n, id) in members.iter().enumerate() {
+        policy.add_member(&format!("m{n}"), id.public(), both()).unwrap();
+    }
+    policy.sign(&admin).unwrap();
+    // The outsider's own policy: the members and itself, signed by itself as admin.
+    let mut forged = Policy::new("g", vec![outsider.public()], 0, u64::MAX).unwrap();
+    for (n, id) in members.iter().chain([&outsider]).enumerate() {
+        forged.add_member(&format!("m{n}"), id.public(), both()).unwrap();
+    }
+    forged.sign(&outsider).unwrap();
+    let views = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(u32, u32)>::new()));
+    let (tx, rx) = mpsc::channel::<(u32, u64)>();
+    let start = |id: &Identity, policy: &Policy| -> Engine {
+        let me = id.public().member_id();
+        let e = engine(BackendKind::Auto);
+        let mut g = group(me, port, None, 0.0, u64::from(me));
+        g.membership = Some(MembershipConfig {
+            initial_members: 2,
+            ..MembershipConfig::default()
+        });
+        g.keys = Some(GroupKeys::new(id.clone(), policy.clone()));
+        e.join(g).unwrap();
+        let (tx, views) = (tx.clone(), views.clone());
+        e.subscribe_ordered(GROUP, Order::Total, move |out: Output<'_>| match out {
+            Output::Message(m) => {
+                let _ = tx.send((me, u64::from_le_bytes(m.payload[..8].try_into().unwrap())));
+            }
+            Output::Event(Event::View { members, .. }) => views.lock().unwrap().push((me, members)),
+            Output::Event(_) => {}
+        })
+        .unwrap();
+        e
+    };
+    let intruder = start(&outsider, &forged);
+    let honest: Vec<Engine> = members.iter().map(|m| start(m, &policy)).collect();
+    let ids: Vec<u32> = members.iter().map(|m| m.public().member_id()).collect();
+    eventually("the members' view of two", || {
+        let v = views.lock().unwrap();
+        ids.iter().all(|id| v.iter().any(|&(m, n)| m == *id && n == 2))
+    });
+    let mut p = honest[0].publication(GROUP, 1).unwrap();
+    send_range(&mut p, 0..200);
+    let mut got = 0;
+    while got < 400 {
+        let (who, _) = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the members' messages");
+        assert_ne!(who, outsider.public().member_id(), "the outsider read a message");
+        got += 1;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(rx.try_iter().all(|(who, _)| who != outsider.public().member_id()));
+    for e in &honest {
+        let s = secure_stats(e);
+        assert!(
+            s.rejected(Rejection::NotMember) > 0,
+            "the outsider's datagrams counted: {s:?}"
+        );
+    }
+    // Every view the members installed has two members: the outsider never got in.
+    assert!(views
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(m, _)| ids.contains(m))
+        .all(|&(_, n)| n <= 2));
+    drop(intruder);
+}
