@@ -860,9 +860,14 @@ fn mls_keyed_daemons_form_a_group_and_a_roll_out_removes_the_dropped_engine() {
     for g in &got {
         assert!(g.iter().copied().eq(0..500), "every message once, in order");
     }
-    until("engines sealing and verifying", || {
-        counter(&dir_b, "secure_opened") > 0 && counter(&dir_b, "secure_rejected_bad_tag") == 0
+    until("engines sealing, signing and keyed by MLS", || {
+        counter(&dir_b, "secure_opened") > 0
+            && counter(&dir_b, "secure_signed") > 0
+            && counter(&dir_b, "secure_verified") > 0
+            && counter(&dir_b, "mls_epochs_installed") > 0
     });
+    assert_eq!(counter(&dir_b, "secure_rejected_bad_tag"), 0);
+    assert_eq!(counter(&dir_b, "mls_key_errors"), 0);
 
     // Version 2 drops engine c; a and b take it by reload (SIGHUP in `intergroup engine`).
     let v2_files = files.join("v2");

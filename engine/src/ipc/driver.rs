@@ -433,7 +433,8 @@ pub const COUNTER_NAMES: &[&str] = &[
 ];
 
 /// Labels of the secured groups' counters, summed over groups, after the protocol's:
-/// `secure_sealed`, `secure_opened`, then `secure_rejected_<reason>` per [`Rejection`].
+/// `secure_sealed`, `secure_opened`, then `secure_rejected_<reason>` per [`Rejection`], then
+/// [`MORE_SECURE_LABELS`] (in [`secure_counters`]' order).
 ///
 /// [`Rejection`]: crate::shield::Rejection
 fn secure_counter_labels() -> Vec<String> {
@@ -444,7 +445,36 @@ fn secure_counter_labels() -> Vec<String> {
                 .iter()
                 .map(|r| format!("secure_rejected_{}", r.label())),
         )
+        .chain(MORE_SECURE_LABELS.iter().map(|l| l.to_string()))
         .collect()
+}
+
+/// Signed-path and MLS key agreement counters (MLS-keyed groups).
+const MORE_SECURE_LABELS: [&str; 6] = [
+    "secure_signed",
+    "secure_verified",
+    "mls_epochs_installed",
+    "mls_commits",
+    "mls_self_updates",
+    "mls_key_errors",
+];
+
+/// One group's values for [`secure_counter_labels`].
+fn secure_counters(stats: &crate::runtime::GroupStats) -> Vec<u64> {
+    let mut v = Vec::with_capacity(2 + crate::shield::Rejection::ALL.len() + MORE_SECURE_LABELS.len());
+    let s = stats.secure.clone().unwrap_or_default();
+    v.extend([s.sealed, s.opened]);
+    v.extend(s.rejected);
+    let k = stats.keys.clone().unwrap_or_default();
+    v.extend([
+        s.signed,
+        s.verified,
+        k.epochs_installed,
+        k.commits_made,
+        k.self_updates,
+        k.key_errors,
+    ]);
+    v
 }
 
 /// A running engine daemon on a directory. Dropping it (or [`close`](Self::close)) stops it
@@ -1299,17 +1329,13 @@ impl Conductor {
         }
         let mut protocol = Counters::default();
         let mut logged = 0;
-        let mut secure = [0u64; 2 + crate::shield::Rejection::ALL.len()];
+        let mut secure = vec![0u64; 2 + crate::shield::Rejection::ALL.len() + MORE_SECURE_LABELS.len()];
         for g in self.groups.values() {
             if let Ok(stats) = self.engine().stats(g.id) {
                 protocol.merge(&stats.counters);
                 logged += stats.sunk;
-                if let Some(s) = &stats.secure {
-                    secure[0] += s.sealed;
-                    secure[1] += s.opened;
-                    for (v, r) in secure[2..].iter_mut().zip(s.rejected) {
-                        *v += r;
-                    }
+                for (total, v) in secure.iter_mut().zip(secure_counters(&stats)) {
+                    *total += v;
                 }
             }
         }
