@@ -531,7 +531,7 @@ fn membership_keys_the_group_by_mls_over_real_sockets() {
         std::collections::BTreeMap::<u32, u32>::new(),
     ));
     let (tx, rx) = mpsc::channel::<(u32, u32, u64)>();
-    let start = |n: usize| -> Engine {
+    let start_with = |n: usize, policy: &Policy| -> Engine {
         let e = engine(BackendKind::Auto);
         let mut g = group(ids[n], port, None, 0.0, n as u64 + 1);
         g.membership = Some(MembershipConfig {
@@ -556,6 +556,7 @@ fn membership_keys_the_group_by_mls_over_real_sockets() {
         .unwrap();
         e
     };
+    let start = |n: usize| start_with(n, &policy);
     let members_seen = |who: &[usize], n: u32| {
         let v = views.lock().unwrap();
         who.iter().all(|&k| v.get(&ids[k]) == Some(&n))
@@ -688,6 +689,21 @@ fn membership_keys_the_group_by_mls_over_real_sockets() {
         "the dropped member got messages after its removal: {extra:?} {late:?}"
     );
     assert!(keyed_epoch(engines[1].as_ref().unwrap()).0 < keyed_epoch(engines[0].as_ref().unwrap()).0);
+
+    // The engine stopped earlier comes back with the same identity (and the current policy):
+    // its signed datagrams are not taken for replays of its earlier life, and a Welcome keys it.
+    views.lock().unwrap().remove(&ids[2]);
+    engines[2] = Some(start_with(2, &v2));
+    eventually("the restarted engine back in a view of three", || {
+        members_seen(&[0, 2, 3], 3)
+    });
+    eventually("the restarted engine's epoch", || {
+        let e = keyed_epoch(engines[2].as_ref().unwrap()).0;
+        e > 0 && e == keyed_epoch(engines[0].as_ref().unwrap()).0
+    });
+    assert_eq!(keyed_epoch(engines[2].as_ref().unwrap()).1.welcomes_applied, 1);
+    send(engines[0].as_ref().unwrap(), 800..900);
+    drain(ids[0], 800..900, &[ids[0], ids[2], ids[3]]);
 }
 
 /// An outsider cannot join an MLS-keyed group: an engine whose key the group's policy does not
