@@ -469,6 +469,18 @@ impl MlsMember {
         self.group = None;
     }
 
+    /// A public 64-bit tag of the current epoch, from the exporter: two members with the same
+    /// tag are in the same epoch of the same group (epoch numbers alone do not tell two groups
+    /// apart). Never `u64::MAX`.
+    pub fn epoch_tag(&self) -> Option<u64> {
+        let group = self.group.as_ref()?;
+        let bytes = group
+            .export_secret(self.provider.crypto(), "intergroup epoch tag", b"", 8)
+            .ok()?;
+        let tag = u64::from_le_bytes(bytes.as_slice().try_into().ok()?);
+        Some(tag.min(u64::MAX - 1))
+    }
+
     /// The data plane's secret for the current epoch, bound to `context` (the group's id).
     pub fn epoch_secret(&self, context: &[u8]) -> Result<EpochSecret, MlsError> {
         let group = self.group.as_ref().ok_or(MlsError::NoGroup)?;

@@ -241,3 +241,25 @@ fn a_member_out_of_step_is_replaced_by_a_fresh_leaf_in_one_commit() {
     assert_eq!(secret_bytes(&b), secret_bytes(&c));
     assert_eq!(a.members().len(), 3);
 }
+
+#[test]
+fn epoch_tags_tell_epochs_and_groups_apart() {
+    let p = policy(&[1, 2, 3, 4]);
+    let (mut a, b, _c) = three(&p);
+    assert_eq!(a.epoch_tag(), b.epoch_tag());
+    let before = a.epoch_tag().unwrap();
+    // Another group at the same epoch number has another tag.
+    let mut other = MlsMember::new(identity(4));
+    other.create_group(GROUP).unwrap();
+    let mut d = MlsMember::new(identity(2));
+    let c = other.commit(&[d.key_package().unwrap()], &[], &p).unwrap();
+    other.merge_pending().unwrap();
+    d.join(&c.welcome.unwrap(), &p).unwrap();
+    assert_eq!(other.epoch(), a.epoch());
+    assert_ne!(other.epoch_tag(), a.epoch_tag());
+    // The next epoch has another tag.
+    a.self_update().unwrap();
+    a.merge_pending().unwrap();
+    assert_ne!(a.epoch_tag(), Some(before));
+    assert_eq!(MlsMember::new(identity(1)).epoch_tag(), None);
+}

@@ -152,7 +152,8 @@ pub enum Control {
     KeyPackage {
         /// The proposal answered.
         proposal: u32,
-        /// The MLS epoch the participant is in ([`u64::MAX`]: none).
+        /// The tag of the MLS epoch the participant is in (`MlsMember::epoch_tag`; [`u64::MAX`]:
+        /// none): a number alone does not tell two groups' epochs apart.
         epoch: u64,
         /// Its periodic self-update is due: it asks to commit this view change.
         update: bool,

@@ -94,9 +94,10 @@ pub struct KeyStats {
     pub self_updates: u64,
 }
 
-/// A participant's answer: its MLS epoch, whether its self-update is due, its key package.
+/// A participant's answer: its MLS epoch tag, whether its self-update is due, its key package.
 #[derive(Debug, Clone)]
 pub(crate) struct Package {
+    /// [`MlsMember::epoch_tag`], or [`NO_EPOCH`].
     pub(crate) epoch: u64,
     pub(crate) update: bool,
     pub(crate) package: Vec<u8>,
@@ -339,7 +340,7 @@ impl Keying {
         }
         Some(Control::KeyPackage {
             proposal,
-            epoch: self.mls.epoch().unwrap_or(NO_EPOCH),
+            epoch: self.mls.epoch_tag().unwrap_or(NO_EPOCH),
             update: self.update_due(now),
             package: self.package.clone()?,
         })
@@ -368,6 +369,7 @@ impl Keying {
             }
         }
         let epoch = self.mls.epoch().unwrap_or(NO_EPOCH);
+        let tag = self.mls.epoch_tag().unwrap_or(NO_EPOCH);
         let in_group: BTreeMap<u32, PublicKey> = self
             .mls
             .members()
@@ -384,7 +386,7 @@ impl Keying {
         for &m in members.iter().filter(|&&m| m != me) {
             let current = in_group.contains_key(&m);
             match packages.get(&m) {
-                Some(p) if current && p.epoch == epoch => {}
+                Some(p) if current && p.epoch == tag => {}
                 Some(Package { package, .. }) => {
                     // Outside the group, or in another epoch of it: a fresh leaf.
                     if let Some(k) = in_group.get(&m) {
@@ -428,13 +430,13 @@ impl Keying {
         members: &[u32],
         packages: &BTreeMap<u32, Package>,
     ) -> Option<u32> {
-        let epoch = self.mls.epoch()?;
+        let tag = self.mls.epoch_tag()?;
         let mut in_group: Vec<u32> = self.mls.members().iter().map(|k| self.id_of(k)).collect();
         in_group.sort_unstable();
         if in_group != members
             || members
                 .iter()
-                .any(|m| packages.get(m).is_none_or(|p| p.epoch != epoch))
+                .any(|m| packages.get(m).is_none_or(|p| p.epoch != tag))
         {
             return None;
         }
