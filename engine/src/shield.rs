@@ -79,6 +79,17 @@ impl ShieldEpoch {
         group: u32,
         policy: &intergroup_secure::Policy,
     ) -> Result<Self, intergroup_secure::mls::MlsError> {
+        Self::from_mls_with_ids(mls, group, policy, intergroup_secure::PublicKey::member_id)
+    }
+
+    /// [`from_mls`](Self::from_mls) with member ids given by `id_of` (an assignment other than
+    /// [`intergroup_secure::PublicKey::member_id`]).
+    pub fn from_mls_with_ids(
+        mls: &intergroup_secure::mls::MlsMember,
+        group: u32,
+        policy: &intergroup_secure::Policy,
+        id_of: impl Fn(&intergroup_secure::PublicKey) -> u32,
+    ) -> Result<Self, intergroup_secure::mls::MlsError> {
         let epoch = mls.epoch().ok_or(intergroup_secure::mls::MlsError::NoGroup)?;
         let epoch = u32::try_from(epoch)
             .map_err(|_| intergroup_secure::mls::MlsError::Mls(format!("epoch {epoch} past u32")))?;
@@ -88,7 +99,7 @@ impl ShieldEpoch {
             members: mls
                 .members()
                 .into_iter()
-                .map(|k| (k.member_id(), policy.allows(&k, intergroup_secure::Role::Publish)))
+                .map(|k| (id_of(&k), policy.allows(&k, intergroup_secure::Role::Publish)))
                 .collect(),
         })
     }
@@ -336,6 +347,16 @@ impl Shield {
         self.previous = None;
     }
 
+    /// Seals or signs (as [`Transmit::signed`](crate::proto::Transmit::signed) asks) the
+    /// datagram `t` wrote into `buf`; returns its new length.
+    pub fn protect(&mut self, buf: &mut [u8], t: &crate::proto::Transmit) -> Result<usize, SealError> {
+        if t.signed {
+            self.sign(buf, t.len)
+        } else {
+            self.seal(buf, t.len, Lane::of(&t.destination))
+        }
+    }
+
     /// Signs the datagram in `buf[..len]` (membership frames only) and appends the trailer;
     /// returns the signed length, `len + SIGN_OVERHEAD`.
     pub fn sign(&mut self, buf: &mut [u8], len: usize) -> Result<usize, SealError> {
@@ -408,6 +429,15 @@ impl Shield {
         self.stats.epoch = next.epoch;
         self.previous = Some(std::mem::replace(&mut self.current, next));
         true
+    }
+
+    /// The most bytes sealing or signing adds to a datagram.
+    pub fn max_overhead(&self) -> usize {
+        if self.signing.is_some() {
+            SIGN_OVERHEAD
+        } else {
+            SEAL_OVERHEAD
+        }
     }
 
     /// The member id this shield seals as.

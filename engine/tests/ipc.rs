@@ -209,13 +209,7 @@ fn a_full_publication_pushes_back_and_loses_nothing() {
     assert_eq!(publication.offer(b"more"), Err(OfferError::BackPressured));
     let mut got = Vec::new();
     while (got.len() as u64) < sent {
-        subscription
-            .poll(64, |d| {
-                if let Delivery::Message(m) = d {
-                    got.push(u64::from_le_bytes(m.payload.try_into().unwrap()));
-                }
-            })
-            .unwrap();
+        poll_messages(&mut subscription, &mut got);
     }
     assert!(
         got.into_iter().eq(0..sent),
@@ -678,13 +672,7 @@ fn a_new_policy_version_rolls_out_and_the_dropped_engine_is_cut_off() {
     let got_c = exchange(&mut publication, &mut sub_c, 1_000, sender);
     let mut got_b: Vec<u64> = Vec::new();
     until("engine b has the first thousand", || {
-        sub_b
-            .poll(256, |d| {
-                if let Delivery::Message(m) = d {
-                    got_b.push(u64::from_le_bytes(m.payload.try_into().unwrap()));
-                }
-            })
-            .unwrap();
+        poll_messages(&mut sub_b, &mut got_b);
         got_b.len() == 1_000
     });
 
@@ -716,13 +704,7 @@ fn a_new_policy_version_rolls_out_and_the_dropped_engine_is_cut_off() {
         while sent < 2_000 && publication.offer(&sent.to_le_bytes()).is_ok() {
             sent += 1;
         }
-        sub_b
-            .poll(256, |d| {
-                if let Delivery::Message(m) = d {
-                    got_b.push(u64::from_le_bytes(m.payload.try_into().unwrap()));
-                }
-            })
-            .unwrap();
+        poll_messages(&mut sub_b, &mut got_b);
     }
     assert!(
         got_b.iter().copied().eq(0..2_000),

@@ -27,7 +27,7 @@
 use super::control::Control;
 use crate::shield::ShieldEpoch;
 use intergroup_secure::mls::{MlsError, MlsMember, Staged};
-use intergroup_secure::{Identity, Policy, PublicKey, Role};
+use intergroup_secure::{Identity, Policy, PublicKey};
 use std::collections::{BTreeMap, VecDeque};
 
 /// "No MLS epoch" in a [`Control::KeyPackage`].
@@ -64,17 +64,25 @@ impl GroupKeys {
 
     /// The member id of `key`.
     pub fn id_of(&self, key: &PublicKey) -> u32 {
-        self.ids.get(key).copied().unwrap_or_else(|| key.member_id())
+        id_of(&self.ids, key)
     }
 
     /// The policy's members as (member id, key), for the shield's signed path.
     pub fn roster(&self) -> Vec<(u32, PublicKey)> {
-        self.policy
-            .members
-            .iter()
-            .map(|m| (self.id_of(&m.key), m.key))
-            .collect()
+        roster(&self.ids, &self.policy)
     }
+}
+
+fn id_of(ids: &BTreeMap<PublicKey, u32>, key: &PublicKey) -> u32 {
+    ids.get(key).copied().unwrap_or_else(|| key.member_id())
+}
+
+fn roster(ids: &BTreeMap<PublicKey, u32>, policy: &Policy) -> Vec<(u32, PublicKey)> {
+    policy
+        .members
+        .iter()
+        .map(|m| (id_of(ids, &m.key), m.key))
+        .collect()
 }
 
 /// Counters of the key agreement.
@@ -255,12 +263,7 @@ impl Keying {
             ));
         }
         self.policy = policy;
-        Ok(self
-            .policy
-            .members
-            .iter()
-            .map(|m| (self.id_of(&m.key), m.key))
-            .collect())
+        Ok(roster(&self.ids, &self.policy))
     }
 
     /// A later policy came since the installed epoch: the next view change applies it.
@@ -304,7 +307,7 @@ impl Keying {
     }
 
     fn id_of(&self, key: &PublicKey) -> u32 {
-        self.ids.get(key).copied().unwrap_or_else(|| key.member_id())
+        id_of(&self.ids, key)
     }
 
     fn group_id(&self) -> Vec<u8> {
@@ -545,21 +548,9 @@ impl Keying {
             self.keyed = false;
             return;
         };
-        let epoch = self.mls.epoch().and_then(|e| u32::try_from(e).ok());
-        let secret = self.mls.epoch_secret(&self.group.to_be_bytes());
-        let members: Vec<(u32, bool)> = self
-            .mls
-            .members()
-            .iter()
-            .map(|k| (self.id_of(k), self.policy.allows(k, Role::Publish)))
-            .collect();
-        match (epoch, secret) {
-            (Some(epoch), Ok(secret)) => {
-                let e = ShieldEpoch {
-                    epoch,
-                    secret,
-                    members,
-                };
+        let ids = &self.ids;
+        match ShieldEpoch::from_mls_with_ids(&self.mls, self.group, &self.policy, |k| id_of(ids, k)) {
+            Ok(e) => {
                 if let Some(period) = self.period {
                     if own || self.next_update.is_none() {
                         // Its own commit refreshed its leaf and path: the next is a period
@@ -576,7 +567,7 @@ impl Keying {
                 self.stats.epochs_installed += 1;
                 self.rekeys.push_back(e);
             }
-            _ => {
+            Err(_) => {
                 self.stats.key_errors += 1;
                 self.keyed = false;
             }
@@ -595,6 +586,7 @@ impl Keying {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use intergroup_secure::Role;
     use proptest::prelude::*;
 
     fn keying() -> Keying {

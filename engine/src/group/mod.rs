@@ -867,8 +867,8 @@ impl GroupMember {
     }
 
     /// Queues a `STATE`: `periodic` for the heartbeat, else an acknowledgement. In secured
-    /// groups heartbeats are signed (members without the keys must hear the group), and so is
-    /// everything a member without the keys sends.
+    /// groups every third heartbeat is signed (members without the keys must hear the group),
+    /// and so is everything a member without the keys sends.
     fn queue_state(&mut self, now: Nanos, periodic: bool) {
         self.next_hello = now + self.cfg.hello_interval_ns;
         self.last_state = now;
@@ -1027,6 +1027,22 @@ impl GroupMember {
             .or_else(|| reachable.first().copied())
     }
 
+    /// Secured groups: the primary view's keys must move on though its members do not: a
+    /// member's periodic self-update is due (seen in a `STATE` of this view), or a later policy
+    /// came since the epoch was installed.
+    fn needs_new_epoch(&self, now: Nanos, reachable: &[u32]) -> bool {
+        let Some(k) = self.keys.as_ref().filter(|k| self.primary && k.keyed()) else {
+            return false;
+        };
+        k.update_due(now)
+            || k.policy_pending()
+            || reachable.iter().any(|m| {
+                self.peers
+                    .get(m)
+                    .is_some_and(|p| p.update_due && p.view == self.view.id)
+            })
+    }
+
     fn coordinate(&mut self, now: Nanos) {
         let reachable = self.reachable(now);
         if self.leaving || self.coordinator_of(&reachable) != Some(self.id) {
@@ -1079,25 +1095,12 @@ impl GroupMember {
                 lagging.push(*m);
             }
         }
-        // Secured groups: a member's periodic self-update is due (seen in a STATE of this view):
-        // a view change of the same members lets it commit.
-        let update_due = self.primary
-            && self.keys.as_ref().is_some_and(|k| k.keyed())
-            && (self.keys.as_ref().is_some_and(|k| k.update_due(now))
-                || reachable.iter().any(|m| {
-                    self.peers
-                        .get(m)
-                        .is_some_and(|p| p.update_due && p.view == self.view.id)
-                }));
-        // Secured groups: a later policy takes effect with the next epoch.
-        let update_due =
-            update_due || (self.primary && self.keys.as_ref().is_some_and(|k| k.policy_pending()));
         let stable = self.view.id != 0
             && self.view.members == reachable
             && (self.view.senders == senders || !self.primary)
             && extra.is_empty()
             && !ahead
-            && !update_due;
+            && !self.needs_new_epoch(now, &reachable);
         if stable {
             if !lagging.is_empty() {
                 // Members that agreed to this view but missed its INSTALL (its coordinator may
@@ -1193,14 +1196,17 @@ impl GroupMember {
 
     /// Queues every fragment of the round's key message (after its `COMMIT`).
     fn push_key_fragments(&mut self) {
-        let Some(r) = self.round.as_ref().filter(|r| r.commit.is_some()) else {
+        let Some(r) = self.round.as_mut().filter(|r| r.commit.is_some()) else {
             return;
         };
-        let Some(keys) = r.keys.clone() else {
+        let Some(keys) = r.keys.take() else {
             return;
         };
         let proposal = r.view.id;
         self.push_fragments(proposal, &keys);
+        if let Some(r) = self.round.as_mut() {
+            r.keys = Some(keys);
+        }
     }
 
     /// Queues `keys`, the key message of `proposal`, in fragments that fit a datagram.

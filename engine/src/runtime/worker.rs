@@ -8,7 +8,7 @@ use super::sys::{self, EventFd};
 use super::{EngineError, GroupConfig, GroupInfo, GroupStats, Handler};
 use crate::group::{GroupMember, Order};
 use crate::proto::{Destination, Member, Nanos, Output};
-use crate::shield::{Lane, Shield, ShieldEpoch, SEAL_OVERHEAD, SIGN_OVERHEAD};
+use crate::shield::{Shield, ShieldEpoch, SEAL_OVERHEAD, SIGN_OVERHEAD};
 use crate::transport::{open_sockets, ReceiveLoss, TransportStats};
 use crate::wire;
 use crossbeam_channel::{Receiver, Sender};
@@ -121,6 +121,7 @@ pub enum Command {
     Stats(u32, Sender<Result<GroupStats, EngineError>>),
     /// Move a secured group to a later epoch.
     Rekey(u32, Box<ShieldEpoch>, Sender<Result<(), EngineError>>),
+    /// Take a later policy version of an MLS-keyed group.
     UpdatePolicy(
         u32,
         Box<intergroup_secure::Policy>,
@@ -254,8 +255,6 @@ struct Group {
     touched: bool,
     /// Seals and opens every datagram of a secured group.
     shield: Option<Shield>,
-    /// Bytes the shield adds to a datagram at most (0 unsecured).
-    trailer: usize,
 }
 
 /// The worker's state.
@@ -669,7 +668,6 @@ impl Worker {
             stats: TransportStats::default(),
             deadline: None,
             touched: true,
-            trailer: if shield.is_some() { overhead } else { 0 },
             shield,
         });
         Ok(GroupInfo {
@@ -1002,7 +1000,7 @@ fn build_sends(g: &mut Group, now: Nanos, batch: &mut SendBatch, scratch: &mut S
     let Scratch { pieces, plan } = scratch;
     let mtu = g.proto.config().mtu;
     // A secured group's datagrams grow by the seal (or signature) once built.
-    let room = mtu + g.trailer;
+    let room = mtu + g.shield.as_ref().map_or(0, Shield::max_overhead);
     // In-place datagrams stay valid until the retransmit buffer takes this many more frames.
     let max_in_place = (g.proto.config().retransmit_frames as usize / 2).clamp(1, 1024);
     let fd = g.unicast.as_raw_fd();
@@ -1022,13 +1020,7 @@ fn build_sends(g: &mut Group, now: Nanos, batch: &mut SendBatch, scratch: &mut S
         };
         if let Some(shield) = g.shield.as_mut() {
             // In-place transmits are off for secured groups: the datagram is in the arena.
-            let buf = &mut batch.arena[start..start + room];
-            let sealed = if t.signed {
-                shield.sign(buf, t.len)
-            } else {
-                shield.seal(buf, t.len, Lane::of(&t.destination))
-            };
-            match sealed {
+            match shield.protect(&mut batch.arena[start..start + room], &t) {
                 Ok(n) => t.len = n,
                 Err(e) => {
                     tracing::error!(group = g.id, error = %e, "datagram not sealed, dropped");

@@ -638,12 +638,7 @@ impl GroupSimulation {
             };
             let mut len = t.len;
             if let Some(shield) = self.shields.get_mut(i) {
-                let sealed = if t.signed {
-                    shield.sign(&mut self.buf, len)
-                } else {
-                    shield.seal(&mut self.buf, len, Lane::of(&t.destination))
-                };
-                match sealed {
+                match shield.protect(&mut self.buf, &t) {
                     Ok(n) => len = n,
                     Err(e) => {
                         self.checker
