@@ -10,6 +10,7 @@
 pub mod baseline;
 pub mod broadcast;
 pub mod file;
+pub mod hint;
 mod memory;
 mod primitive;
 pub mod records;

@@ -154,21 +154,11 @@ unsafe impl Memory for Mapped {
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
     #[inline]
     fn prefetch_write(&self, offset: usize) {
         debug_assert!(offset < self.capacity);
-        // (`_mm_prefetch` with `_MM_HINT_ET0` compiles to a read prefetch unless the build
-        // targets PRFCHW, so the instruction is written out; CPUs without it treat it as a NOP.)
-        // SAFETY: PREFETCHW is a hint: it never faults and changes no memory or flags, and the
-        // address is inside the mapping anyway.
-        unsafe {
-            std::arch::asm!(
-                "prefetchw [{0}]",
-                in(reg) self.data.add(offset),
-                options(nostack, preserves_flags, readonly)
-            )
-        }
+        // `wrapping_add` keeps this safe code; the offset is inside the mapping anyway.
+        crate::hint::prefetch_write_ptr(self.data.wrapping_add(offset));
     }
 
     #[inline]
