@@ -73,7 +73,10 @@ impl Wake {
         // Pairs with the fence in `Worker::park`: either the worker sees the record, or this
         // sees `parked` and wakes it.
         fence(Ordering::SeqCst);
-        if self.parked.load(Ordering::Relaxed) {
+        // Only the first offer after the worker parked notifies: the eventfd stays readable
+        // until the worker runs, and offers made while it gets back to work (tens of
+        // microseconds when the cores are busy) would otherwise each make a system call.
+        if self.parked.load(Ordering::Relaxed) && self.parked.swap(false, Ordering::Relaxed) {
             self.fd.notify();
         }
     }
