@@ -2,6 +2,9 @@
 
 use super::reassembly::FrameInfo;
 
+/// How many slots ahead of a held frame the next ones' lines are asked for.
+const PREFETCH_SLOTS: u64 = 4;
+
 #[derive(Debug, Clone, Copy, Default)]
 struct SlotMeta {
     /// Sequence held in the slot; meaningful only while `occupied`.
@@ -65,6 +68,11 @@ impl HeldFrames {
         };
         let start = i * self.slot_len;
         self.bytes[start..start + f.payload.len()].copy_from_slice(f.payload);
+        // Frames behind a gap come in sequence, so the next ones go to the next slots: ask
+        // for their lines now (the slots span a window, more than the caches hold, and each
+        // first store would otherwise wait for its line).
+        let next = ((f.sequence + PREFETCH_SLOTS) & self.mask) as usize * self.slot_len;
+        intergroup_ring::hint::prefetch_write(&self.bytes[next..next + f.payload.len()]);
     }
 
     /// Releases the frame of `sequence` and lends it out; `None` if it is not held.
