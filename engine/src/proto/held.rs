@@ -3,7 +3,7 @@
 use super::reassembly::FrameInfo;
 
 /// How many slots ahead of a held frame the next ones' lines are asked for.
-const PREFETCH_SLOTS: u64 = 4;
+const PREFETCH_SLOTS: u64 = 8;
 
 #[derive(Debug, Clone, Copy, Default)]
 struct SlotMeta {
