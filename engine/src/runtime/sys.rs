@@ -211,11 +211,14 @@ impl EventFd {
         unsafe { libc::write(self.fd(), (&one as *const u64).cast(), 8) };
     }
 
-    /// Resets the counter (after a wake was seen through `poll`).
-    pub fn drain(&self) {
+    /// Resets the counter (after a wake was seen through `poll`); returns what it held (0 when
+    /// nothing notified).
+    pub fn drain(&self) -> u64 {
         let mut v: u64 = 0;
-        // SAFETY: reads 8 bytes into a live u64; non-blocking, so EAGAIN when already zero.
+        // SAFETY: reads 8 bytes into a live u64; non-blocking, so EAGAIN (and `v` stays 0) when
+        // already zero.
         unsafe { libc::read(self.fd(), (&mut v as *mut u64).cast(), 8) };
+        v
     }
 }
 

@@ -1119,3 +1119,31 @@ fn build_sends(g: &mut Group, now: Nanos, batch: &mut SendBatch, scratch: &mut S
     }
     full
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_parked_worker_is_notified_once_however_many_offers_follow() {
+        let wake = Wake {
+            parked: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            fd: EventFd::new().expect("eventfd"),
+        };
+        // A running worker is not notified.
+        wake.after_offer();
+        assert_eq!(wake.fd.drain(), 0);
+        // A parked one once: the eventfd stays readable until it runs.
+        wake.parked.store(true, Ordering::Relaxed);
+        for _ in 0..5 {
+            wake.after_offer();
+        }
+        assert_eq!(wake.fd.drain(), 1);
+        assert!(!wake.parked.load(Ordering::Relaxed));
+        // Parked again, notified again.
+        wake.parked.store(true, Ordering::Relaxed);
+        wake.after_offer();
+        assert_eq!(wake.fd.drain(), 1);
+    }
+}
