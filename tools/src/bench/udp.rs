@@ -75,6 +75,8 @@ pub struct UdpArgs {
     /// Multicast port (default: one derived from the process id).
     #[arg(long)]
     port: Option<u16>,
+    #[command(flatten)]
+    recovery: Recovery,
     /// Seal every datagram (AES-256-GCM, the Secure Group Layer's data plane) under a fresh
     /// random epoch secret, after a plaintext run and an AEAD-only measurement of the same size
     /// in the same invocation: adds `ratio_to_plain` and `ratio_to_aead`.
@@ -93,8 +95,46 @@ impl UdpArgs {
         Tuning {
             mtu: self.mtu,
             window: self.window,
+            recovery: self.recovery,
             secure: None,
         }
+    }
+}
+
+/// Loss-recovery timings of every engine of the run; each left out keeps the engine's default
+/// (`MemberConfig`).
+#[derive(Debug, Clone, Copy, Default, Args)]
+pub struct Recovery {
+    /// Upper bound of a receiver's random delay before it NAKs a gap, in microseconds.
+    #[arg(long)]
+    nak_backoff_us: Option<u64>,
+    /// Wait before the same gap is NAKed again, in microseconds.
+    #[arg(long)]
+    nak_retry_us: Option<u64>,
+    /// A sender retransmits a sequence at most once per this many microseconds.
+    #[arg(long)]
+    retransmit_linger_us: Option<u64>,
+}
+
+impl Recovery {
+    fn apply(self, m: &mut MemberConfig) {
+        let us = |v: Option<u64>, default: u64| v.map_or(default, |v| v.saturating_mul(1_000));
+        m.nak_max_backoff_ns = us(self.nak_backoff_us, m.nak_max_backoff_ns);
+        m.nak_retry_ns = us(self.nak_retry_us, m.nak_retry_ns);
+        m.retransmit_linger_ns = us(self.retransmit_linger_us, m.retransmit_linger_ns);
+    }
+
+    /// The flags that set the same timings in a subscriber child.
+    fn args(self) -> Vec<String> {
+        [
+            ("--nak-backoff-us", self.nak_backoff_us),
+            ("--nak-retry-us", self.nak_retry_us),
+            ("--retransmit-linger-us", self.retransmit_linger_us),
+        ]
+        .into_iter()
+        .filter_map(|(flag, v)| v.map(|v| [flag.to_string(), v.to_string()]))
+        .flatten()
+        .collect()
     }
 }
 
@@ -120,6 +160,7 @@ fn engine_config(backend: BackendKind, busy_poll: bool) -> EngineConfig {
 struct Tuning {
     mtu: usize,
     window: u32,
+    recovery: Recovery,
     secure: Option<BenchSecret>,
 }
 
@@ -178,6 +219,7 @@ fn group_config(member_id: u32, port: u16, t: Tuning, loss: f64, seed: u64) -> G
         retransmit_frames: (t.window * 4).next_power_of_two(),
         ..MemberConfig::default()
     });
+    t.recovery.apply(&mut g.member);
     g.udp.group.set_port(port);
     g.receive_loss = loss;
     g.loss_seed = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(member_id);
@@ -350,6 +392,8 @@ pub struct SubArgs {
     /// Subscribers of the run (the secured group's member list).
     #[arg(long, default_value_t = 1)]
     subscribers: usize,
+    #[command(flatten)]
+    recovery: Recovery,
 }
 
 /// The subscriber child: reports when the run ends or its stdin closes.
@@ -360,6 +404,7 @@ pub fn sub(a: SubArgs) -> Result<ExitCode, String> {
         Tuning {
             mtu: a.mtu,
             window: a.window,
+            recovery: a.recovery,
             secure: BenchSecret::from_env(a.subscribers)?,
         },
         a.loss,
@@ -559,6 +604,7 @@ fn engine_run(a: &UdpArgs, port: u16, tuning: Tuning, label: &str) -> Result<Eng
             if a.busy_poll {
                 args.push("--busy-poll".into());
             }
+            args.extend(a.recovery.args());
             let env: Vec<(&str, String)> = tuning
                 .secure
                 .iter()
@@ -804,6 +850,7 @@ pub fn pong(a: PongArgs) -> Result<ExitCode, String> {
             Tuning {
                 mtu: 1472,
                 window: 4096,
+                recovery: Recovery::default(),
                 secure: None,
             },
             0.0,
