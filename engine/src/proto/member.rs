@@ -329,6 +329,27 @@ impl Member {
         self.sender.as_ref().map_or(0, |s| s.queue.queued_bytes())
     }
 
+    /// How many more messages of up to one frame [`publish`](Self::publish) would frame at
+    /// once instead of queueing: what flow control allows beyond everything already framed or
+    /// queued. A driver that can leave messages where they are (a publication ring) offers no
+    /// more than this, so a sender held back by its receivers copies nothing twice. No room
+    /// counts a flow-control stall, as a full window met while framing does.
+    pub fn publish_room(&mut self) -> u64 {
+        let Some(s) = self.sender.as_mut() else {
+            return u64::from(self.cfg.window_frames);
+        };
+        let room = s
+            .flow
+            .limit()
+            .saturating_sub(s.retransmit.next())
+            .saturating_sub(s.queue.messages.len() as u64);
+        if room == 0 && !s.stalled {
+            s.stalled = true;
+            self.counters.incr(Counter::FlowControlStalls);
+        }
+        room
+    }
+
     /// This member's contiguous position in `sender`'s stream, if it heard from `sender`.
     pub fn position_of(&self, sender: u32) -> Option<u64> {
         self.peers.get(sender).map(|p| p.loss.position())
@@ -1113,5 +1134,45 @@ impl Sink<'_> {
                 report_once(self.events, self.reported, RejectReason::OversizedMessage);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_room_is_the_window_left_after_framed_and_queued_messages() {
+        let cfg = MemberConfig {
+            window_frames: 8,
+            retransmit_frames: 8,
+            ..MemberConfig::default()
+        };
+        let mut m = Member::new(cfg, 1).unwrap();
+        assert_eq!(m.publish_room(), 8, "a member that never sent has one window");
+        let big = [7u8; 1000];
+        for _ in 0..5 {
+            m.publish(0, &big).unwrap();
+        }
+        assert_eq!(m.publish_room(), 3, "five one-frame messages framed at publish");
+        // A small message waits in the queue to share a datagram; it takes room all the same.
+        m.publish(0, &[1u8; 64]).unwrap();
+        assert_eq!(m.queued_bytes(), 64);
+        assert_eq!(m.publish_room(), 2);
+        // Behind a queued message even large ones queue, and the room runs out.
+        m.publish(0, &big).unwrap();
+        m.publish(0, &big).unwrap();
+        assert_eq!(m.publish_room(), 0);
+        assert_eq!(m.publish_room(), 0);
+        assert_eq!(
+            m.counters().get(Counter::FlowControlStalls),
+            1,
+            "one stall however often the room is asked for"
+        );
+        // Sending frames what fits; the window is still full until a receiver reports.
+        let mut buf = vec![0u8; 1500];
+        while m.poll_transmit(0, &mut buf).is_some() {}
+        assert_eq!(m.publish_room(), 0);
+        assert_eq!(m.next_sequence(), 8);
     }
 }

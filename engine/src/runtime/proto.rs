@@ -70,6 +70,16 @@ impl Proto {
         }
     }
 
+    /// How many records a publication ring should hand over now: a plain member's
+    /// [`Member::publish_room`], so what flow control holds back waits in the ring, not in the
+    /// send queue; a group member takes whatever comes (its ordering queues it anyway).
+    pub(crate) fn publish_room(&mut self) -> usize {
+        match self {
+            Proto::Plain(m) => usize::try_from(m.publish_room()).unwrap_or(usize::MAX),
+            Proto::Group(_) => usize::MAX,
+        }
+    }
+
     /// Whether publications must be read now: a plain member only while remote receivers
     /// listen (local subscribers read the logs themselves); a group member always, since every
     /// delivery, local ones included, goes through its ordering.

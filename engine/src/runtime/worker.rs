@@ -164,6 +164,16 @@ impl Source {
             Source::Log { reader, .. } => reader.as_ref().is_none_or(|r| !r.has_records()),
         }
     }
+
+    /// Most records to take now when the member has `room` for that many (see
+    /// [`Proto::publish_room`]): a ring keeps the rest, and its producer feels the back-pressure;
+    /// a client's log must be read on, or its slowest readers would be evicted.
+    fn batch(&self, room: usize) -> usize {
+        match self {
+            Source::Ring(_) => READ_BATCH.min(room),
+            Source::Log { .. } => READ_BATCH,
+        }
+    }
 }
 
 /// A subscription log this worker writes.
@@ -717,6 +727,10 @@ impl Worker {
                 if !p.overflow.is_empty() || g.proto.queued_bytes() > limit {
                     continue;
                 }
+                let batch = p.source.batch(g.proto.publish_room());
+                if batch == 0 {
+                    continue;
+                }
                 let (member, overflow, stream) = (&mut g.proto, &mut p.overflow, p.stream);
                 let mut pushed_back = 0;
                 let mut take = |bytes: &[u8]| {
@@ -727,9 +741,9 @@ impl Worker {
                     }
                 };
                 let n = match &mut p.source {
-                    Source::Ring(c) => c.read(READ_BATCH, |_, bytes| take(bytes)),
+                    Source::Ring(c) => c.read(batch, |_, bytes| take(bytes)),
                     Source::Log { reader, .. } => {
-                        match reader.as_mut().map(|r| r.poll(READ_BATCH, |_, b| take(b))) {
+                        match reader.as_mut().map(|r| r.poll(batch, |_, b| take(b))) {
                             Some(Ok(n)) => n,
                             // Evicted (this worker was too slow for the client's timeout): join
                             // again at the tail next turn; the remote receivers see a gap.
@@ -900,11 +914,12 @@ impl Worker {
         // A publication counts as work only when its member can take it: a sender held back by
         // flow control sleeps until a STATUS (a datagram) or a timer wakes it.
         let work_waiting = !self.commands.is_empty()
-            || self.groups.iter().any(|g| {
+            || self.groups.iter_mut().any(|g| {
+                let room = g.proto.publish_room();
                 g.proto.queued_bytes() <= SEND_QUEUE_LOW_WATER.min(g.proto.config().send_queue_bytes / 2)
                     && g.publications
                         .iter()
-                        .any(|p| p.overflow.is_empty() && !p.source.is_empty())
+                        .any(|p| p.overflow.is_empty() && !p.source.is_empty() && p.source.batch(room) > 0)
             });
         if !work_waiting {
             let wait = match self.timers.peek() {
