@@ -579,21 +579,34 @@ impl Member {
                 }
             }
             while let Some(&seq) = s.retransmit_queue.front() {
-                match s.retransmit.get(seq) {
-                    None => {
-                        // Evicted since it was asked for: tell receivers where the buffer starts.
-                        s.retransmit_queue.pop_front();
-                        s.heartbeat_due = true;
-                    }
-                    Some(frame) => {
-                        if !w.push_retransmit(frame) {
-                            break;
-                        }
-                        s.retransmit_queue.pop_front();
-                        sent_any = true;
-                        self.counters.incr(Counter::Retransmissions);
-                    }
+                let Some(frame) = s.retransmit.get(seq) else {
+                    // Evicted since it was asked for: tell receivers where the buffer starts.
+                    s.retransmit_queue.pop_front();
+                    s.heartbeat_due = true;
+                    continue;
+                };
+                if self.in_place_transmit && w.is_empty() && frame.len() > w.remaining() / 2 {
+                    // It would travel alone anyway: send it again from its slot, no copy.
+                    let len = wire::DATAGRAM_HEADER_LEN + frame.len();
+                    s.retransmit.mark_retransmitted(seq);
+                    s.retransmit_queue.pop_front();
+                    s.last_send_ns = now_ns;
+                    self.counters.incr(Counter::Retransmissions);
+                    self.counters.incr(Counter::DatagramsSent);
+                    return Some(Transmit {
+                        destination: Destination::Group,
+                        len,
+                        new_data_frames: 0,
+                        in_place: Some(seq),
+                        signed: false,
+                    });
                 }
+                if !w.push_retransmit(frame) {
+                    break;
+                }
+                s.retransmit_queue.pop_front();
+                sent_any = true;
+                self.counters.incr(Counter::Retransmissions);
             }
             // Messages framed at publish go first: their sequences come before the queue's.
             if s.solo.is_empty() {
@@ -639,8 +652,8 @@ impl Member {
         None
     }
 
-    /// Lets [`poll_transmit`](Self::poll_transmit) leave datagrams that carry one new frame in
-    /// the retransmit buffer (see [`Transmit::in_place`]) instead of copying them out, for
+    /// Lets [`poll_transmit`](Self::poll_transmit) leave datagrams that carry one frame (new,
+    /// or a retransmission that fills a datagram alone) in the retransmit buffer (see [`Transmit::in_place`]) instead of copying them out, for
     /// drivers that send with scatter-gather I/O.
     pub fn set_in_place_transmit(&mut self, on: bool) {
         self.in_place_transmit = on;
@@ -1174,5 +1187,51 @@ mod tests {
         while m.poll_transmit(0, &mut buf).is_some() {}
         assert_eq!(m.publish_room(), 0);
         assert_eq!(m.next_sequence(), 8);
+    }
+
+    #[test]
+    fn a_retransmission_that_fills_a_datagram_leaves_from_its_slot_marked_as_such() {
+        let cfg = |id| MemberConfig {
+            member_id: id,
+            ..MemberConfig::default()
+        };
+        let mut sender = Member::new(cfg(1), 1).unwrap();
+        sender.set_in_place_transmit(true);
+        let mut receiver = Member::new(cfg(2), 2).unwrap();
+        let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let mut buf = vec![0u8; 1500];
+        let mut datagrams = Vec::new();
+        for i in 0..3u8 {
+            sender.publish(0, &[i; 1000]).unwrap();
+            while let Some(t) = sender.poll_transmit(0, &mut buf) {
+                let seq = t.in_place.expect("one-frame messages leave in place");
+                datagrams.push(sender.transmitted(seq).unwrap().to_vec());
+            }
+        }
+        // Sequence 1 is lost: the receiver NAKs it once its back-off has passed.
+        receiver.handle_datagram(0, from, &datagrams[0]);
+        receiver.handle_datagram(0, from, &datagrams[2]);
+        let now = receiver.poll_timeout().unwrap();
+        receiver.handle_timeout(now);
+        let mut sent = 0;
+        while let Some(t) = receiver.poll_transmit(now, &mut buf) {
+            sender.handle_datagram(now, from, &buf[..t.len]);
+            sent += 1;
+        }
+        assert!(sent > 0 && receiver.counters().get(Counter::NaksSent) == 1);
+        let t = sender.poll_transmit(now, &mut buf).expect("the repair");
+        assert_eq!((t.in_place, t.new_data_frames), (Some(1), 0));
+        let repair = sender.transmitted(1).unwrap().to_vec();
+        assert_eq!(repair.len(), t.len);
+        assert_eq!(repair[wire::DATAGRAM_HEADER_LEN + 1], wire::DATA_FLAG_RETRANSMIT);
+        assert_eq!(sender.counters().get(Counter::Retransmissions), 1);
+        receiver.handle_datagram(now, from, &repair);
+        let mut got = Vec::new();
+        receiver.drain(|o| {
+            if let Output::Message(m) = o {
+                got.push(m.payload[0]);
+            }
+        });
+        assert_eq!(got, [0, 1, 2]);
     }
 }

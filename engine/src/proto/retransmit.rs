@@ -4,7 +4,7 @@
 //! travels alone can be sent as a datagram straight from its slot, with no copy.
 
 use super::Nanos;
-use crate::wire::DATAGRAM_HEADER_LEN;
+use crate::wire::{DATAGRAM_HEADER_LEN, DATA_FLAG_RETRANSMIT};
 
 /// How far ahead of its writes the log asks for cache lines.
 const PREFETCH_AHEAD: usize = 8 << 10;
@@ -137,6 +137,16 @@ impl RetransmitBuffer {
         let i = self.index(seq);
         let start = self.offsets[i] as usize;
         Some(&self.log[start..start + DATAGRAM_HEADER_LEN + usize::from(self.lens[i])])
+    }
+
+    /// Marks the frame of `seq`, if still held, as a retransmission in its slot, so its
+    /// datagram can be sent again in place.
+    pub fn mark_retransmitted(&mut self, seq: u64) {
+        if seq < self.oldest || seq >= self.next || self.lens[self.index(seq)] < 2 {
+            return;
+        }
+        let start = self.offsets[self.index(seq)] as usize;
+        self.log[start + DATAGRAM_HEADER_LEN + 1] |= DATA_FLAG_RETRANSMIT;
     }
 
     /// Records a retransmission of `seq` at `now_ns` unless one happened within `linger_ns`;
