@@ -81,6 +81,11 @@ impl LossDetector {
         self.next_expected
     }
 
+    /// One past the highest sequence tracked: received, or announced and within the window.
+    pub fn high(&self) -> u64 {
+        self.high
+    }
+
     /// Number of missing sequences currently tracked.
     pub fn missing_count(&self) -> u64 {
         self.gaps.iter().map(|(first, g)| g.end - first).sum()

@@ -109,11 +109,23 @@ struct Peer {
     reassembly: Reassembly,
     /// Where the sender's own datagrams come from; STATUS goes there.
     addr: SocketAddr,
-    /// Position in the last STATUS sent.
-    reported_position: u64,
+    /// Position plus window of the last STATUS sent: the sender's limit on our account.
+    reported_limit: u64,
     status_queued: bool,
     next_status_ns: Nanos,
     last_heard_ns: Nanos,
+}
+
+impl Peer {
+    /// How far the sender may go on this receiver's account (position plus the window a
+    /// STATUS advertises): `window_frames` beyond the highest sequence tracked, so a gap
+    /// waiting for its repair does not hold the sender back, but never beyond what this
+    /// receiver can hold past its position.
+    /// `window` and `hold` are `window_frames` and `hold_frames()` of the configuration.
+    fn limit(&self, window: u64, hold: u64) -> u64 {
+        let position = self.loss.position();
+        (self.loss.high().max(position) + window).min(position + hold)
+    }
 }
 
 /// The remote senders, in the order first heard. Frames come in runs from one sender (a
@@ -691,16 +703,20 @@ impl Member {
         let peer = self.peers.get_mut(id)?;
         peer.status_queued = false;
         let position = peer.loss.position();
+        let limit = peer.limit(
+            u64::from(self.cfg.window_frames),
+            u64::from(self.cfg.hold_frames()),
+        );
         let mut w = DatagramWriter::new(buf, self.cfg.group, self.cfg.member_id)?;
         let body = StatusBody {
             sender: id.into(),
-            window: self.cfg.window_frames.into(),
+            window: u32::try_from(limit - position).unwrap_or(u32::MAX).into(),
             position: position.into(),
         };
         if !w.push_status(&body) {
             return None;
         }
-        peer.reported_position = position;
+        peer.reported_limit = limit;
         peer.next_status_ns = now_ns + self.cfg.status_interval_ns;
         self.counters.incr(Counter::StatusSent);
         self.counters.incr(Counter::DatagramsSent);
@@ -747,11 +763,11 @@ impl Member {
                 self.status_due.push_back(sender);
                 self.peers.insert(Peer {
                     id: sender,
-                    loss: LossDetector::new(0, self.cfg.window_frames),
-                    held: HeldFrames::new(self.cfg.window_frames, self.cfg.max_frame_payload()),
+                    loss: LossDetector::new(0, self.cfg.hold_frames()),
+                    held: HeldFrames::new(self.cfg.hold_frames(), self.cfg.max_frame_payload()),
                     reassembly: Reassembly::default(),
                     addr,
-                    reported_position: 0,
+                    reported_limit: 0,
                     status_queued: true,
                     next_status_ns: now_ns,
                     last_heard_ns: now_ns,
@@ -802,7 +818,8 @@ impl Member {
             rng,
             backoff,
             status_due,
-            window_quarter: u64::from(cfg.window_frames / 4).max(1),
+            window: u64::from(cfg.window_frames),
+            hold: u64::from(cfg.hold_frames()),
             sink: Sink {
                 sender,
                 max_message_bytes: cfg.max_message_bytes,
@@ -841,7 +858,8 @@ impl Member {
             rng,
             backoff,
             status_due,
-            window_quarter,
+            window,
+            hold,
             mut sink,
         } = cx;
         let info = FrameInfo {
@@ -879,7 +897,8 @@ impl Member {
                 peer.loss.extend_tail(now_ns, backoff, rng);
             }
         }
-        if !peer.status_queued && peer.loss.position() >= peer.reported_position + window_quarter {
+        // STATUS as the limit moves on by a quarter window.
+        if !peer.status_queued && peer.limit(window, hold) >= peer.reported_limit + (window / 4).max(1) {
             peer.status_queued = true;
             status_due.push_back(sender);
         }
@@ -1088,7 +1107,9 @@ struct PeerCx<'m> {
     rng: &'m mut ChaCha8Rng,
     backoff: &'m NakBackoff,
     status_due: &'m mut VecDeque<u32>,
-    window_quarter: u64,
+    /// `window_frames` and `hold_frames()` of the configuration.
+    window: u64,
+    hold: u64,
     sink: Sink<'m>,
 }
 
@@ -1187,6 +1208,54 @@ mod tests {
         while m.poll_transmit(0, &mut buf).is_some() {}
         assert_eq!(m.publish_room(), 0);
         assert_eq!(m.next_sequence(), 8);
+    }
+
+    #[test]
+    fn a_gap_waiting_for_repair_holds_the_sender_back_only_past_two_windows() {
+        let cfg = |id| MemberConfig {
+            member_id: id,
+            window_frames: 8,
+            retransmit_frames: 32,
+            ..MemberConfig::default()
+        };
+        let mut sender = Member::new(cfg(1), 1).unwrap();
+        let mut receiver = Member::new(cfg(2), 2).unwrap();
+        let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let mut buf = vec![0u8; 1500];
+        let mut publish = |sender: &mut Member, n: usize| {
+            let mut out = Vec::new();
+            for _ in 0..n {
+                sender.publish(0, &[5u8; 1000]).unwrap();
+                while let Some(t) = sender.poll_transmit(0, &mut buf) {
+                    out.push(buf[..t.len].to_vec());
+                }
+            }
+            out
+        };
+        let exchange = |receiver: &mut Member, sender: &mut Member, datagrams: &[Vec<u8>]| {
+            let mut buf = vec![0u8; 1500];
+            for d in datagrams {
+                receiver.handle_datagram(0, from, d);
+                while let Some(t) = receiver.poll_transmit(0, &mut buf) {
+                    sender.handle_datagram(0, from, &buf[..t.len]);
+                }
+            }
+        };
+        let first = publish(&mut sender, 8);
+        assert_eq!(sender.publish_room(), 0, "one window before any STATUS");
+        // Sequence 0 is lost: the receiver still lets the sender run a window past the
+        // highest sequence it has.
+        exchange(&mut receiver, &mut sender, &first[1..]);
+        assert_eq!(receiver.position_of(1), Some(0));
+        assert_eq!(sender.publish_room(), 8);
+        // But never more than two windows past its position: that is all it can hold.
+        let second = publish(&mut sender, 8);
+        exchange(&mut receiver, &mut sender, &second);
+        assert_eq!(sender.publish_room(), 0);
+        // The repair moves the position, and the sender on.
+        exchange(&mut receiver, &mut sender, &first[..1]);
+        assert_eq!(receiver.position_of(1), Some(16));
+        assert_eq!(sender.publish_room(), 8);
     }
 
     #[test]

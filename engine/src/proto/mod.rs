@@ -39,7 +39,8 @@ pub struct MemberConfig {
     pub epoch: u32,
     /// Largest datagram this member sends, in bytes (UDP payload).
     pub mtu: usize,
-    /// Frames a receiver accepts beyond its contiguous position, and advertises in STATUS.
+    /// Frames a sender may run ahead of the highest sequence a receiver has (STATUS
+    /// advertises it); a receiver holds up to twice this many beyond its contiguous position.
     pub window_frames: u32,
     /// Frames a sender keeps for retransmission; a power of two, at least `window_frames`.
     pub retransmit_frames: u32,
@@ -144,6 +145,13 @@ impl MemberConfig {
             }
         }
         Ok(())
+    }
+
+    /// Frames a receiver holds beyond its contiguous position: two windows, so that while a
+    /// gap waits for its repair the sender can still run a whole window past the highest
+    /// sequence received (see STATUS in `Member`), and loss does not stall it.
+    pub fn hold_frames(&self) -> u32 {
+        self.window_frames.saturating_mul(2).min(1 << 31)
     }
 
     /// Largest payload of one DATA frame in a datagram of this MTU.
