@@ -83,15 +83,18 @@ impl Default for MemberConfig {
             retransmit_frames: 16_384,
             send_queue_bytes: 4 << 20,
             max_message_bytes: 64 << 20,
-            // Several LAN round trips, so one receiver's NAK can suppress the others'.
-            nak_max_backoff_ns: 250_000,
+            // Several LAN round trips, so one receiver's NAK can suppress the others', and
+            // short: every frame behind a gap waits for its repair (held, copied, colder in
+            // cache) and keeps the receiver's position back. 250 µs gave 12% less throughput
+            // under 5% loss on loopback than 100 µs; 50 µs no more than 100.
+            nak_max_backoff_ns: 100_000,
             // Longer than the linger below, so a NAK after a lost repair is answered.
-            nak_retry_ns: 500_000,
+            nak_retry_ns: 400_000,
             nak_suppression: true,
             group_size_hint: 16,
             // Covers the NAK back-off window, so the NAKs of one loss from several receivers
             // cause one repair; short, so a lost repair is sent again soon.
-            retransmit_linger_ns: 300_000,
+            retransmit_linger_ns: 200_000,
             heartbeat_interval_ns: 5_000_000,
             status_interval_ns: 20_000_000,
             receiver_timeout_ns: 2_000_000_000,
