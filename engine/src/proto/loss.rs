@@ -6,6 +6,7 @@ use super::{NakBackoff, Nanos};
 use crate::wire::NakRange;
 use rand::Rng;
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::RangeInclusive;
 
 /// A maximal run of missing sequences `[first, end)` and when it is next NAKed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,23 +175,25 @@ impl LossDetector {
         self.timers.first().map(|&(d, _)| d)
     }
 
-    /// Appends the ranges of gaps due at `now_ns` to `out` (at most `max` of them) and re-arms
-    /// each for `retry_ns` plus a new back-off. Returns how many were appended.
+    /// Appends the ranges of gaps due by the end of `due` (its start is now: a NAK that goes out
+    /// anyway takes the gaps due soon with it) to `out`, at most `max` of them, and re-arms each
+    /// for `retry_ns` plus a new back-off from now. Returns how many were appended.
     pub fn collect_due(
         &mut self,
-        now_ns: Nanos,
+        due: RangeInclusive<Nanos>,
         retry_ns: Nanos,
         max: usize,
         out: &mut Vec<NakRange>,
         backoff: &NakBackoff,
         rng: &mut impl Rng,
     ) -> usize {
+        let (now_ns, horizon_ns) = (*due.start(), *due.end());
         let mut n = 0;
         while n < max {
             let Some(&(deadline_ns, first)) = self.timers.first() else {
                 break;
             };
-            if deadline_ns > now_ns {
+            if deadline_ns > horizon_ns.max(now_ns) {
                 break;
             }
             let end = self.gaps[&first].end;
@@ -302,7 +305,10 @@ mod tests {
         let deadline = d.next_deadline().unwrap();
         assert!(deadline <= 100);
         let mut out = Vec::new();
-        assert_eq!(d.collect_due(deadline, 1000, 8, &mut out, &b, &mut r), 1);
+        assert_eq!(
+            d.collect_due(deadline..=deadline, 1000, 8, &mut out, &b, &mut r),
+            1
+        );
         assert_eq!((out[0].first.get(), out[0].count.get()), (1, 2));
         assert!(d.next_deadline().unwrap() >= deadline + 1000);
         assert_eq!(d.on_frame(5, 2, &b, &mut r), Arrival::Held);
@@ -355,6 +361,35 @@ mod tests {
     }
 
     #[test]
+    fn a_due_nak_takes_the_gaps_due_before_its_horizon_along() {
+        let (mut d, b, mut r) = setup();
+        d.on_frame(0, 2, &b, &mut r); // gap [0, 2)
+        d.on_frame(40, 5, &b, &mut r); // gap [3, 5), due 40 ns later at the earliest
+        d.on_frame(500, 9, &b, &mut r); // gap [6, 9), due after 500 ns
+        let first = d.next_deadline().unwrap();
+        let mut out = Vec::new();
+        assert_eq!(d.collect_due(first..=first, 1000, 8, &mut out, &b, &mut r), 1);
+        let mut out = Vec::new();
+        // Horizon before `now`: only what is due now.
+        assert_eq!(d.collect_due(first..=0, 1000, 8, &mut out, &b, &mut r), 0);
+        let (mut d, b, mut r) = setup();
+        d.on_frame(0, 2, &b, &mut r);
+        d.on_frame(40, 5, &b, &mut r);
+        d.on_frame(500, 9, &b, &mut r);
+        let first = d.next_deadline().unwrap();
+        let mut out = Vec::new();
+        assert_eq!(
+            d.collect_due(first..=first + 140, 1000, 8, &mut out, &b, &mut r),
+            2
+        );
+        let got: Vec<_> = out.iter().map(|r| (r.first.get(), r.count.get())).collect();
+        assert_eq!(got, vec![(0, 2), (3, 2)]);
+        // Both re-armed from now: the third gap is next.
+        assert!(d.next_deadline().unwrap() >= 500);
+        assert!(d.next_deadline().unwrap() < first + 1000);
+    }
+
+    #[test]
     fn suppression_pushes_only_the_covered_part() {
         let (mut d, b, mut r) = setup();
         d.on_frame(0, 10, &b, &mut r);
@@ -363,7 +398,7 @@ mod tests {
         // [0,2) and [5,10) keep their deadline; [2,5) moved.
         assert_eq!(d.next_deadline(), Some(first_deadline));
         let mut out = Vec::new();
-        d.collect_due(first_deadline, 1000, 8, &mut out, &b, &mut r);
+        d.collect_due(first_deadline..=first_deadline, 1000, 8, &mut out, &b, &mut r);
         let got: Vec<_> = out.iter().map(|r| (r.first.get(), r.count.get())).collect();
         assert_eq!(got, vec![(0, 2), (5, 5)]);
     }

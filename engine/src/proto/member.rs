@@ -507,8 +507,10 @@ impl Member {
             let id = peer.id;
             if peer.loss.next_deadline().is_some_and(|d| d <= now_ns) {
                 let start = self.nak_ranges.len();
+                // Gaps due within a quarter of the back-off go in the same NAK: fewer NAK
+                // datagrams for the sender and every other receiver to take in.
                 let n = peer.loss.collect_due(
-                    now_ns,
+                    now_ns..=now_ns + cfg.nak_max_backoff_ns / 4,
                     cfg.nak_retry_ns,
                     cfg.max_nak_ranges,
                     &mut self.nak_ranges,
