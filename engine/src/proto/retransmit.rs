@@ -142,11 +142,10 @@ impl RetransmitBuffer {
     /// Marks the frame of `seq`, if still held, as a retransmission in its slot, so its
     /// datagram can be sent again in place.
     pub fn mark_retransmitted(&mut self, seq: u64) {
-        if seq < self.oldest || seq >= self.next || self.lens[self.index(seq)] < 2 {
-            return;
+        if self.get(seq).is_some_and(|frame| frame.len() > 1) {
+            let flags = self.offsets[self.index(seq)] as usize + DATAGRAM_HEADER_LEN + 1;
+            self.log[flags] |= DATA_FLAG_RETRANSMIT;
         }
-        let start = self.offsets[self.index(seq)] as usize;
-        self.log[start + DATAGRAM_HEADER_LEN + 1] |= DATA_FLAG_RETRANSMIT;
     }
 
     /// Records a retransmission of `seq` at `now_ns` unless one happened within `linger_ns`;

@@ -693,7 +693,6 @@ impl Worker {
     fn take_publications(&mut self) -> bool {
         let mut any = false;
         for g in &mut self.groups {
-            let limit = SEND_QUEUE_LOW_WATER.min(g.proto.config().send_queue_bytes / 2);
             let remote = g.proto.must_read_publications();
             // Log publications: join while someone remote listens, leave when no one does, and
             // drop those whose client left once everything they held is read.
@@ -724,10 +723,10 @@ impl Worker {
                         Err(_) => break,
                     }
                 }
-                if !p.overflow.is_empty() || g.proto.queued_bytes() > limit {
+                if !p.overflow.is_empty() {
                     continue;
                 }
-                let batch = p.source.batch(g.proto.publish_room());
+                let batch = room_for_records(&mut g.proto).map_or(0, |room| p.source.batch(room));
                 if batch == 0 {
                     continue;
                 }
@@ -915,11 +914,11 @@ impl Worker {
         // flow control sleeps until a STATUS (a datagram) or a timer wakes it.
         let work_waiting = !self.commands.is_empty()
             || self.groups.iter_mut().any(|g| {
-                let room = g.proto.publish_room();
-                g.proto.queued_bytes() <= SEND_QUEUE_LOW_WATER.min(g.proto.config().send_queue_bytes / 2)
-                    && g.publications
+                room_for_records(&mut g.proto).is_some_and(|room| {
+                    g.publications
                         .iter()
                         .any(|p| p.overflow.is_empty() && !p.source.is_empty() && p.source.batch(room) > 0)
+                })
             });
         if !work_waiting {
             let wait = match self.timers.peek() {
@@ -932,6 +931,14 @@ impl Worker {
         }
         self.wake.parked.store(false, Ordering::Relaxed);
     }
+}
+
+/// Whether `proto` takes records from its publications now, and its
+/// [`Proto::publish_room`] if so: nothing from any source while its send queue holds more than
+/// the low-water mark (the ring is the queue).
+fn room_for_records(proto: &mut Proto) -> Option<usize> {
+    let low_water = SEND_QUEUE_LOW_WATER.min(proto.config().send_queue_bytes / 2);
+    (proto.queued_bytes() <= low_water).then(|| proto.publish_room())
 }
 
 /// Whether a datagram was sent by member `me` (its header's source field).
