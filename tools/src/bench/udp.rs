@@ -66,7 +66,8 @@ pub struct UdpArgs {
     /// Seconds per raw path of the ceiling measured first.
     #[arg(long, default_value_t = 2.0)]
     raw_duration: f64,
-    /// Receive window of the engines, in frames (the sender keeps four windows for repair).
+    /// Window of the engines, in frames: how far a sender may run past the highest sequence a
+    /// receiver has (receivers hold two windows out of order, the sender keeps four for repair).
     #[arg(long, default_value_t = 4096)]
     window: u32,
     /// Largest datagram of the engines, bytes.
