@@ -18,8 +18,9 @@ struct SlotMeta {
     len: usize,
 }
 
-/// A ring of `capacity` (a power of two, at least the receive window) slots indexed by
-/// `sequence % capacity`. Held sequences all lie within one window, so they never collide.
+/// A ring of `capacity` (a power of two, at least the frames a receiver holds beyond its
+/// position) slots indexed by `sequence % capacity`. Held sequences all lie within that span,
+/// so they never collide.
 #[derive(Debug)]
 pub(crate) struct HeldFrames {
     /// `capacity * slot_len` bytes, zero-allocated on first use so untouched pages cost nothing.
@@ -30,9 +31,10 @@ pub(crate) struct HeldFrames {
 }
 
 impl HeldFrames {
-    /// Slots for a window of `window` frames of up to `slot_len` payload bytes.
-    pub fn new(window: u32, slot_len: usize) -> Self {
-        let capacity = window.next_power_of_two() as usize;
+    /// Slots for `frames` frames beyond the position (`MemberConfig::hold_frames`) of up to
+    /// `slot_len` payload bytes each.
+    pub fn new(frames: u32, slot_len: usize) -> Self {
+        let capacity = frames.next_power_of_two() as usize;
         Self {
             bytes: Vec::new(),
             meta: Vec::new(),
@@ -55,7 +57,7 @@ impl HeldFrames {
             self.bytes = vec![0; capacity * self.slot_len];
         }
         let i = (f.sequence & self.mask) as usize;
-        debug_assert!(!self.meta[i].occupied, "held sequences span more than the window");
+        debug_assert!(!self.meta[i].occupied, "held sequences span more than the hold");
         self.meta[i] = SlotMeta {
             sequence: f.sequence,
             occupied: true,
@@ -69,7 +71,7 @@ impl HeldFrames {
         let start = i * self.slot_len;
         self.bytes[start..start + f.payload.len()].copy_from_slice(f.payload);
         // Frames behind a gap come in sequence, so the next ones go to the next slots: ask
-        // for their lines now (the slots span a window, more than the caches hold, and each
+        // for their lines now (the slots span two windows, more than the caches hold, and each
         // first store would otherwise wait for its line).
         let next = ((f.sequence + PREFETCH_SLOTS) & self.mask) as usize * self.slot_len;
         intergroup_ring::hint::prefetch_write(&self.bytes[next..next + f.payload.len()]);

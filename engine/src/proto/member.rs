@@ -121,10 +121,10 @@ impl Peer {
     /// STATUS advertises): `window_frames` beyond the highest sequence tracked, so a gap
     /// waiting for its repair does not hold the sender back, but never beyond what this
     /// receiver can hold past its position.
-    /// `window` and `hold` are `window_frames` and `hold_frames()` of the configuration.
-    fn limit(&self, window: u64, hold: u64) -> u64 {
+    fn limit(&self, cfg: &MemberConfig) -> u64 {
         let position = self.loss.position();
-        (self.loss.high().max(position) + window).min(position + hold)
+        let ahead = self.loss.high().max(position) + u64::from(cfg.window_frames);
+        ahead.min(position + u64::from(cfg.hold_frames()))
     }
 }
 
@@ -705,10 +705,7 @@ impl Member {
         let peer = self.peers.get_mut(id)?;
         peer.status_queued = false;
         let position = peer.loss.position();
-        let limit = peer.limit(
-            u64::from(self.cfg.window_frames),
-            u64::from(self.cfg.hold_frames()),
-        );
+        let limit = peer.limit(&self.cfg);
         let mut w = DatagramWriter::new(buf, self.cfg.group, self.cfg.member_id)?;
         let body = StatusBody {
             sender: id.into(),
@@ -820,8 +817,7 @@ impl Member {
             rng,
             backoff,
             status_due,
-            window: u64::from(cfg.window_frames),
-            hold: u64::from(cfg.hold_frames()),
+            cfg,
             sink: Sink {
                 sender,
                 max_message_bytes: cfg.max_message_bytes,
@@ -860,8 +856,7 @@ impl Member {
             rng,
             backoff,
             status_due,
-            window,
-            hold,
+            cfg,
             mut sink,
         } = cx;
         let info = FrameInfo {
@@ -900,7 +895,8 @@ impl Member {
             }
         }
         // STATUS as the limit moves on by a quarter window.
-        if !peer.status_queued && peer.limit(window, hold) >= peer.reported_limit + (window / 4).max(1) {
+        let quarter = u64::from(cfg.window_frames / 4).max(1);
+        if !peer.status_queued && peer.limit(cfg) >= peer.reported_limit + quarter {
             peer.status_queued = true;
             status_due.push_back(sender);
         }
@@ -1109,9 +1105,7 @@ struct PeerCx<'m> {
     rng: &'m mut ChaCha8Rng,
     backoff: &'m NakBackoff,
     status_due: &'m mut VecDeque<u32>,
-    /// `window_frames` and `hold_frames()` of the configuration.
-    window: u64,
-    hold: u64,
+    cfg: &'m MemberConfig,
     sink: Sink<'m>,
 }
 
