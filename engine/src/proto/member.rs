@@ -792,6 +792,11 @@ impl Member {
     }
 
     /// The receive state of `sender` (made if new) beside the member state it works with.
+    ///
+    /// Always inlined: called for every frame, it returned its pair (a dozen words) through
+    /// memory, and reading that back right after the call's stores stalled (profiled: 5% of a
+    /// subscriber's time at 1 KiB).
+    #[inline(always)]
     fn split_peer<'m>(
         &'m mut self,
         now_ns: Nanos,
