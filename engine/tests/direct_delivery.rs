@@ -71,7 +71,7 @@ fn run(seed: u64) -> usize {
         let now = k as u64 * 1000;
         queued.handle_datagram(now, from, d);
         queued.drain(|o| record(o, &mut a));
-        direct.handle_datagram_with(now, from, d, &mut |o| record(o, &mut b));
+        direct.handle_datagram_with(now, from, d, &mut |o| record(*o, &mut b));
     }
     assert_eq!(
         a, b,
@@ -165,7 +165,7 @@ fn a_loss_event_keeps_its_place_before_the_messages_after_it() {
     let heartbeat = buf[..n].to_vec();
     let mut seen = Vec::new();
     for d in [data, heartbeat] {
-        m.handle_datagram_with(0, from, &d, &mut |o| record(o, &mut seen));
+        m.handle_datagram_with(0, from, &d, &mut |o| record(*o, &mut seen));
     }
     assert_eq!(
         seen,

@@ -46,7 +46,7 @@ fn one_to_two(backend: BackendKind, count: u64, loss: f64, seed: u64) {
         e.join(group(id, port, loss, seed + u64::from(id))).unwrap();
         let tx = tx.clone();
         let mut next = 0u64;
-        e.subscribe(9, move |out: Output<'_>| match out {
+        e.subscribe(9, move |out: &Output<'_>| match out {
             Output::Message(m) => {
                 let mut want = [0u8; 100];
                 want[..8].copy_from_slice(&next.to_le_bytes());
@@ -184,7 +184,7 @@ fn invoker_mode_runs_the_engine_on_the_callers_thread() {
     let (tx, rx) = mpsc::channel();
     let mut next = 0u64;
     receiver
-        .subscribe(9, move |out: Output<'_>| {
+        .subscribe(9, move |out: &Output<'_>| {
             if let Output::Message(m) = out {
                 let seq = u64::from_le_bytes(m.payload[..8].try_into().unwrap());
                 let _ = tx.send(seq == next);

@@ -60,7 +60,7 @@ fn message(i: u64) -> Vec<u8> {
 /// that nothing arrives from anyone else; reports the count reached at `count`.
 fn expect_messages(e: &Engine, id: u32, from: u32, count: u64, tx: mpsc::Sender<(u32, Result<u64, String>)>) {
     let mut next = 0u64;
-    e.subscribe(GROUP, move |out: Output<'_>| match out {
+    e.subscribe(GROUP, move |out: &Output<'_>| match out {
         Output::Message(m) => {
             if m.sender != from {
                 let _ = tx.send((id, Err(format!("a message from {} was delivered", m.sender))));
@@ -362,7 +362,7 @@ fn a_sealed_group_with_membership_delivers_one_total_order() {
         e.join(g).unwrap();
         let tx = tx.clone();
         let mut got = Vec::new();
-        e.subscribe_ordered(GROUP, Order::Total, move |out: Output<'_>| {
+        e.subscribe_ordered(GROUP, Order::Total, move |out: &Output<'_>| {
             if let Output::Message(m) = out {
                 got.push((m.sender, u64::from_le_bytes(m.payload[..8].try_into().unwrap())));
                 if got.len() as u64 == 2 * per {
@@ -488,7 +488,7 @@ fn mls_epochs_key_the_data_plane_and_removal_and_joining_hold_over_real_sockets(
     .unwrap();
     let heard = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let h = heard.clone();
-    late.subscribe(GROUP, move |out: Output<'_>| {
+    late.subscribe(GROUP, move |out: &Output<'_>| {
         if let Output::Message(m) = out {
             // Only epoch 2's messages can reach it (indices 1000..).
             assert!(u64::from_le_bytes(m.payload[..8].try_into().unwrap()) >= 1_000);
@@ -543,13 +543,13 @@ fn membership_keys_the_group_by_mls_over_real_sockets() {
         g.keys = Some(keys);
         e.join(g).unwrap();
         let (tx, views, me) = (tx.clone(), views.clone(), ids[n]);
-        e.subscribe_ordered(GROUP, Order::Total, move |out: Output<'_>| match out {
+        e.subscribe_ordered(GROUP, Order::Total, move |out: &Output<'_>| match out {
             Output::Message(m) => {
                 let i = u64::from_le_bytes(m.payload[..8].try_into().unwrap());
                 let _ = tx.send((me, m.sender, i));
             }
             Output::Event(Event::View { members, .. }) => {
-                views.lock().unwrap().insert(me, members);
+                views.lock().unwrap().insert(me, *members);
             }
             Output::Event(_) => {}
         })
@@ -743,11 +743,11 @@ fn an_outsider_cannot_join_an_mls_keyed_group() {
         g.keys = Some(GroupKeys::new(id.clone(), policy.clone()));
         e.join(g).unwrap();
         let (tx, views) = (tx.clone(), views.clone());
-        e.subscribe_ordered(GROUP, Order::Total, move |out: Output<'_>| match out {
+        e.subscribe_ordered(GROUP, Order::Total, move |out: &Output<'_>| match out {
             Output::Message(m) => {
                 let _ = tx.send((me, u64::from_le_bytes(m.payload[..8].try_into().unwrap())));
             }
-            Output::Event(Event::View { members, .. }) => views.lock().unwrap().push((me, members)),
+            Output::Event(Event::View { members, .. }) => views.lock().unwrap().push((me, *members)),
             Output::Event(_) => {}
         })
         .unwrap();

@@ -940,7 +940,7 @@ impl GroupMember {
             self.accepted.as_ref().is_some_and(|a| a.commit.is_some()) || self.pending_install.is_some();
         let mut take = |out: Output<'_>| take_output(view, logs, limit, pool, stats, frozen_cut, out);
         if let Some((now, from, bytes)) = datagram {
-            member.handle_datagram_with(now, from, bytes, &mut take);
+            member.handle_datagram_with(now, from, bytes, &mut |out: &Output<'_>| take(*out));
         }
         member.drain(take);
         self.deliver();

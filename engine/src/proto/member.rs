@@ -448,17 +448,19 @@ impl Member {
     /// every delivery and in-stream event that is ready to `deliver` in stream order: first
     /// what was queued before, then what this datagram completes. Messages completed by a
     /// frame of this datagram, with nothing queued before them, are handed on in place from
-    /// `bytes`, with no copy.
+    /// `bytes`, with no copy. Outputs are lent by reference: one built just before the call
+    /// and copied by value on the other side of a `dyn` call was read back while its stores
+    /// were still in flight (profiled: 6% of a subscriber's time at 1 KiB).
     pub fn handle_datagram_with(
         &mut self,
         now_ns: Nanos,
         from: SocketAddr,
         bytes: &[u8],
-        deliver: &mut dyn FnMut(Output<'_>),
+        deliver: &mut dyn FnMut(&Output<'_>),
     ) {
-        self.deliveries.drain(&mut *deliver);
+        self.deliveries.drain(|o| deliver(&o));
         self.handle(now_ns, from, bytes, Some(&mut *deliver));
-        self.deliveries.drain(deliver);
+        self.deliveries.drain(|o| deliver(&o));
     }
 
     fn handle(
@@ -466,7 +468,7 @@ impl Member {
         now_ns: Nanos,
         from: SocketAddr,
         bytes: &[u8],
-        mut direct: Option<&mut dyn FnMut(Output<'_>)>,
+        mut direct: Option<&mut dyn FnMut(&Output<'_>)>,
     ) {
         let (header, frames) = match wire::decode_datagram(bytes) {
             Ok(v) => v,
@@ -802,7 +804,7 @@ impl Member {
         now_ns: Nanos,
         sender: u32,
         addr: Option<SocketAddr>,
-        direct: Option<&'m mut dyn FnMut(Output<'_>)>,
+        direct: Option<&'m mut dyn FnMut(&Output<'_>)>,
     ) -> Option<(&'m mut Peer, PeerCx<'m>)> {
         let i = self.peer(now_ns, sender, addr)?;
         let Self {
@@ -842,7 +844,7 @@ impl Member {
         source: u32,
         from: SocketAddr,
         d: DataFrame<'_>,
-        direct: Option<&mut dyn FnMut(Output<'_>)>,
+        direct: Option<&mut dyn FnMut(&Output<'_>)>,
     ) {
         let h = d.header;
         let sender = h.sender.get();
@@ -980,7 +982,7 @@ impl Member {
         source: u32,
         from: SocketAddr,
         hb: &HeartbeatBody,
-        direct: Option<&mut dyn FnMut(Output<'_>)>,
+        direct: Option<&mut dyn FnMut(&Output<'_>)>,
     ) {
         let sender = hb.sender.get();
         if sender == self.cfg.member_id || sender != source {
@@ -1074,8 +1076,8 @@ fn frame_new_data(
 /// Shortens the lifetime of a borrowed delivery callback (a coercion that cannot happen
 /// inside an `Option` by itself).
 fn shrink<'s>(
-    d: Option<&'s mut (dyn FnMut(Output<'_>) + '_)>,
-) -> Option<&'s mut (dyn FnMut(Output<'_>) + 's)> {
+    d: Option<&'s mut (dyn FnMut(&Output<'_>) + '_)>,
+) -> Option<&'s mut (dyn FnMut(&Output<'_>) + 's)> {
     match d {
         Some(f) => Some(f),
         None => None,
@@ -1123,7 +1125,7 @@ struct Sink<'m> {
     events: &'m mut VecDeque<Event>,
     reported: &'m mut u8,
     /// Hands complete messages on in place while nothing is queued before them.
-    direct: Option<&'m mut dyn FnMut(Output<'_>)>,
+    direct: Option<&'m mut dyn FnMut(&Output<'_>)>,
 }
 
 /// Queues an [`Event::Rejected`] the first time `reason` happens.
@@ -1157,7 +1159,7 @@ impl Sink<'_> {
                 };
                 match self.direct.as_mut() {
                     // In order with nothing queued before it: no copy.
-                    Some(f) if self.deliveries.is_empty() => f(Output::Message(delivery)),
+                    Some(f) if self.deliveries.is_empty() => f(&Output::Message(delivery)),
                     _ => self.deliveries.push(delivery),
                 }
                 reassembly.finish();

@@ -18,7 +18,7 @@
 //! engine.join(group).unwrap();
 //! let (tx, rx) = mpsc::channel();
 //! engine
-//!     .subscribe(7, move |out: Output<'_>| {
+//!     .subscribe(7, move |out: &Output<'_>| {
 //!         if let Output::Message(m) = out {
 //!             tx.send(m.payload.to_vec()).unwrap();
 //!         }
@@ -53,7 +53,7 @@ use worker::{Command, Wake, Worker};
 
 /// A subscriber's handler: called on the worker thread with each delivery and in-stream event
 /// of its group, in stream order. It must not block; copy what it keeps.
-pub type Handler = Box<dyn FnMut(Output<'_>) + Send>;
+pub type Handler = Box<dyn FnMut(&Output<'_>) + Send>;
 
 /// Settings of an engine. Every field has a default suited to a small host.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -444,11 +444,13 @@ impl Engine {
     }
 
     /// Calls `handler` on the worker thread with every delivery and in-stream event of `group`
-    /// (in FIFO order).
+    /// (in FIFO order). The output is lent, not moved: a message's payload is usually still in
+    /// the receive buffer, and passing the output by reference keeps the path from the
+    /// datagram to the handler free of copies.
     pub fn subscribe(
         &self,
         group: u32,
-        handler: impl FnMut(Output<'_>) + Send + 'static,
+        handler: impl FnMut(&Output<'_>) + Send + 'static,
     ) -> Result<(), EngineError> {
         self.subscribe_ordered(group, Order::Fifo, handler)
     }
@@ -461,7 +463,7 @@ impl Engine {
         &self,
         group: u32,
         order: Order,
-        handler: impl FnMut(Output<'_>) + Send + 'static,
+        handler: impl FnMut(&Output<'_>) + Send + 'static,
     ) -> Result<(), EngineError> {
         self.ask(group, |tx| {
             Command::Subscribe(group, order, Box::new(handler), tx)

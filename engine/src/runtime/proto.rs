@@ -117,7 +117,7 @@ impl Proto {
         now: Nanos,
         from: SocketAddr,
         bytes: &[u8],
-        deliver: &mut dyn FnMut(Order, Output<'_>),
+        deliver: &mut dyn FnMut(Order, &Output<'_>),
     ) {
         match self {
             Proto::Plain(m) => m.handle_datagram_with(now, from, bytes, &mut |o| deliver(Order::Fifo, o)),
@@ -163,9 +163,9 @@ impl Proto {
         }
     }
 
-    pub(crate) fn drain(&mut self, deliver: &mut dyn FnMut(Order, Output<'_>)) {
+    pub(crate) fn drain(&mut self, deliver: &mut dyn FnMut(Order, &Output<'_>)) {
         match self {
-            Proto::Plain(m) => m.drain(|o| deliver(Order::Fifo, o)),
+            Proto::Plain(m) => m.drain(|o| deliver(Order::Fifo, &o)),
             Proto::Group(g) => drain_group(g, deliver),
         }
     }
@@ -173,13 +173,13 @@ impl Proto {
 
 /// Hands every queued delivery of every order on, as the plain member's outputs: a message's
 /// `sequence` is its index among its sender's messages of the view, `epoch` the view.
-fn drain_group(g: &mut GroupMember, deliver: &mut dyn FnMut(Order, Output<'_>)) {
+fn drain_group(g: &mut GroupMember, deliver: &mut dyn FnMut(Order, &Output<'_>)) {
     for o in Order::ALL {
         while let Some(out) = g.poll_output(o) {
             match out {
                 GroupOutput::Message(m) => deliver(
                     o,
-                    Output::Message(Delivery {
+                    &Output::Message(Delivery {
                         sender: m.sender,
                         stream: m.stream,
                         sequence: m.index,
@@ -202,7 +202,7 @@ fn drain_group(g: &mut GroupMember, deliver: &mut dyn FnMut(Order, Output<'_>)) 
                         },
                         GroupEvent::Left => Event::Left,
                     };
-                    deliver(o, Output::Event(event));
+                    deliver(o, &Output::Event(event));
                 }
             }
         }

@@ -184,7 +184,7 @@ struct Sink {
 }
 
 /// Writes one output of a group, delivered in `order`, into the sinks of that order.
-fn write_sinks(sinks: &mut [Sink], order: Order, out: Output<'_>, written: &mut u64) {
+fn write_sinks(sinks: &mut [Sink], order: Order, out: &Output<'_>, written: &mut u64) {
     match out {
         Output::Message(m) => {
             for s in sinks
@@ -226,7 +226,7 @@ fn write_sinks(sinks: &mut [Sink], order: Order, out: Output<'_>, written: &mut 
             rec[0..4].copy_from_slice(&view.to_le_bytes());
             rec[4..8].copy_from_slice(&coordinator.to_le_bytes());
             rec[8..12].copy_from_slice(&members.to_le_bytes());
-            let flags = u32::from(primary) | u32::from(joined) << 1;
+            let flags = u32::from(*primary) | u32::from(*joined) << 1;
             rec[12..16].copy_from_slice(&flags.to_le_bytes());
             for s in sinks.iter_mut().filter(|s| s.order == order) {
                 let _ = s.producer.offer(SinkRecord::View as u32, &rec);
@@ -794,7 +794,7 @@ impl Worker {
                 // Subscribers get in-order messages straight from the receive buffer.
                 let (handlers, sinks, sunk) = (&mut g.handlers, &mut g.sinks, &mut g.sunk);
                 g.proto
-                    .handle_datagram_with(now, r.from, datagram, &mut |order, out: Output<'_>| {
+                    .handle_datagram_with(now, r.from, datagram, &mut |order, out: &Output<'_>| {
                         for (o, h) in handlers.iter_mut() {
                             if *o == order {
                                 h(out);
@@ -892,7 +892,7 @@ impl Worker {
             }
             any = true;
             let (handlers, sinks, sunk) = (&mut g.handlers, &mut g.sinks, &mut g.sunk);
-            g.proto.drain(&mut |order, out: Output<'_>| {
+            g.proto.drain(&mut |order, out: &Output<'_>| {
                 for (o, h) in handlers.iter_mut() {
                     if *o == order {
                         h(out);

@@ -81,7 +81,7 @@ pub fn member(a: MemberArgs) -> Result<ExitCode, String> {
     let c = check.clone();
     let mut want = Vec::new();
     engine
-        .subscribe(GROUP, move |out: Output<'_>| {
+        .subscribe(GROUP, move |out: &Output<'_>| {
             let Ok(mut c) = c.lock() else { return };
             match out {
                 Output::Message(m) => {

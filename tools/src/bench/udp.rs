@@ -261,7 +261,7 @@ impl SubState {
     }
 
     /// Takes one output; returns the published count when it was the end of the run.
-    fn on(&mut self, out: Output<'_>) -> Option<u64> {
+    fn on(&mut self, out: &Output<'_>) -> Option<u64> {
         match out {
             Output::Message(m) if m.stream == DATA_STREAM => {
                 let (seq, ts) = header(m.payload)?;
@@ -338,7 +338,7 @@ fn start_subscriber(
     let counter = received.clone();
     let mut state = SubState::new();
     engine
-        .subscribe(GROUP, move |out: Output<'_>| {
+        .subscribe(GROUP, move |out: &Output<'_>| {
             if let Some(published) = state.on(out) {
                 let _ = tx.try_send(state.report(Some(published), mono_ns()));
             }
@@ -864,7 +864,7 @@ pub fn pong(a: PongArgs) -> Result<ExitCode, String> {
     let echoed = Arc::new(AtomicU64::new(0));
     let count = echoed.clone();
     engine
-        .subscribe(GROUP, move |out: Output<'_>| {
+        .subscribe(GROUP, move |out: &Output<'_>| {
             if let Output::Message(m) = out {
                 if m.stream == DATA_STREAM && publication.offer(m.payload).is_ok() {
                     count.fetch_add(1, Ordering::Relaxed);
@@ -902,7 +902,7 @@ fn engine_pingpong(a: &UdpArgs, port: u16, busy: bool) -> Result<(Histogram<u64>
     let last = Arc::new(AtomicU64::new(u64::MAX));
     let (h, l) = (hist.clone(), last.clone());
     engine
-        .subscribe(GROUP, move |out: Output<'_>| {
+        .subscribe(GROUP, move |out: &Output<'_>| {
             if let Output::Message(m) = out {
                 if let (ECHO_STREAM, Some((seq, ts))) = (m.stream, header(m.payload)) {
                     if let Ok(mut h) = h.lock() {
