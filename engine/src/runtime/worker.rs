@@ -183,6 +183,23 @@ struct Sink {
     producer: BroadcastProducer,
 }
 
+/// Hands one output of a group, delivered in `order`, to the handlers and sinks of that order.
+#[inline]
+fn hand_out(
+    handlers: &mut [(Order, Handler)],
+    sinks: &mut [Sink],
+    written: &mut u64,
+    order: Order,
+    out: &Output<'_>,
+) {
+    for (o, h) in handlers.iter_mut() {
+        if *o == order {
+            h(out);
+        }
+    }
+    write_sinks(sinks, order, out, written);
+}
+
 /// Writes one output of a group, delivered in `order`, into the sinks of that order.
 fn write_sinks(sinks: &mut [Sink], order: Order, out: &Output<'_>, written: &mut u64) {
     match out {
@@ -795,12 +812,7 @@ impl Worker {
                 let (handlers, sinks, sunk) = (&mut g.handlers, &mut g.sinks, &mut g.sunk);
                 g.proto
                     .handle_datagram_with(now, r.from, datagram, &mut |order, out: &Output<'_>| {
-                        for (o, h) in handlers.iter_mut() {
-                            if *o == order {
-                                h(out);
-                            }
-                        }
-                        write_sinks(sinks, order, out, sunk);
+                        hand_out(handlers, sinks, sunk, order, out)
                     });
                 // A view installed by this datagram: later ones may be sealed in its epoch.
                 apply_rekeys(g);
@@ -892,14 +904,8 @@ impl Worker {
             }
             any = true;
             let (handlers, sinks, sunk) = (&mut g.handlers, &mut g.sinks, &mut g.sunk);
-            g.proto.drain(&mut |order, out: &Output<'_>| {
-                for (o, h) in handlers.iter_mut() {
-                    if *o == order {
-                        h(out);
-                    }
-                }
-                write_sinks(sinks, order, out, sunk);
-            });
+            g.proto
+                .drain(&mut |order, out: &Output<'_>| hand_out(handlers, sinks, sunk, order, out));
             g.touched = true;
         }
         any
