@@ -278,6 +278,10 @@ pub struct Frames<'a> {
 impl<'a> Iterator for Frames<'a> {
     type Item = Result<Frame<'a>, WireError>;
 
+    // Always inlined: called for every frame on the receive path, it returns its frame through
+    // memory, and values returned that way and read back at once stalled elsewhere on this path
+    // (store forwarding); inlined, a subscriber gained about 1% (docs/performance.md).
+    #[inline(always)]
     fn next(&mut self) -> Option<Self::Item> {
         if self.rest.is_empty() {
             return None;
