@@ -76,6 +76,30 @@ pub struct SendBatch {
     pub sends: Vec<Send>,
 }
 
+/// An iovec over `bytes`.
+fn iovec(bytes: &[u8]) -> libc::iovec {
+    libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    }
+}
+
+/// Appends an iovec over `bytes` to `iovs` (a [`SendBatch`]'s, taken as a field so that `bytes`
+/// may lie in the batch's arena), or extends the last one when `bytes` starts where it ends;
+/// iovecs before `first` belong to other sends and are left alone. `bytes` must stay alive and
+/// unchanged until the batch is sent or cleared.
+pub fn push_iov(iovs: &mut Vec<libc::iovec>, first: usize, bytes: &[u8]) {
+    if iovs.len() > first {
+        if let Some(last) = iovs.last_mut() {
+            if (last.iov_base as usize).wrapping_add(last.iov_len) == bytes.as_ptr() as usize {
+                last.iov_len += bytes.len();
+                return;
+            }
+        }
+    }
+    iovs.push(iovec(bytes));
+}
+
 // SAFETY: the raw pointers in `iovs` are scratch: written while a batch is built and read by
 // the kernel during `Io::send` on the thread that owns the batch; they are never dereferenced
 // by this code, and a batch moved to another thread is cleared and rebuilt before use.
@@ -99,16 +123,6 @@ impl SendBatch {
         self.sends.clear();
     }
 
-    /// Adds an iovec over `bytes`, which must stay alive and unchanged until the batch is sent
-    /// or cleared; returns its index.
-    pub fn push_iov(&mut self, bytes: &[u8]) -> usize {
-        self.iovs.push(libc::iovec {
-            iov_base: bytes.as_ptr() as *mut libc::c_void,
-            iov_len: bytes.len(),
-        });
-        self.iovs.len() - 1
-    }
-
     /// Adds a send of `arena[start..start + len]` (one iovec).
     pub fn push_arena_send(
         &mut self,
@@ -118,12 +132,7 @@ impl SendBatch {
         len: usize,
         segment: u16,
     ) {
-        let arena = &self.arena[start..start + len];
-        let iov = libc::iovec {
-            iov_base: arena.as_ptr() as *mut libc::c_void,
-            iov_len: len,
-        };
-        self.iovs.push(iov);
+        self.iovs.push(iovec(&self.arena[start..start + len]));
         self.sends.push(Send {
             fd,
             dest,
@@ -801,7 +810,25 @@ impl Drop for UringIo {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_release;
+    use super::{parse_release, push_iov};
+
+    #[test]
+    fn back_to_back_pieces_of_one_send_share_an_iovec() {
+        let log = [7u8; 64];
+        let mut iovs = Vec::new();
+        // An earlier send's iovec ends where this send's first piece starts: not joined.
+        push_iov(&mut iovs, 0, &log[0..8]);
+        push_iov(&mut iovs, 1, &log[8..16]);
+        push_iov(&mut iovs, 1, &log[16..40]);
+        // A gap: a new iovec.
+        push_iov(&mut iovs, 1, &log[48..56]);
+        push_iov(&mut iovs, 1, &log[56..64]);
+        let spans: Vec<(usize, usize)> = iovs
+            .iter()
+            .map(|v| (v.iov_base as usize - log.as_ptr() as usize, v.iov_len))
+            .collect();
+        assert_eq!(spans, [(0, 8), (8, 32), (48, 16)]);
+    }
 
     #[test]
     fn kernel_releases_parse() {

@@ -2,7 +2,7 @@
 //! loop that drives them. Nothing on the data path takes a lock; the application reaches the
 //! worker through rings (publications), a command channel (set-up) and an eventfd (wake-up).
 
-use super::io::{Io, Received, Send, SendBatch};
+use super::io::{push_iov, Io, Received, Send, SendBatch};
 use super::proto::Proto;
 use super::sys::{self, EventFd};
 use super::{EngineError, GroupConfig, GroupInfo, GroupStats, Handler};
@@ -1125,7 +1125,7 @@ fn build_sends(g: &mut Group, now: Nanos, batch: &mut SendBatch, scratch: &mut S
                 Piece::InPlace { seq, .. } => g.proto.transmitted(seq).unwrap_or(&[]),
             };
             debug_assert_eq!(bytes.len(), p.len());
-            push_coalesced(&mut batch.iovs, iov_start, bytes);
+            push_iov(&mut batch.iovs, iov_start, bytes);
         }
         let iov_count = batch.iovs.len() - iov_start;
         let segment = if r.count > 1 { r.segment as u16 } else { 0 };
@@ -1147,44 +1147,9 @@ fn build_sends(g: &mut Group, now: Nanos, batch: &mut SendBatch, scratch: &mut S
     full
 }
 
-/// Appends an iovec over `bytes` to `iovs`, or extends the last one when `bytes` starts where
-/// it ends; iovecs before `first` belong to other sends and are left alone.
-fn push_coalesced(iovs: &mut Vec<libc::iovec>, first: usize, bytes: &[u8]) {
-    if iovs.len() > first {
-        if let Some(last) = iovs.last_mut() {
-            if (last.iov_base as usize).wrapping_add(last.iov_len) == bytes.as_ptr() as usize {
-                last.iov_len += bytes.len();
-                return;
-            }
-        }
-    }
-    iovs.push(libc::iovec {
-        iov_base: bytes.as_ptr() as *mut libc::c_void,
-        iov_len: bytes.len(),
-    });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn back_to_back_pieces_of_one_send_share_an_iovec() {
-        let log = [7u8; 64];
-        let mut iovs = Vec::new();
-        // An earlier send's iovec ends where this send's first piece starts: not joined.
-        push_coalesced(&mut iovs, 0, &log[0..8]);
-        push_coalesced(&mut iovs, 1, &log[8..16]);
-        push_coalesced(&mut iovs, 1, &log[16..40]);
-        // A gap: a new iovec.
-        push_coalesced(&mut iovs, 1, &log[48..56]);
-        push_coalesced(&mut iovs, 1, &log[56..64]);
-        let spans: Vec<(usize, usize)> = iovs
-            .iter()
-            .map(|v| (v.iov_base as usize - log.as_ptr() as usize, v.iov_len))
-            .collect();
-        assert_eq!(spans, [(0, 8), (8, 32), (48, 16)]);
-    }
 
     #[test]
     fn a_parked_worker_is_notified_once_however_many_offers_follow() {
