@@ -26,6 +26,11 @@ use std::time::{Duration, Instant};
 const ARENA_BYTES: usize = 256 << 10;
 /// Records taken from one publication ring per turn.
 const READ_BATCH: usize = 1024;
+/// Bytes of records taken from one publication ring per turn (estimated from the sizes of the
+/// last batch): what a turn frames into the retransmit log it also sends, and the kernel's copy
+/// of it finds it still in the cache. With 1024 records of 1 KiB a turn framed 1 MiB ahead of
+/// its sends, and the copy waited for lines that had left the cache.
+const READ_BYTES: usize = 256 << 10;
 /// The worker moves records from a publication ring into its member only while the member
 /// holds fewer bytes than this: the ring is the queue, and a small send queue stays in cache
 /// (and empties often, so its memory is reused from the start).
@@ -139,6 +144,19 @@ struct Publication {
     source: Source,
     /// Records read while the member's send queue was full, in order, published first.
     overflow: Vec<Vec<u8>>,
+    /// Mean size of the records of the last batch, bytes (1 before the first: no byte limit).
+    record_bytes: usize,
+}
+
+impl Publication {
+    fn new(stream: u32, source: Source) -> Self {
+        Self {
+            stream,
+            source,
+            overflow: Vec::new(),
+            record_bytes: 1,
+        }
+    }
 }
 
 /// Where a publication's messages come from.
@@ -166,14 +184,21 @@ impl Source {
     }
 
     /// Most records to take now when the member has `room` for that many (see
-    /// [`Proto::publish_room`]): a ring keeps the rest, and its producer feels the back-pressure;
-    /// a client's log must be read on, or its slowest readers would be evicted.
-    fn batch(&self, room: usize) -> usize {
+    /// [`Proto::publish_room`]) and records run to `record_bytes` each: a ring keeps the rest,
+    /// and its producer feels the back-pressure; a client's log must be read on, or its slowest
+    /// readers would be evicted.
+    fn batch(&self, room: usize, record_bytes: usize) -> usize {
         match self {
-            Source::Ring(_) => READ_BATCH.min(room),
+            Source::Ring(_) => ring_batch(room, record_bytes),
             Source::Log { .. } => READ_BATCH,
         }
     }
+}
+
+/// Records to take from a ring in one turn: [`READ_BYTES`] of records of `record_bytes`, at
+/// least one, at most [`READ_BATCH`] and `room`.
+fn ring_batch(room: usize, record_bytes: usize) -> usize {
+    (READ_BYTES / record_bytes.max(1)).clamp(1, READ_BATCH).min(room)
 }
 
 /// A subscription log this worker writes.
@@ -447,11 +472,9 @@ impl Worker {
                     None => Err(EngineError::UnknownGroup(group)),
                     Some(i) => match RecordConsumer::open(&path, Duration::from_secs(3600)) {
                         Ok(consumer) => {
-                            self.groups[i].publications.push(Publication {
-                                stream,
-                                source: Source::Ring(consumer),
-                                overflow: Vec::new(),
-                            });
+                            self.groups[i]
+                                .publications
+                                .push(Publication::new(stream, Source::Ring(consumer)));
                             Ok(self.groups[i].proto.config().max_message_bytes)
                         }
                         Err(e) => Err(EngineError::Ring(e.to_string())),
@@ -478,16 +501,15 @@ impl Worker {
                         // Heartbeats from now on: remote receivers find us and report, and
                         // the worker starts reading the log once one does.
                         self.groups[i].proto.announce();
-                        self.groups[i].publications.push(Publication {
+                        self.groups[i].publications.push(Publication::new(
                             stream,
-                            source: Source::Log {
+                            Source::Log {
                                 id,
                                 path,
                                 reader: None,
                                 closing: false,
                             },
-                            overflow: Vec::new(),
-                        });
+                        ));
                         self.groups[i].touched = true;
                         Ok(self.groups[i].proto.config().max_message_bytes)
                     }
@@ -743,13 +765,16 @@ impl Worker {
                 if !p.overflow.is_empty() {
                     continue;
                 }
-                let batch = room_for_records(&mut g.proto).map_or(0, |room| p.source.batch(room));
+                let batch =
+                    room_for_records(&mut g.proto).map_or(0, |room| p.source.batch(room, p.record_bytes));
                 if batch == 0 {
                     continue;
                 }
                 let (member, overflow, stream) = (&mut g.proto, &mut p.overflow, p.stream);
                 let mut pushed_back = 0;
+                let mut taken_bytes = 0;
                 let mut take = |bytes: &[u8]| {
+                    taken_bytes += bytes.len();
                     if !overflow.is_empty() || member.publish(stream, bytes).is_err() {
                         // Only a full send queue refuses (the publication checked the size).
                         overflow.push(bytes.to_vec());
@@ -772,7 +797,8 @@ impl Worker {
                     }
                 };
                 self.pushed_back += pushed_back;
-                if n > 0 {
+                if let Some(mean) = taken_bytes.checked_div(n) {
+                    p.record_bytes = mean;
                     any = true;
                     g.touched = true;
                 }
@@ -921,9 +947,11 @@ impl Worker {
         let work_waiting = !self.commands.is_empty()
             || self.groups.iter_mut().any(|g| {
                 room_for_records(&mut g.proto).is_some_and(|room| {
-                    g.publications
-                        .iter()
-                        .any(|p| p.overflow.is_empty() && !p.source.is_empty() && p.source.batch(room) > 0)
+                    g.publications.iter().any(|p| {
+                        p.overflow.is_empty()
+                            && !p.source.is_empty()
+                            && p.source.batch(room, p.record_bytes) > 0
+                    })
                 })
             });
         if !work_waiting {
@@ -1150,6 +1178,21 @@ fn build_sends(g: &mut Group, now: Nanos, batch: &mut SendBatch, scratch: &mut S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_turn_takes_about_read_bytes_of_records_within_the_room() {
+        // Before any record was seen, the count alone limits.
+        assert_eq!(ring_batch(usize::MAX, 1), READ_BATCH);
+        // 1 KiB and 8 KiB records: a quarter MiB per turn.
+        assert_eq!(ring_batch(usize::MAX, 1024 + 8), READ_BYTES / 1032);
+        assert_eq!(ring_batch(usize::MAX, 8192), 32);
+        // Small records: the count limits; huge ones: one at a time.
+        assert_eq!(ring_batch(usize::MAX, 64), READ_BATCH);
+        assert_eq!(ring_batch(usize::MAX, 1 << 20), 1);
+        // Flow control's room limits first.
+        assert_eq!(ring_batch(10, 1024), 10);
+        assert_eq!(ring_batch(0, 1024), 0);
+    }
 
     #[test]
     fn a_parked_worker_is_notified_once_however_many_offers_follow() {
