@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 /// Bytes of datagrams built before they are handed to the kernel in one round.
 const ARENA_BYTES: usize = 256 << 10;
-/// Records taken from one publication ring per turn.
+/// Most records taken from one publication ring (or a client's log) per turn.
 const READ_BATCH: usize = 1024;
 /// Bytes of records taken from one publication ring per turn (estimated from the sizes of the
 /// last batch): what a turn frames into the retransmit log it also sends, and the kernel's copy
@@ -145,6 +145,7 @@ struct Publication {
     /// Records read while the member's send queue was full, in order, published first.
     overflow: Vec<Vec<u8>>,
     /// Mean size of the records of the last batch, bytes (1 before the first: no byte limit).
+    /// Only a ring's batches use it: a client's log is read by count (see [`Source::batch`]).
     record_bytes: usize,
 }
 
