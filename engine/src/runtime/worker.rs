@@ -145,7 +145,7 @@ struct Publication {
     /// Records read while the member's send queue was full, in order, published first.
     overflow: Vec<Vec<u8>>,
     /// Mean size of the records of the last batch, bytes (1 before the first: no byte limit).
-    /// Only a ring's batches use it: a client's log is read by count (see [`Source::batch`]).
+    /// Only a ring's batches use it: a client's log is read by count (see [`Publication::batch`]).
     record_bytes: usize,
 }
 
@@ -156,6 +156,16 @@ impl Publication {
             source,
             overflow: Vec::new(),
             record_bytes: 1,
+        }
+    }
+
+    /// Most records to take now when the member has `room` for that many (see
+    /// [`Proto::publish_room`]): a ring keeps the rest, and its producer feels the back-pressure;
+    /// a client's log must be read on, or its slowest readers would be evicted.
+    fn batch(&self, room: usize) -> usize {
+        match self.source {
+            Source::Ring(_) => ring_batch(room, self.record_bytes),
+            Source::Log { .. } => READ_BATCH,
         }
     }
 }
@@ -181,17 +191,6 @@ impl Source {
         match self {
             Source::Ring(c) => c.is_empty(),
             Source::Log { reader, .. } => reader.as_ref().is_none_or(|r| !r.has_records()),
-        }
-    }
-
-    /// Most records to take now when the member has `room` for that many (see
-    /// [`Proto::publish_room`]) and records run to `record_bytes` each: a ring keeps the rest,
-    /// and its producer feels the back-pressure; a client's log must be read on, or its slowest
-    /// readers would be evicted.
-    fn batch(&self, room: usize, record_bytes: usize) -> usize {
-        match self {
-            Source::Ring(_) => ring_batch(room, record_bytes),
-            Source::Log { .. } => READ_BATCH,
         }
     }
 }
@@ -766,8 +765,7 @@ impl Worker {
                 if !p.overflow.is_empty() {
                     continue;
                 }
-                let batch =
-                    room_for_records(&mut g.proto).map_or(0, |room| p.source.batch(room, p.record_bytes));
+                let batch = room_for_records(&mut g.proto).map_or(0, |room| p.batch(room));
                 if batch == 0 {
                     continue;
                 }
@@ -948,11 +946,9 @@ impl Worker {
         let work_waiting = !self.commands.is_empty()
             || self.groups.iter_mut().any(|g| {
                 room_for_records(&mut g.proto).is_some_and(|room| {
-                    g.publications.iter().any(|p| {
-                        p.overflow.is_empty()
-                            && !p.source.is_empty()
-                            && p.source.batch(room, p.record_bytes) > 0
-                    })
+                    g.publications
+                        .iter()
+                        .any(|p| p.overflow.is_empty() && !p.source.is_empty() && p.batch(room) > 0)
                 })
             });
         if !work_waiting {
