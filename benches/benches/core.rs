@@ -7,6 +7,20 @@ use intergroup_engine::wire::{self, Frame};
 use std::hint::black_box;
 use std::net::SocketAddr;
 
+/// A member that takes the bench's datagrams, with a window wider than all of them.
+fn receiver() -> Member {
+    Member::new(
+        MemberConfig {
+            member_id: 2,
+            window_frames: 1 << 20,
+            retransmit_frames: 1 << 20,
+            ..MemberConfig::default()
+        },
+        2,
+    )
+    .unwrap()
+}
+
 fn receive_path(c: &mut Criterion) {
     for size in [64usize, 1024] {
         let cfg = MemberConfig {
@@ -38,18 +52,7 @@ fn receive_path(c: &mut Criterion) {
         let from: SocketAddr = "127.0.0.1:9000".parse().unwrap();
         group.bench_function("member_deliver", |b| {
             b.iter_batched_ref(
-                || {
-                    Member::new(
-                        MemberConfig {
-                            member_id: 2,
-                            window_frames: 1 << 20,
-                            retransmit_frames: 1 << 20,
-                            ..MemberConfig::default()
-                        },
-                        2,
-                    )
-                    .unwrap()
-                },
+                receiver,
                 |m| {
                     for d in &datagrams {
                         m.handle_datagram(0, from, black_box(d));
@@ -60,6 +63,24 @@ fn receive_path(c: &mut Criterion) {
                             n += d.payload.len();
                         }
                     });
+                    n
+                },
+                criterion::BatchSize::LargeInput,
+            )
+        });
+        // What a subscriber's worker runs: each datagram handed on in place as it arrives.
+        group.bench_function("member_deliver_in_place", |b| {
+            b.iter_batched_ref(
+                receiver,
+                |m| {
+                    let mut n = 0;
+                    for d in &datagrams {
+                        m.handle_datagram_with(0, from, black_box(d), &mut |out| {
+                            if let Output::Message(d) = out {
+                                n += d.payload.len();
+                            }
+                        });
+                    }
                     n
                 },
                 criterion::BatchSize::LargeInput,
