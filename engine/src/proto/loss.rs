@@ -140,10 +140,11 @@ impl LossDetector {
     }
 
     /// The next held frame or lost run in sequence order, if its turn has come.
+    #[inline]
     pub fn next_in_order(&mut self) -> Option<Step> {
         let first = self.next_expected;
-        let gap_here = self.gaps.contains_key(&first);
-        if first < self.high && !gap_here {
+        // In order with nothing held, `first == high`: no look into the gaps.
+        if first < self.high && !self.gaps.contains_key(&first) {
             self.next_expected += 1;
             return Some(Step::Ready(first));
         }
@@ -161,6 +162,7 @@ impl LossDetector {
     }
 
     /// Tracks the gap between what arrived and what the sender announced, within the window.
+    #[inline]
     pub fn extend_tail(&mut self, now_ns: Nanos, backoff: &NakBackoff, rng: &mut impl Rng) {
         let reach = self.announced.min(self.next_expected + self.window);
         if reach > self.high {

@@ -42,6 +42,7 @@ struct Building {
 
 impl Reassembly {
     /// Drops a partly built message (after lost frames); returns whether there was one.
+    #[inline]
     pub fn abandon(&mut self) -> bool {
         self.buf.clear();
         self.building.take().is_some()
@@ -53,6 +54,7 @@ impl Reassembly {
     }
 
     /// Takes the next frame in sequence order.
+    #[inline]
     pub fn accept<'s>(&'s mut self, f: &FrameInfo<'s>, max_message_bytes: usize) -> Assembled<'s> {
         let message_len = f.message_len as usize;
         if f.fragment_offset == 0 {
@@ -100,6 +102,7 @@ impl Reassembly {
     }
 
     /// Clears the buffer after a completed fragmented message was copied out.
+    #[inline]
     pub fn finish(&mut self) {
         self.buf.clear();
     }
