@@ -35,7 +35,9 @@ enum Mode {
     /// send/receive path this machine offers; the best path is named the ceiling.
     RawUdp(raw::RawArgs),
     /// An embedded publisher engine -> K subscriber engines (separate processes), reliable
-    /// FIFO over loopback multicast; runs raw-udp with the same size and K for `ratio_to_raw`.
+    /// FIFO over loopback multicast; runs raw-udp with the same size and K for `ratio_to_raw`
+    /// (every path before the engine, the best one again after it; the higher rate is the
+    /// ceiling).
     Udp(udp::UdpArgs),
     /// Publisher -> subscriber through an engine's shared memory (the local path), against
     /// the minimal ring measured first in the same run.
