@@ -86,6 +86,8 @@ impl DeliveryQueue {
     }
 
     /// Hands everything queued to `f` in order, then empties the queue (keeping its memory).
+    /// (`#[inline]` though generic: without it the empty case stayed a call, and
+    /// `receive_1024B/member_deliver_in_place` took 10% longer.)
     #[inline]
     pub fn drain(&mut self, mut f: impl FnMut(Output<'_>)) {
         // Called before and after every datagram a subscriber takes in place, mostly empty.

@@ -468,12 +468,14 @@ struct EngineRun {
 }
 
 fn throughput(a: &UdpArgs, port: u16) -> Result<ExitCode, String> {
+    // The raw paths' port, apart from the engines' (`port`, and `port + 4` for `--secure`).
+    let raw_port = port + 8;
     let raw_results = raw::measure_all(
         &RawPath::ALL,
         a.size,
         a.subscribers,
         a.raw_duration,
-        port + 8,
+        raw_port,
         a.json,
     )?;
     let best = raw::best(&raw_results).ok_or("no raw path measured")?;
@@ -486,7 +488,7 @@ fn throughput(a: &UdpArgs, port: u16) -> Result<ExitCode, String> {
     };
 
     let plain = engine_run(a, port, a.tuning(), "engine")?;
-    let ceiling = Ceiling::after_engine(a, best, port)?;
+    let ceiling = Ceiling::after_engine(a, best, raw_port)?;
     let raw_bytes_per_sec = ceiling.per_sec() * a.size as f64;
     let (mut report, ok) = if a.secure {
         let aead = aead_rate(a.size, a.aead_duration);
@@ -551,8 +553,9 @@ struct Ceiling {
 }
 
 impl Ceiling {
-    fn after_engine(a: &UdpArgs, best: &raw::PathResult, port: u16) -> Result<Self, String> {
-        let again = raw::measure(best.path, a.size, a.subscribers, a.raw_duration, port + 8, a.json)?;
+    /// Measures `best` again on `raw_port`, the port of the first raw phase.
+    fn after_engine(a: &UdpArgs, best: &raw::PathResult, raw_port: u16) -> Result<Self, String> {
+        let again = raw::measure(best.path, a.size, a.subscribers, a.raw_duration, raw_port, a.json)?;
         Ok(Self {
             before: best.received_per_sec,
             after: again.received_per_sec,
