@@ -86,6 +86,9 @@ counters! {
     FlowControlStalls = 29, "flow_control_stalls";
     /// STATUS frames whose position lies beyond what this member sent, ignored.
     StatusIgnored = 30, "status_ignored";
+    /// Frames held out of order as a copy, not in the receive buffer they came in (the driver
+    /// lent no buffer, or could not spare one).
+    FramesHeldCopied = 31, "frames_held_copied";
 }
 
 /// The counters of one member, indexed by [`Counter`].

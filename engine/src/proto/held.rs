@@ -1,9 +1,49 @@
-//! Out-of-order frames of one sender, held in fixed slots until their turn (no allocation per frame).
+//! Out-of-order frames of one sender, held until their turn (no allocation per frame): in the
+//! driver's receive buffer where it lends that buffer ([`Lend`]), otherwise copied into fixed
+//! slots.
 
 use super::reassembly::FrameInfo;
 
 /// How many slots ahead of a held frame the next ones' lines are asked for.
 const PREFETCH_SLOTS: u64 = 8;
+
+/// A driver's receive buffers, which can keep a held frame where it arrived instead of a copy.
+///
+/// Offsets are into the arena of the [`Lent`] that the datagram came in. A pinned offset's
+/// bytes must stay as they are, in the same arena, until it is unpinned: the member unpins a
+/// frame when it hands it on, within a later call that lends the same arena.
+pub trait Lend {
+    /// Keeps the bytes at `at` from reuse; `false` if the driver cannot spare the buffer now
+    /// (the frame is then copied).
+    fn pin(&mut self, at: usize) -> bool;
+    /// Releases one pin taken at `at`.
+    fn unpin(&mut self, at: usize);
+}
+
+/// The receive buffers a datagram was read into, and their lender: see
+/// [`Member::handle_datagram_lent`](super::Member::handle_datagram_lent).
+pub struct Lent<'a> {
+    /// Every receive buffer of the driver, the datagram among them.
+    pub arena: &'a [u8],
+    /// Pins and unpins parts of `arena`.
+    pub lender: &'a mut dyn Lend,
+}
+
+impl std::fmt::Debug for Lent<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lent")
+            .field("arena_len", &self.arena.len())
+            .finish()
+    }
+}
+
+impl Lent<'_> {
+    /// Where `bytes` starts in the arena, if it lies wholly inside it.
+    fn offset_of(&self, bytes: &[u8]) -> Option<usize> {
+        let at = (bytes.as_ptr() as usize).checked_sub(self.arena.as_ptr() as usize)?;
+        (at.checked_add(bytes.len())? <= self.arena.len()).then_some(at)
+    }
+}
 
 #[derive(Debug, Clone, Copy, Default)]
 struct SlotMeta {
@@ -16,11 +56,14 @@ struct SlotMeta {
     message_len: u32,
     fragment_offset: u32,
     len: usize,
+    /// The payload is at this offset of the lent arena, pinned; `None`: in the slot's bytes.
+    lent_at: Option<usize>,
 }
 
 /// A ring of `capacity` (a power of two, at least the frames a receiver holds beyond its
 /// position) slots indexed by `sequence % capacity`. Held sequences all lie within that span,
-/// so they never collide.
+/// so they never collide. A slot's metadata says where its payload is: in a lent receive
+/// buffer, or copied into the slot's bytes.
 #[derive(Debug)]
 pub(crate) struct HeldFrames {
     /// `capacity * slot_len` bytes, zero-allocated on first use so untouched pages cost nothing.
@@ -48,16 +91,20 @@ impl HeldFrames {
         self.slot_len
     }
 
-    /// Stores a frame; its payload must fit [`Self::slot_len`].
-    pub fn hold(&mut self, f: &FrameInfo<'_>) {
+    /// Stores a frame; its payload must fit [`Self::slot_len`]. With `lent` (the arena the
+    /// frame's datagram is in), the frame stays where it is if the lender pins it; otherwise
+    /// it is copied. Returns whether it was copied.
+    pub fn hold(&mut self, f: &FrameInfo<'_>, lent: Option<&mut Lent<'_>>) -> bool {
         debug_assert!(f.payload.len() <= self.slot_len);
         if self.meta.is_empty() {
-            let capacity = self.mask as usize + 1;
-            self.meta = vec![SlotMeta::default(); capacity];
-            self.bytes = vec![0; capacity * self.slot_len];
+            self.meta = vec![SlotMeta::default(); self.mask as usize + 1];
         }
         let i = (f.sequence & self.mask) as usize;
         debug_assert!(!self.meta[i].occupied, "held sequences span more than the hold");
+        let lent_at = lent.and_then(|l| {
+            let at = l.offset_of(f.payload)?;
+            l.lender.pin(at).then_some(at)
+        });
         self.meta[i] = SlotMeta {
             sequence: f.sequence,
             occupied: true,
@@ -67,7 +114,14 @@ impl HeldFrames {
             message_len: f.message_len,
             fragment_offset: f.fragment_offset,
             len: f.payload.len(),
+            lent_at,
         };
+        if lent_at.is_some() {
+            return false;
+        }
+        if self.bytes.is_empty() {
+            self.bytes = vec![0; self.meta.len() * self.slot_len];
+        }
         let start = i * self.slot_len;
         self.bytes[start..start + f.payload.len()].copy_from_slice(f.payload);
         // Frames behind a gap come in sequence, so the next ones go to the next slots: ask
@@ -75,17 +129,35 @@ impl HeldFrames {
         // first store would otherwise wait for its line).
         let next = ((f.sequence + PREFETCH_SLOTS) & self.mask) as usize * self.slot_len;
         intergroup_ring::hint::prefetch_write(&self.bytes[next..next + f.payload.len()]);
+        true
     }
 
-    /// Releases the frame of `sequence` and lends it out; `None` if it is not held.
-    pub fn take(&mut self, sequence: u64) -> Option<FrameInfo<'_>> {
+    /// Releases the frame of `sequence` and lends it out; `None` if it is not held, or if it
+    /// is held in a lent arena and `lent` is not that arena. A frame held in the arena is
+    /// unpinned: its bytes stay valid for the rest of the caller's call.
+    pub fn take<'s, 'a: 's>(
+        &'s mut self,
+        sequence: u64,
+        lent: Option<&mut Lent<'a>>,
+    ) -> Option<FrameInfo<'s>> {
         let i = (sequence & self.mask) as usize;
         let m = self.meta.get_mut(i)?;
         if !m.occupied || m.sequence != sequence {
             return None;
         }
+        let payload = match m.lent_at {
+            Some(at) => {
+                let l = lent?;
+                let payload = l.arena.get(at..at + m.len)?;
+                l.lender.unpin(at);
+                payload
+            }
+            None => {
+                let start = i * self.slot_len;
+                &self.bytes[start..start + m.len]
+            }
+        };
         m.occupied = false;
-        let start = i * self.slot_len;
         Some(FrameInfo {
             sequence,
             stream: m.stream,
@@ -93,7 +165,7 @@ impl HeldFrames {
             timestamp: m.timestamp,
             message_len: m.message_len,
             fragment_offset: m.fragment_offset,
-            payload: &self.bytes[start..start + m.len],
+            payload,
         })
     }
 }

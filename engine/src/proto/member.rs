@@ -1,6 +1,6 @@
 //! [`Member`]: one member of one group, as a sender and as a receiver of every other sender.
 
-use super::held::HeldFrames;
+use super::held::{HeldFrames, Lent};
 use super::reassembly::{Assembled, FrameInfo, Reassembly};
 use super::{
     Arrival, Counter, Counters, Delivery, DeliveryQueue, FlowControl, LossDetector, MemberConfig, NakBackoff,
@@ -441,7 +441,7 @@ impl Member {
 
     /// Takes one received datagram that arrived at `now_ns` from `from`.
     pub fn handle_datagram(&mut self, now_ns: Nanos, from: SocketAddr, bytes: &[u8]) {
-        self.handle(now_ns, from, bytes, None);
+        self.handle(now_ns, from, bytes, None, None);
     }
 
     /// Takes one received datagram like [`handle_datagram`](Self::handle_datagram), and hands
@@ -459,7 +459,35 @@ impl Member {
         deliver: &mut dyn FnMut(&Output<'_>),
     ) {
         self.deliveries.drain(|o| deliver(&o));
-        self.handle(now_ns, from, bytes, Some(&mut *deliver));
+        self.handle(now_ns, from, bytes, Some(&mut *deliver), None);
+        self.deliveries.drain(|o| deliver(&o));
+    }
+
+    /// Takes the datagram at `range` of `lent`'s arena like
+    /// [`handle_datagram_with`](Self::handle_datagram_with), and holds frames that arrive out
+    /// of order where they are, pinned through `lent`'s lender, instead of copying them (a
+    /// frame the lender will not pin is copied). Under loss almost every frame waits behind a
+    /// gap, and the copy into the held slots, cold because they span two windows, was most of
+    /// what a subscriber's worker spent beyond the lossless path.
+    ///
+    /// Once frames are held in an arena, every datagram of this member must come through this
+    /// call with the same arena: a frame is handed on and unpinned when a later datagram fills
+    /// the gap before it. A range outside the arena is rejected as malformed.
+    pub fn handle_datagram_lent(
+        &mut self,
+        now_ns: Nanos,
+        from: SocketAddr,
+        lent: &mut Lent<'_>,
+        range: std::ops::Range<usize>,
+        deliver: &mut dyn FnMut(&Output<'_>),
+    ) {
+        let arena = lent.arena;
+        let Some(bytes) = arena.get(range) else {
+            self.reject(Counter::RejectedMalformed, RejectReason::Malformed);
+            return;
+        };
+        self.deliveries.drain(|o| deliver(&o));
+        self.handle(now_ns, from, bytes, Some(&mut *deliver), Some(lent));
         self.deliveries.drain(|o| deliver(&o));
     }
 
@@ -469,6 +497,7 @@ impl Member {
         from: SocketAddr,
         bytes: &[u8],
         mut direct: Option<&mut dyn FnMut(&Output<'_>)>,
+        mut lent: Option<&mut Lent<'_>>,
     ) {
         let (header, frames) = match wire::decode_datagram(bytes) {
             Ok(v) => v,
@@ -489,12 +518,24 @@ impl Member {
         self.counters.incr(Counter::DatagramsReceived);
         for frame in frames {
             match frame {
-                Ok(Frame::Data(d)) => self.on_data(now_ns, source, from, d, shrink(direct.as_deref_mut())),
+                Ok(Frame::Data(d)) => self.on_data(
+                    now_ns,
+                    source,
+                    from,
+                    d,
+                    shrink(direct.as_deref_mut()),
+                    lent.as_deref_mut(),
+                ),
                 Ok(Frame::Nak(n)) => self.on_nak(now_ns, n),
                 Ok(Frame::Status(s)) => self.on_status(now_ns, source, s),
-                Ok(Frame::Heartbeat(hb)) => {
-                    self.on_heartbeat(now_ns, source, from, hb, shrink(direct.as_deref_mut()))
-                }
+                Ok(Frame::Heartbeat(hb)) => self.on_heartbeat(
+                    now_ns,
+                    source,
+                    from,
+                    hb,
+                    shrink(direct.as_deref_mut()),
+                    lent.as_deref_mut(),
+                ),
                 // The group layer reads these before the datagram reaches this member.
                 Ok(Frame::Membership { .. }) => {}
                 Err(_) => self.reject(Counter::RejectedFrames, RejectReason::Malformed),
@@ -845,6 +886,7 @@ impl Member {
         from: SocketAddr,
         d: DataFrame<'_>,
         direct: Option<&mut dyn FnMut(&Output<'_>)>,
+        lent: Option<&mut Lent<'_>>,
     ) {
         let h = d.header;
         let sender = h.sender.get();
@@ -892,12 +934,14 @@ impl Member {
                 }
             }
             Arrival::Held => {
-                peer.held.hold(&info);
+                if peer.held.hold(&info, lent) {
+                    sink.counters.incr(Counter::FramesHeldCopied);
+                }
                 sink.counters.incr(Counter::FramesHeldOutOfOrder);
             }
             Arrival::InOrder => {
                 sink.hand_on(&mut peer.reassembly, &info);
-                drain_in_order(peer, &mut sink);
+                drain_in_order(peer, &mut sink, lent);
                 peer.loss.extend_tail(now_ns, backoff, rng);
             }
         }
@@ -983,6 +1027,7 @@ impl Member {
         from: SocketAddr,
         hb: &HeartbeatBody,
         direct: Option<&mut dyn FnMut(&Output<'_>)>,
+        lent: Option<&mut Lent<'_>>,
     ) {
         let sender = hb.sender.get();
         if sender == self.cfg.member_id || sender != source {
@@ -1008,7 +1053,7 @@ impl Member {
             backoff,
             rng,
         );
-        drain_in_order(peer, &mut sink);
+        drain_in_order(peer, &mut sink, lent);
         peer.loss.extend_tail(now_ns, backoff, rng);
     }
 }
@@ -1084,11 +1129,12 @@ fn shrink<'s>(
     }
 }
 
-/// Hands frames of one sender on in sequence order until a gap stops it.
-fn drain_in_order(peer: &mut Peer, sink: &mut Sink<'_>) {
+/// Hands frames of one sender on in sequence order until a gap stops it; frames held in a lent
+/// arena are read from `lent`.
+fn drain_in_order(peer: &mut Peer, sink: &mut Sink<'_>, mut lent: Option<&mut Lent<'_>>) {
     while let Some(step) = peer.loss.next_in_order() {
         match step {
-            Step::Ready(sequence) => match peer.held.take(sequence) {
+            Step::Ready(sequence) => match peer.held.take(sequence, lent.as_deref_mut()) {
                 Some(info) => sink.hand_on(&mut peer.reassembly, &info),
                 None => debug_assert!(false, "loss detector and held frames disagree on {sequence}"),
             },
@@ -1305,5 +1351,193 @@ mod tests {
             }
         });
         assert_eq!(got, [0, 1, 2]);
+    }
+
+    /// Receive buffers for tests: datagrams go into the free buffer used last, a buffer is
+    /// scribbled over as soon as nothing is pinned in it, and every `refuse_every`-th pin that
+    /// would take a new buffer is refused.
+    struct TestArena {
+        bytes: Vec<u8>,
+        buf_len: usize,
+        refs: Vec<u32>,
+        free: Vec<usize>,
+        pins: u64,
+        refuse_every: u64,
+        refused: u64,
+    }
+
+    struct TestLender<'a> {
+        refs: &'a mut Vec<u32>,
+        free: &'a mut Vec<usize>,
+        buf_len: usize,
+        pins: &'a mut u64,
+        refuse_every: u64,
+        refused: &'a mut u64,
+    }
+
+    impl super::super::Lend for TestLender<'_> {
+        fn pin(&mut self, at: usize) -> bool {
+            let b = at / self.buf_len;
+            if self.refs[b] == 1 {
+                *self.pins += 1;
+                if self.refuse_every > 0 && *self.pins % self.refuse_every == 0 {
+                    *self.refused += 1;
+                    return false;
+                }
+            }
+            self.refs[b] += 1;
+            true
+        }
+
+        fn unpin(&mut self, at: usize) {
+            let b = at / self.buf_len;
+            assert!(self.refs[b] > 0, "unpinned more often than pinned");
+            self.refs[b] -= 1;
+            if self.refs[b] == 0 {
+                self.free.push(b);
+            }
+        }
+    }
+
+    impl TestArena {
+        fn new(buffers: usize, buf_len: usize, refuse_every: u64) -> Self {
+            Self {
+                bytes: vec![0; buffers * buf_len],
+                buf_len,
+                refs: vec![0; buffers],
+                free: (0..buffers).rev().collect(),
+                pins: 0,
+                refuse_every,
+                refused: 0,
+            }
+        }
+
+        /// Reads `datagram` into a buffer and has `m` take it from there.
+        fn deliver(&mut self, m: &mut Member, datagram: &[u8], out: &mut Vec<(u64, Vec<u8>)>) {
+            let b = self.free.pop().expect("a free buffer");
+            let start = b * self.buf_len;
+            self.bytes[start..start + datagram.len()].copy_from_slice(datagram);
+            self.refs[b] = 1;
+            let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
+            let mut lender = TestLender {
+                refs: &mut self.refs,
+                free: &mut self.free,
+                buf_len: self.buf_len,
+                pins: &mut self.pins,
+                refuse_every: self.refuse_every,
+                refused: &mut self.refused,
+            };
+            let mut lent = Lent {
+                arena: &self.bytes,
+                lender: &mut lender,
+            };
+            m.handle_datagram_lent(0, from, &mut lent, start..start + datagram.len(), &mut |o| {
+                if let Output::Message(d) = o {
+                    out.push((d.sequence, d.payload.to_vec()));
+                }
+            });
+            self.refs[b] -= 1;
+            if self.refs[b] == 0 {
+                self.free.push(b);
+            }
+            // What is no longer pinned may be received into again at once.
+            for &f in self.free.iter() {
+                self.bytes[f * self.buf_len..(f + 1) * self.buf_len].fill(0xee);
+            }
+        }
+    }
+
+    #[test]
+    fn frames_behind_a_gap_wait_in_the_lent_arena_and_come_out_whole_and_in_order() {
+        use rand::seq::SliceRandom;
+        use rand::Rng;
+        for seed in 0..24u64 {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let member = |member_id| {
+                let cfg = MemberConfig {
+                    member_id,
+                    ..MemberConfig::default()
+                };
+                Member::new(cfg, seed).unwrap()
+            };
+            let (mut sender, mut receiver) = (member(1), member(2));
+            // Small messages share datagrams, large ones fill one, the largest are fragmented.
+            let messages: Vec<Vec<u8>> = (0..300u32)
+                .map(|i| {
+                    let len = match rng.random_range(0..4) {
+                        0 => rng.random_range(1..64),
+                        1 => rng.random_range(700..1200),
+                        2 => rng.random_range(3000..5000),
+                        _ => rng.random_range(64..300),
+                    };
+                    (0..len).map(|k| (i as usize * 31 + k) as u8).collect()
+                })
+                .collect();
+            let mut buf = vec![0u8; 1500];
+            let mut datagrams = Vec::new();
+            for m in &messages {
+                sender.publish(7, m).unwrap();
+                while let Some(t) = sender.poll_transmit(0, &mut buf) {
+                    datagrams.push(buf[..t.len].to_vec());
+                }
+            }
+            // Every datagram arrives once, in an order shuffled within runs of 40.
+            for run in datagrams.chunks_mut(40) {
+                run.shuffle(&mut rng);
+            }
+            let refuse_every = [0, 3, 1][seed as usize % 3];
+            let mut arena = TestArena::new(64, 2048, refuse_every);
+            let mut out = Vec::new();
+            for d in &datagrams {
+                arena.deliver(&mut receiver, d, &mut out);
+            }
+            let got: Vec<&Vec<u8>> = out.iter().map(|(_, p)| p).collect();
+            let want: Vec<&Vec<u8>> = messages.iter().collect();
+            assert!(got == want, "seed {seed}: messages differ or out of order");
+            assert!(
+                arena.refs.iter().all(|&r| r == 0),
+                "seed {seed}: pins left behind"
+            );
+            let c = receiver.counters();
+            assert_eq!(c.get(Counter::FramesHeldCopied), arena.refused, "seed {seed}");
+            let (held, copied) = (
+                c.get(Counter::FramesHeldOutOfOrder),
+                c.get(Counter::FramesHeldCopied),
+            );
+            assert!(held > 0, "seed {seed}: the shuffle held nothing back");
+            if refuse_every == 1 {
+                assert_eq!(copied, held, "seed {seed}: every pin refused, every frame copied");
+            } else {
+                assert!(copied < held, "seed {seed}: nothing held in place");
+            }
+        }
+    }
+
+    #[test]
+    fn a_lent_range_outside_the_arena_is_rejected_not_read() {
+        let mut receiver = Member::new(
+            MemberConfig {
+                member_id: 2,
+                ..MemberConfig::default()
+            },
+            1,
+        )
+        .unwrap();
+        let mut arena = TestArena::new(1, 64, 0);
+        let mut lender = TestLender {
+            refs: &mut arena.refs,
+            free: &mut arena.free,
+            buf_len: 64,
+            pins: &mut arena.pins,
+            refuse_every: 0,
+            refused: &mut arena.refused,
+        };
+        let mut lent = Lent {
+            arena: &arena.bytes,
+            lender: &mut lender,
+        };
+        let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        receiver.handle_datagram_lent(0, from, &mut lent, 60..80, &mut |_| panic!("nothing to deliver"));
+        assert_eq!(receiver.counters().get(Counter::RejectedMalformed), 1);
     }
 }

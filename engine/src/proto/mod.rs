@@ -16,6 +16,7 @@ pub use backoff::NakBackoff;
 pub use counters::{Counter, Counters};
 pub use delivery::{Delivery, DeliveryQueue, Output};
 pub use flow::FlowControl;
+pub use held::{Lend, Lent};
 pub use loss::{Arrival, LossDetector, Step};
 pub use member::{Destination, Event, Member, RejectReason, Transmit};
 pub use retransmit::RetransmitBuffer;

@@ -3,9 +3,11 @@
 //! `recvmmsg`, `poll`). Both send GSO batches and receive GRO buffers when the kernel allows.
 
 use super::sys;
+use crate::proto::Lend;
 use io_uring::{cqueue, opcode, types, IoUring};
 use std::io;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
@@ -162,10 +164,90 @@ pub struct Received<'a> {
     pub token: u32,
     /// The sender's address.
     pub from: SocketAddr,
-    /// The bytes, writable so a secured group opens them in place.
-    pub bytes: &'a mut [u8],
+    /// Every receive buffer of the backend, writable so a secured group opens datagrams in
+    /// place; the received bytes are at `range`.
+    pub arena: &'a mut [u8],
+    /// Where the received bytes are in `arena`.
+    pub range: Range<usize>,
     /// Segment size when the kernel coalesced datagrams.
     pub segment: Option<usize>,
+    /// Pins frames that wait for their turn in `arena`'s buffers (see [`RecvPool`]).
+    pub pool: &'a mut RecvPool,
+}
+
+impl Received<'_> {
+    /// The received bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.arena[self.range.clone()]
+    }
+}
+
+/// A backend's receive buffers, counted so that frames waiting behind a gap can stay where
+/// they arrived: a buffer goes back to receiving only once every frame pinned in it is handed
+/// on. The count of a buffer is one while `receive` lends it out, plus one per pinned frame.
+#[derive(Debug)]
+pub struct RecvPool {
+    buf_len: usize,
+    refs: Vec<u32>,
+    /// Buffers no one holds and not in the kernel's hands, the last freed on top.
+    free: Vec<u16>,
+    /// Pins that would take one more buffer out of circulation are refused while no more free
+    /// buffers than this remain: the frame is copied, and receiving never runs out.
+    reserve: usize,
+}
+
+impl RecvPool {
+    /// `count` buffers of `buf_len` bytes, all free.
+    fn new(count: u16, buf_len: usize, reserve: usize) -> Self {
+        Self {
+            buf_len,
+            refs: vec![0; usize::from(count)],
+            free: (0..count).rev().collect(),
+            reserve,
+        }
+    }
+
+    /// Buffers pinned by held frames or lent out right now.
+    pub fn in_use(&self) -> usize {
+        self.refs.iter().filter(|&&r| r > 0).count()
+    }
+
+    /// Buffer `b` is lent out to `receive`'s caller.
+    fn lend(&mut self, b: u16) {
+        self.refs[usize::from(b)] = 1;
+    }
+
+    /// The caller is done with buffer `b`: true if no frame is pinned in it (it can receive
+    /// again at once); otherwise the last unpin frees it.
+    fn settle(&mut self, b: u16) -> bool {
+        let r = &mut self.refs[usize::from(b)];
+        *r -= 1;
+        *r == 0
+    }
+}
+
+impl Lend for RecvPool {
+    fn pin(&mut self, at: usize) -> bool {
+        let free = self.free.len();
+        match self.refs.get_mut(at / self.buf_len) {
+            // Only a buffer lent out right now holds a frame being received.
+            Some(r) if *r > 1 || (*r == 1 && free > self.reserve) => {
+                *r += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn unpin(&mut self, at: usize) {
+        let b = at / self.buf_len;
+        if let Some(r) = self.refs.get_mut(b).filter(|r| **r > 0) {
+            *r -= 1;
+            if *r == 0 {
+                self.free.push(b as u16);
+            }
+        }
+    }
 }
 
 /// A worker's I/O.
@@ -174,18 +256,18 @@ pub enum Io {
     /// io_uring.
     Uring(Box<UringIo>),
     /// sendmmsg/recvmmsg/poll.
-    Portable(PortableIo),
+    Portable(Box<PortableIo>),
 }
 
 impl Io {
     /// The backend `kind` asks for, with `wake` as the worker's wake-up eventfd.
     pub fn open(kind: BackendKind, wake: RawFd) -> io::Result<Self> {
         match kind {
-            BackendKind::Portable => Ok(Io::Portable(PortableIo::new(wake))),
+            BackendKind::Portable => Ok(Io::Portable(Box::new(PortableIo::new(wake)))),
             BackendKind::IoUring => Ok(Io::Uring(Box::new(UringIo::new(wake)?))),
             BackendKind::Auto => match UringIo::new(wake) {
                 Ok(u) => Ok(Io::Uring(Box::new(u))),
-                Err(_) => Ok(Io::Portable(PortableIo::new(wake))),
+                Err(_) => Ok(Io::Portable(Box::new(PortableIo::new(wake)))),
             },
         }
     }
@@ -238,14 +320,19 @@ impl Io {
 // Portable backend
 
 const MMSG_BATCH: usize = 64;
+/// Buffers per `recvmmsg`.
 const RECV_SLOTS: usize = 16;
 const RECV_BUF: usize = 65_536;
+/// Receive buffers in all, most of them for frames held behind gaps (memory is touched only
+/// as buffers are first used).
+const RECV_POOL: u16 = 256;
 
 /// `sendmmsg`, `recvmmsg` and `poll`.
 pub struct PortableIo {
     sockets: Vec<(RawFd, u32)>,
     wake: RawFd,
     recv_bufs: Vec<u8>,
+    pool: RecvPool,
     recv_names: Vec<libc::sockaddr_in>,
     recv_control: Vec<[u64; sys::RECV_CONTROL_BYTES / 8]>,
     send_control: Vec<[u64; sys::SEND_CONTROL_BYTES / 8]>,
@@ -265,7 +352,9 @@ impl PortableIo {
         Self {
             sockets: Vec::new(),
             wake,
-            recv_bufs: vec![0; RECV_SLOTS * RECV_BUF],
+            recv_bufs: vec![0; usize::from(RECV_POOL) * RECV_BUF],
+            // Two calls' worth kept back for receiving.
+            pool: RecvPool::new(RECV_POOL, RECV_BUF, 2 * RECV_SLOTS),
             recv_names: vec![sys::sockaddr_in(std::net::SocketAddrV4::new(0.into(), 0)); RECV_SLOTS],
             recv_control: vec![[0; sys::RECV_CONTROL_BYTES / 8]; RECV_SLOTS],
             send_control: vec![[0; sys::SEND_CONTROL_BYTES / 8]; MMSG_BATCH],
@@ -349,8 +438,23 @@ impl PortableIo {
                 }; RECV_SLOTS];
                 // SAFETY: an all-zero mmsghdr is valid.
                 let mut msgs: [libc::mmsghdr; RECV_SLOTS] = unsafe { std::mem::zeroed() };
-                for k in 0..RECV_SLOTS {
-                    iovs[k].iov_base = self.recv_bufs[k * RECV_BUF..].as_mut_ptr().cast();
+                // The free buffers on top of the pool (the most recently used, warm in cache).
+                let mut slots = [0u16; RECV_SLOTS];
+                let mut taken = 0;
+                while taken < RECV_SLOTS {
+                    let Some(b) = self.pool.free.pop() else { break };
+                    slots[taken] = b;
+                    taken += 1;
+                }
+                if taken == 0 {
+                    // Every buffer holds frames waiting for a repair (pins leave a reserve, so
+                    // this takes a pool far smaller than the hold): the socket buffer waits.
+                    break;
+                }
+                for k in 0..taken {
+                    iovs[k].iov_base = self.recv_bufs[usize::from(slots[k]) * RECV_BUF..]
+                        .as_mut_ptr()
+                        .cast();
                     iovs[k].iov_len = RECV_BUF;
                     let m = &mut msgs[k].msg_hdr;
                     m.msg_iov = &mut iovs[k];
@@ -360,17 +464,23 @@ impl PortableIo {
                     m.msg_control = self.recv_control[k].as_mut_ptr().cast();
                     m.msg_controllen = sys::RECV_CONTROL_BYTES as _;
                 }
-                // SAFETY: every header points into `self.recv_*` buffers of the stated sizes,
-                // alive and unmoved for the call; MSG_DONTWAIT makes it non-blocking.
+                // SAFETY: the first `taken` headers point into `self.recv_*` buffers of the
+                // stated sizes, alive and unmoved for the call; MSG_DONTWAIT makes it
+                // non-blocking.
                 let n = unsafe {
                     libc::recvmmsg(
                         fd,
                         msgs.as_mut_ptr(),
-                        RECV_SLOTS as libc::c_uint,
+                        taken as libc::c_uint,
                         libc::MSG_DONTWAIT,
                         std::ptr::null_mut(),
                     )
                 };
+                let got = usize::try_from(n).unwrap_or(0);
+                // Buffers the kernel did not fill go back on top, in the order they came off.
+                for &b in slots[got..taken].iter().rev() {
+                    self.pool.free.push(b);
+                }
                 if n < 0 {
                     let e = io::Error::last_os_error();
                     match e.kind() {
@@ -381,25 +491,32 @@ impl PortableIo {
                         _ => return Err(e),
                     }
                 }
-                for (k, m) in msgs.iter().enumerate().take(n as usize) {
+                for (k, m) in msgs.iter().enumerate().take(got) {
+                    let b = slots[k];
+                    self.pool.lend(b);
                     let len = (m.msg_len as usize).min(RECV_BUF);
                     // usize on glibc, u32 on musl.
                     #[allow(clippy::unnecessary_cast)]
                     let control_len = (m.msg_hdr.msg_controllen as usize).min(sys::RECV_CONTROL_BYTES);
                     let control: &[u8; sys::RECV_CONTROL_BYTES] =
                         zerocopy::transmute_ref!(&self.recv_control[k]);
-                    let Some(from) = sys::parse_sockaddr_in(&sys::sockaddr_bytes(&self.recv_names[k])) else {
-                        continue;
-                    };
-                    f(Received {
-                        token,
-                        from,
-                        bytes: &mut self.recv_bufs[k * RECV_BUF..k * RECV_BUF + len],
-                        segment: sys::gro_segment(&control[..control_len]),
-                    });
+                    if let Some(from) = sys::parse_sockaddr_in(&sys::sockaddr_bytes(&self.recv_names[k])) {
+                        let start = usize::from(b) * RECV_BUF;
+                        f(Received {
+                            token,
+                            from,
+                            arena: &mut self.recv_bufs,
+                            range: start..start + len,
+                            segment: sys::gro_segment(&control[..control_len]),
+                            pool: &mut self.pool,
+                        });
+                    }
+                    if self.pool.settle(b) {
+                        self.pool.free.push(b);
+                    }
                 }
-                total += n as usize;
-                if (n as usize) < RECV_SLOTS {
+                total += got;
+                if got < taken {
                     break;
                 }
             }
@@ -443,10 +560,14 @@ impl PortableIo {
 // io_uring backend
 
 const RING_ENTRIES: u32 = 512;
-/// Provided receive buffers: enough for a GRO buffer of 64 KiB plus the recvmsg header, name
-/// and control data that multishot receive writes in front of it.
+/// Buffers provided to the kernel at a time (the buffer ring's entries), each enough for a GRO
+/// buffer of 64 KiB plus the recvmsg header, name and control data that multishot receive
+/// writes in front of it.
 const PBUF_COUNT: u16 = 64;
 const PBUF_SIZE: usize = 65_536 + 256;
+/// Receive buffers in all: the provided ones, and spares that take the place of buffers in
+/// which frames wait behind a gap (memory is touched only as buffers are first used).
+const PBUF_POOL: u16 = 256;
 const PBUF_GROUP: u16 = 0;
 
 /// IORING_ENTER_GETEVENTS.
@@ -471,6 +592,9 @@ pub struct UringIo {
     /// The buffer ring's entries (page-aligned, shared with the kernel).
     buf_ring: memmap2::MmapMut,
     buffers: Vec<u8>,
+    pool: RecvPool,
+    /// Ring entries left empty because no spare buffer was free when a pinned one stayed out.
+    owed: usize,
     buf_tail: u16,
     /// The msghdr multishot receives are armed with (only the name and control lengths count).
     recv_template: Box<libc::msghdr>,
@@ -517,7 +641,7 @@ impl UringIo {
             .build(RING_ENTRIES)?;
         let entries = usize::from(PBUF_COUNT);
         let mut buf_ring = memmap2::MmapMut::map_anon(entries * size_of::<types::BufRingEntry>())?;
-        let buffers = vec![0u8; entries * PBUF_SIZE];
+        let buffers = vec![0u8; usize::from(PBUF_POOL) * PBUF_SIZE];
         // SAFETY: `buf_ring` is page-aligned (an anonymous mapping), holds PBUF_COUNT entries,
         // and lives in `self` as long as the ring; it is unregistered in Drop before it goes.
         unsafe {
@@ -536,6 +660,8 @@ impl UringIo {
             ring,
             buf_ring,
             buffers,
+            pool: RecvPool::new(PBUF_POOL, PBUF_SIZE, usize::from(PBUF_COUNT / 8)),
+            owed: 0,
             buf_tail: 0,
             recv_template,
             sockets: Vec::new(),
@@ -547,8 +673,10 @@ impl UringIo {
             send_control: Vec::new(),
             rearm: Vec::new(),
         };
-        for bid in 0..PBUF_COUNT {
-            io.provide(bid);
+        for _ in 0..PBUF_COUNT {
+            if let Some(bid) = io.pool.free.pop() {
+                io.provide(bid);
+            }
         }
         io.arm_wake()?;
         Ok(io)
@@ -715,7 +843,11 @@ impl UringIo {
                         // No buffer: an error such as ENOBUFS; the receive is armed again below.
                         continue;
                     };
-                    if c.result > 0 && bid < PBUF_COUNT {
+                    if bid >= PBUF_POOL {
+                        continue;
+                    }
+                    self.pool.lend(bid);
+                    if c.result > 0 {
                         let start = usize::from(bid) * PBUF_SIZE;
                         let len = (c.result as usize).min(PBUF_SIZE);
                         let buf = &self.buffers[start..start + len];
@@ -738,19 +870,32 @@ impl UringIo {
                             f(Received {
                                 token: self.sockets[index].1,
                                 from,
-                                bytes: &mut self.buffers[at..at + payload_len],
+                                arena: &mut self.buffers,
+                                range: at..at + payload_len,
                                 segment,
+                                pool: &mut self.pool,
                             });
                         }
                     }
-                    if bid < PBUF_COUNT {
+                    // Back to the kernel, unless frames wait in it: then a spare goes instead.
+                    if self.pool.settle(bid) {
                         self.provide(bid);
+                    } else if let Some(spare) = self.pool.free.pop() {
+                        self.provide(spare);
+                    } else {
+                        self.owed += 1;
                     }
                 }
                 _ => {}
             }
         }
         self.pending = pending;
+        // Buffers freed since (their last held frame was handed on) refill what is owed.
+        while self.owed > 0 {
+            let Some(bid) = self.pool.free.pop() else { break };
+            self.provide(bid);
+            self.owed -= 1;
+        }
         if wake {
             self.arm_wake()?;
         }
@@ -810,7 +955,54 @@ impl Drop for UringIo {
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_release, push_iov};
+    use super::{parse_release, push_iov, RecvPool};
+    use crate::proto::Lend;
+
+    #[test]
+    fn a_buffer_with_pinned_frames_is_freed_by_the_last_unpin_and_the_reserve_is_kept() {
+        // Four buffers of 100 bytes; pins that take a buffer out need more than one free.
+        let mut pool = RecvPool::new(4, 100, 1);
+        let b = pool.free.pop().unwrap();
+        assert_eq!(b, 0, "the lowest buffer comes first");
+        pool.lend(b);
+        assert!(
+            !pool.pin(250),
+            "a buffer not lent out holds no frame being received"
+        );
+        assert!(pool.pin(10) && pool.pin(40), "two frames of buffer 0");
+        assert!(!pool.settle(b), "frames wait in it: it stays out");
+        assert_eq!(pool.in_use(), 1);
+        pool.unpin(10);
+        assert!(!pool.free.contains(&0));
+        pool.unpin(40);
+        assert_eq!(pool.free.last(), Some(&0), "the last unpin frees it, on top");
+        // With two free buffers left after lending one out, a pin would leave one: refused,
+        // unless the buffer is pinned already.
+        let (x, y) = (pool.free.pop().unwrap(), pool.free.pop().unwrap());
+        pool.lend(x);
+        pool.lend(y);
+        assert_eq!(pool.free.len(), 2);
+        let at = usize::from(y) * 100;
+        assert!(pool.pin(at), "two free: one may go");
+        let z = pool.free.pop().unwrap();
+        pool.lend(z);
+        assert!(
+            !pool.pin(usize::from(z) * 100),
+            "one free left: kept for receiving"
+        );
+        assert!(
+            pool.pin(at + 1),
+            "a second frame in a pinned buffer costs no buffer"
+        );
+        assert!(pool.settle(x) && pool.settle(z) && !pool.settle(y));
+        pool.unpin(at);
+        pool.unpin(at + 1);
+        assert_eq!(pool.in_use(), 0);
+        // Stray unpins (no pin there) change nothing.
+        pool.unpin(at);
+        pool.unpin(10_000);
+        assert_eq!(pool.in_use(), 0);
+    }
 
     #[test]
     fn back_to_back_pieces_of_one_send_share_an_iovec() {

@@ -2,9 +2,10 @@
 //! membership and ordered delivery. One interface, so the worker's data path serves both.
 
 use crate::group::{GroupEvent, GroupMember, GroupOutput, Order};
-use crate::proto::{Counters, Delivery, Event, Member, MemberConfig, Nanos, Output, Transmit};
+use crate::proto::{Counters, Delivery, Event, Lent, Member, MemberConfig, Nanos, Output, Transmit};
 use crate::Error;
 use std::net::SocketAddr;
+use std::ops::Range;
 
 /// The protocol state of one group in a worker.
 // One per group, in the worker's group list: the size does not matter, and the plain member
@@ -111,18 +112,25 @@ impl Proto {
         }
     }
 
-    /// Takes one datagram and hands what it makes deliverable to `deliver`, per order.
-    pub(crate) fn handle_datagram_with(
+    /// Takes the datagram at `range` of `lent`'s arena and hands what it makes deliverable to
+    /// `deliver`, per order. A plain member holds frames that wait behind a gap in the arena
+    /// (see [`Member::handle_datagram_lent`]); a group with membership copies them.
+    pub(crate) fn handle_datagram_lent(
         &mut self,
         now: Nanos,
         from: SocketAddr,
-        bytes: &[u8],
+        lent: &mut Lent<'_>,
+        range: Range<usize>,
         deliver: &mut dyn FnMut(Order, &Output<'_>),
     ) {
         match self {
-            Proto::Plain(m) => m.handle_datagram_with(now, from, bytes, &mut |o| deliver(Order::Fifo, o)),
+            Proto::Plain(m) => {
+                m.handle_datagram_lent(now, from, lent, range, &mut |o| deliver(Order::Fifo, o))
+            }
             Proto::Group(g) => {
-                g.handle_datagram(now, from, bytes);
+                if let Some(bytes) = lent.arena.get(range) {
+                    g.handle_datagram(now, from, bytes);
+                }
                 drain_group(g, deliver);
             }
         }

@@ -7,7 +7,7 @@ use super::proto::Proto;
 use super::sys::{self, EventFd};
 use super::{EngineError, GroupConfig, GroupInfo, GroupStats, Handler};
 use crate::group::{GroupMember, Order};
-use crate::proto::{Destination, Member, Nanos, Output};
+use crate::proto::{Destination, Lent, Member, Nanos, Output};
 use crate::shield::{Shield, ShieldEpoch, SEAL_OVERHEAD, SIGN_OVERHEAD};
 use crate::transport::{open_sockets, ReceiveLoss, TransportStats};
 use crate::wire;
@@ -809,17 +809,26 @@ impl Worker {
     fn receive(&mut self, now: Nanos) -> bool {
         let groups = &mut self.groups;
         let result = self.io.receive(|r: Received<'_>| {
-            let Some(g) = groups.get_mut((r.token >> 1) as usize) else {
+            let Received {
+                token,
+                from,
+                arena,
+                range,
+                segment,
+                pool,
+            } = r;
+            let Some(g) = groups.get_mut((token >> 1) as usize) else {
                 return;
             };
             // Our own multicast comes back to us (loopback); a GRO buffer holds one flow, so
             // one look at its first datagram's source tells for all of them.
-            if is_own(r.bytes, g.proto.id()) {
+            if is_own(&arena[range.clone()], g.proto.id()) {
                 return;
             }
-            let segment = r.segment.unwrap_or(r.bytes.len()).max(1);
+            let segment = segment.unwrap_or(range.len()).max(1);
             g.stats.receive_buffers += 1;
-            for datagram in r.bytes.chunks_mut(segment) {
+            for start in range.clone().step_by(segment) {
+                let end = (start + segment).min(range.end);
                 g.stats.received += 1;
                 if let Some(loss) = g.loss.as_mut() {
                     if loss.drop_next() {
@@ -828,17 +837,25 @@ impl Worker {
                     }
                 }
                 // Opened in place; a rejected datagram is counted by the shield and dropped.
-                let datagram: &[u8] = match g.shield.as_mut().map(|s| s.open(datagram)) {
-                    None => datagram,
-                    Some(Ok(n)) => &datagram[..n],
+                let len = match g.shield.as_mut().map(|s| s.open(&mut arena[start..end])) {
+                    None => end - start,
+                    Some(Ok(n)) => n,
                     Some(Err(_)) => continue,
                 };
-                // Subscribers get in-order messages straight from the receive buffer.
+                // Subscribers get in-order messages straight from the receive buffer, and
+                // frames behind a gap wait in it, pinned.
                 let (handlers, sinks, sunk) = (&mut g.handlers, &mut g.sinks, &mut g.sunk);
-                g.proto
-                    .handle_datagram_with(now, r.from, datagram, &mut |order, out: &Output<'_>| {
-                        hand_out(handlers, sinks, sunk, order, out)
-                    });
+                let mut lent = Lent {
+                    arena: &*arena,
+                    lender: &mut *pool,
+                };
+                g.proto.handle_datagram_lent(
+                    now,
+                    from,
+                    &mut lent,
+                    start..start + len,
+                    &mut |order, out: &Output<'_>| hand_out(handlers, sinks, sunk, order, out),
+                );
                 // A view installed by this datagram: later ones may be sealed in its epoch.
                 apply_rekeys(g);
             }

@@ -334,7 +334,7 @@ pub fn rx(a: RawRxArgs) -> Result<ExitCode, String> {
             say("ready");
             while !stop.load(Ordering::Relaxed) {
                 let n = io
-                    .receive(|r| count(r.bytes, r.segment))
+                    .receive(|r| count(r.bytes(), r.segment))
                     .map_err(|e| e.to_string())?;
                 if n == 0 {
                     io.wait(Duration::from_millis(50)).map_err(|e| e.to_string())?;
@@ -439,8 +439,8 @@ impl PingPongIo {
                 let mut got = None;
                 for _ in 0..2 {
                     let _ = io.receive(|r| {
-                        let n = r.bytes.len().min(buf.len());
-                        buf[..n].copy_from_slice(&r.bytes[..n]);
+                        let n = r.bytes().len().min(buf.len());
+                        buf[..n].copy_from_slice(&r.bytes()[..n]);
                         got = Some(n);
                     });
                     if got.is_some() {

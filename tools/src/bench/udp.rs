@@ -422,6 +422,8 @@ pub fn sub(a: SubArgs) -> Result<ExitCode, String> {
             &mut report,
             json!({
                 "naks_sent": st.counters.get(Counter::NaksSent),
+                "frames_held": st.counters.get(Counter::FramesHeldOutOfOrder),
+                "frames_held_copied": st.counters.get(Counter::FramesHeldCopied),
                 "datagrams_received": st.transport.received,
                 "dropped_by_decorator": st.transport.dropped_by_decorator,
                 "receive_buffers": st.transport.receive_buffers,
