@@ -562,12 +562,16 @@ impl PortableIo {
 const RING_ENTRIES: u32 = 512;
 /// Buffers provided to the kernel at a time (the buffer ring's entries), each enough for a GRO
 /// buffer of 64 KiB plus the recvmsg header, name and control data that multishot receive
-/// writes in front of it.
-const PBUF_COUNT: u16 = 64;
+/// writes in front of it. Fewer buffers in the ring stay warmer in the caches: 32 (or 16)
+/// instead of 64 gave 1.80-1.93 against 1.64-1.81 M msgs/s at 1 KiB and 5% loss, the same
+/// lossless.
+const PBUF_COUNT: u16 = 32;
 const PBUF_SIZE: usize = 65_536 + 256;
 /// Receive buffers in all: the provided ones, and spares that take the place of buffers in
 /// which frames wait behind a gap (memory is touched only as buffers are first used).
 const PBUF_POOL: u16 = 256;
+/// Pins that would take a buffer out of the ring stop while this many spares or fewer are left.
+const PBUF_RESERVE: usize = 8;
 const PBUF_GROUP: u16 = 0;
 
 /// IORING_ENTER_GETEVENTS.
@@ -660,7 +664,7 @@ impl UringIo {
             ring,
             buf_ring,
             buffers,
-            pool: RecvPool::new(PBUF_POOL, PBUF_SIZE, usize::from(PBUF_COUNT / 8)),
+            pool: RecvPool::new(PBUF_POOL, PBUF_SIZE, PBUF_RESERVE),
             owed: 0,
             buf_tail: 0,
             recv_template,
