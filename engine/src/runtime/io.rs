@@ -307,6 +307,15 @@ impl Io {
         }
     }
 
+    /// Times a receive found no free receive buffer (see
+    /// [`TransportStats::receive_buffer_shortages`](crate::transport::TransportStats)).
+    pub fn receive_buffer_shortages(&self) -> u64 {
+        match self {
+            Io::Uring(u) => u.shortages,
+            Io::Portable(p) => p.shortages,
+        }
+    }
+
     /// Blocks until something may have arrived, the wake eventfd fired, or `timeout` passed.
     pub fn wait(&mut self, timeout: Duration) -> io::Result<()> {
         match self {
@@ -333,6 +342,7 @@ pub struct PortableIo {
     wake: RawFd,
     recv_bufs: Vec<u8>,
     pool: RecvPool,
+    shortages: u64,
     recv_names: Vec<libc::sockaddr_in>,
     recv_control: Vec<[u64; sys::RECV_CONTROL_BYTES / 8]>,
     send_control: Vec<[u64; sys::SEND_CONTROL_BYTES / 8]>,
@@ -355,6 +365,7 @@ impl PortableIo {
             recv_bufs: vec![0; usize::from(RECV_POOL) * RECV_BUF],
             // Two calls' worth kept back for receiving.
             pool: RecvPool::new(RECV_POOL, RECV_BUF, 2 * RECV_SLOTS),
+            shortages: 0,
             recv_names: vec![sys::sockaddr_in(std::net::SocketAddrV4::new(0.into(), 0)); RECV_SLOTS],
             recv_control: vec![[0; sys::RECV_CONTROL_BYTES / 8]; RECV_SLOTS],
             send_control: vec![[0; sys::SEND_CONTROL_BYTES / 8]; MMSG_BATCH],
@@ -449,6 +460,7 @@ impl PortableIo {
                 if taken == 0 {
                     // Every buffer holds frames waiting for a repair (pins leave a reserve, so
                     // this takes a pool far smaller than the hold): the socket buffer waits.
+                    self.shortages += 1;
                     break;
                 }
                 for k in 0..taken {
@@ -597,6 +609,8 @@ pub struct UringIo {
     buf_ring: memmap2::MmapMut,
     buffers: Vec<u8>,
     pool: RecvPool,
+    /// Multishot receives that ended for want of a provided buffer.
+    shortages: u64,
     /// Ring entries left empty because no spare buffer was free when a pinned one stayed out.
     owed: usize,
     buf_tail: u16,
@@ -665,6 +679,7 @@ impl UringIo {
             buf_ring,
             buffers,
             pool: RecvPool::new(PBUF_POOL, PBUF_SIZE, PBUF_RESERVE),
+            shortages: 0,
             owed: 0,
             buf_tail: 0,
             recv_template,
@@ -845,6 +860,9 @@ impl UringIo {
                     }
                     let Some(bid) = cqueue::buffer_select(c.flags) else {
                         // No buffer: an error such as ENOBUFS; the receive is armed again below.
+                        if c.result == -libc::ENOBUFS {
+                            self.shortages += 1;
+                        }
                         continue;
                     };
                     if bid >= PBUF_POOL {

@@ -563,7 +563,10 @@ impl Worker {
                             gso: self.gso,
                             gro: self.gro,
                             counters: g.proto.counters().clone(),
-                            transport: g.stats,
+                            transport: TransportStats {
+                                receive_buffer_shortages: self.io.receive_buffer_shortages(),
+                                ..g.stats
+                            },
                             next_sequence: g.proto.next_sequence(),
                             queued_bytes: g.proto.queued_bytes()
                                 + g.publications
