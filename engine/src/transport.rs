@@ -66,11 +66,6 @@ pub struct TransportStats {
     pub send_calls: u64,
     /// Buffers received (a GRO buffer carries many datagrams).
     pub receive_buffers: u64,
-    /// Runtime workers: times a receive found no free receive buffer (io_uring: a multishot
-    /// receive ended with ENOBUFS; portable: every buffer held frames waiting behind gaps), so
-    /// datagrams waited in the socket. Counted per worker: every group of a worker reports the
-    /// worker's figure.
-    pub receive_buffer_shortages: u64,
 }
 
 /// Opens a member's sockets for `cfg`, in blocking mode: the group socket (`None` when the

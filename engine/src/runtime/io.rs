@@ -208,7 +208,8 @@ impl RecvPool {
     }
 
     /// Buffers pinned by held frames or lent out right now.
-    pub fn in_use(&self) -> usize {
+    #[cfg(test)]
+    fn in_use(&self) -> usize {
         self.refs.iter().filter(|&&r| r > 0).count()
     }
 
@@ -308,7 +309,7 @@ impl Io {
     }
 
     /// Times a receive found no free receive buffer (see
-    /// [`TransportStats::receive_buffer_shortages`](crate::transport::TransportStats)).
+    /// [`GroupStats::receive_buffer_shortages`](super::GroupStats::receive_buffer_shortages)).
     pub fn receive_buffer_shortages(&self) -> u64 {
         match self {
             Io::Uring(u) => u.shortages,

@@ -164,6 +164,10 @@ pub struct GroupStats {
     pub gso: bool,
     /// GRO in use.
     pub gro: bool,
+    /// Times the owning worker's receive found no free receive buffer (io_uring: a multishot
+    /// receive ended with ENOBUFS; portable: every buffer held frames waiting behind gaps), so
+    /// datagrams waited in the socket. Every group of a worker reports the worker's figure.
+    pub receive_buffer_shortages: u64,
     /// The protocol's counters.
     pub counters: Counters,
     /// The sockets' counters.

@@ -563,10 +563,8 @@ impl Worker {
                             gso: self.gso,
                             gro: self.gro,
                             counters: g.proto.counters().clone(),
-                            transport: TransportStats {
-                                receive_buffer_shortages: self.io.receive_buffer_shortages(),
-                                ..g.stats
-                            },
+                            receive_buffer_shortages: self.io.receive_buffer_shortages(),
+                            transport: g.stats,
                             next_sequence: g.proto.next_sequence(),
                             queued_bytes: g.proto.queued_bytes()
                                 + g.publications

@@ -427,7 +427,7 @@ pub fn sub(a: SubArgs) -> Result<ExitCode, String> {
                 "datagrams_received": st.transport.received,
                 "dropped_by_decorator": st.transport.dropped_by_decorator,
                 "receive_buffers": st.transport.receive_buffers,
-                "receive_buffer_shortages": st.transport.receive_buffer_shortages,
+                "receive_buffer_shortages": st.receive_buffer_shortages,
                 "gro": st.gro,
             }),
         );
