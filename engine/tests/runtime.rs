@@ -217,3 +217,99 @@ fn invoker_mode_runs_the_engine_on_the_callers_thread() {
     // Without invoker mode, invoke does nothing.
     assert!(!receiver.invoke());
 }
+
+/// A sender that vanishes with sequences missing: after `sender_timeout_ns` the receiving
+/// engine hands on what it holds of it, in order between the losses it declares, and stops
+/// NAKing it.
+fn a_vanished_sender_is_given_up(backend: BackendKind) {
+    use intergroup_engine::wire::{DataHeader, DatagramWriter, HeartbeatBody};
+    use intergroup_engine::Counter;
+    let port = port();
+    let receiver = engine(backend);
+    let mut cfg = group(2, port, 0.0, 1);
+    cfg.member.sender_timeout_ns = 200_000_000;
+    let to = cfg.udp.group;
+    receiver.join(cfg).unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    receiver
+        .subscribe(9, move |out: &Output<'_>| {
+            let _ = tx.send(match out {
+                Output::Message(m) => format!("message {}", m.sequence),
+                Output::Event(Event::UnrecoverableLoss { first, count, .. }) => {
+                    format!("lost {first}+{count}")
+                }
+                Output::Event(e) => format!("{e:?}"),
+            });
+        })
+        .unwrap();
+    // Member 7 sends 0, 2 and 3 (each its own datagram), and a heartbeat announcing 5, then
+    // nothing: 1 and 4 never come, and 2 and 3 wait behind the gap.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+    socket
+        .set_multicast_if_v4(&std::net::Ipv4Addr::LOCALHOST)
+        .unwrap();
+    socket.set_multicast_ttl_v4(0).unwrap();
+    socket.set_multicast_loop_v4(true).unwrap();
+    let send = |build: &dyn Fn(&mut DatagramWriter<'_>)| {
+        let mut buf = vec![0u8; 1472];
+        let mut w = DatagramWriter::new(&mut buf, 9, 7).unwrap();
+        build(&mut w);
+        let len = w.len();
+        socket
+            .send_to(&buf[..len], &std::net::SocketAddr::V4(to).into())
+            .unwrap();
+    };
+    for seq in [0u64, 2, 3] {
+        send(&|w| {
+            let h = DataHeader {
+                stream: 1.into(),
+                sender: 7.into(),
+                epoch: 0.into(),
+                sequence: seq.into(),
+                timestamp: (seq + 1).into(),
+                message_len: 300.into(),
+                fragment_offset: 0.into(),
+            };
+            assert!(w.push_data(0, &h, &[seq as u8; 300]));
+        });
+    }
+    send(&|w| {
+        assert!(w.push_heartbeat(&HeartbeatBody {
+            sender: 7.into(),
+            epoch: 0.into(),
+            next_sequence: 5.into(),
+            oldest_sequence: 0.into(),
+            timestamp: 5.into(),
+        }));
+    });
+    let next = || rx.recv_timeout(Duration::from_secs(10)).expect("an output");
+    assert_eq!(next(), "message 0");
+    let started = Instant::now();
+    let rest: Vec<String> = (0..4).map(|_| next()).collect();
+    assert!(
+        started.elapsed() >= Duration::from_millis(150),
+        "given up before its timeout"
+    );
+    assert_eq!(rest, ["lost 1+1", "message 2", "message 3", "lost 4+1"]);
+    let c = receiver.stats(9).unwrap().counters;
+    assert_eq!(c.get(Counter::SendersTimedOut), 1);
+    assert_eq!(c.get(Counter::FramesUnrecoverable), 2);
+    let naks = c.get(Counter::NaksSent);
+    assert!(naks > 0, "the gaps were NAKed while the sender might come back");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        receiver.stats(9).unwrap().counters.get(Counter::NaksSent),
+        naks,
+        "NAKs stopped"
+    );
+}
+
+#[test]
+fn io_uring_gives_up_a_vanished_sender() {
+    a_vanished_sender_is_given_up(BackendKind::IoUring);
+}
+
+#[test]
+fn portable_gives_up_a_vanished_sender() {
+    a_vanished_sender_is_given_up(BackendKind::Portable);
+}

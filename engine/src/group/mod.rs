@@ -1767,6 +1767,9 @@ impl GroupMember {
             let mut mc = self.cfg.member.clone();
             mc.epoch = a.view.id;
             mc.group_size_hint = (a.view.members.len() as u32).max(1);
+            // Membership decides when a sender is gone (a new view), and the flush recovers
+            // what it sent from the survivors: a member never gives a sender up by itself.
+            mc.sender_timeout_ns = Nanos::MAX;
             let member = Member::new(mc, self.rng.random()).expect("validated at construction");
             let logs = a.view.senders.iter().map(|_| SenderLog::default()).collect();
             let mut d = ViewData {

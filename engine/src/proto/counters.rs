@@ -89,12 +89,24 @@ counters! {
     /// Frames held out of order as a copy, not in the receive buffer they came in (the driver
     /// lent no buffer, or could not spare one).
     FramesHeldCopied = 31, "frames_held_copied";
+    /// Senders given up after `sender_timeout_ns` of silence with sequences still missing
+    /// (those were declared lost).
+    SendersTimedOut = 32, "senders_timed_out";
 }
 
 /// The counters of one member, indexed by [`Counter`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Counters {
     values: [u64; Counter::ALL.len()],
+}
+
+// By hand: arrays longer than 32 have no `Default`.
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            values: [0; Counter::ALL.len()],
+        }
+    }
 }
 
 impl Counters {

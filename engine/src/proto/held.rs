@@ -71,6 +71,8 @@ pub(crate) struct HeldFrames {
     meta: Vec<SlotMeta>,
     slot_len: usize,
     mask: u64,
+    /// Frames held in a lent arena, pinned.
+    lent: usize,
 }
 
 impl HeldFrames {
@@ -83,7 +85,13 @@ impl HeldFrames {
             meta: Vec::new(),
             slot_len,
             mask: capacity as u64 - 1,
+            lent: 0,
         }
+    }
+
+    /// Frames held in a lent arena: they can be handed on only within a call that lends it.
+    pub fn lent_frames(&self) -> usize {
+        self.lent
     }
 
     /// Largest payload a slot holds.
@@ -117,6 +125,7 @@ impl HeldFrames {
             lent_at,
         };
         if lent_at.is_some() {
+            self.lent += 1;
             return false;
         }
         if self.bytes.is_empty() {
@@ -150,6 +159,7 @@ impl HeldFrames {
                 let l = lent?;
                 let payload = l.arena.get(at..at + m.len)?;
                 l.lender.unpin(at);
+                self.lent -= 1;
                 payload
             }
             None => {

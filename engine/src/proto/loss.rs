@@ -139,6 +139,19 @@ impl LossDetector {
         self.extend_tail(now_ns, backoff, rng);
     }
 
+    /// The sender is gone: every sequence it announced that has not arrived is lost, and
+    /// [`next_in_order`](Self::next_in_order) hands on what is held, declaring the missing runs
+    /// lost, up to the highest sequence known (NAK timers go with the gaps). Returns whether
+    /// anything was missing.
+    pub fn give_up(&mut self) -> bool {
+        let end = self.announced.max(self.high);
+        let missing = !self.gaps.is_empty() || end > self.high;
+        if missing {
+            self.floor = self.floor.max(end);
+        }
+        missing
+    }
+
     /// The next held frame or lost run in sequence order, if its turn has come.
     #[inline]
     pub fn next_in_order(&mut self) -> Option<Step> {

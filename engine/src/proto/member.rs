@@ -543,8 +543,24 @@ impl Member {
         }
     }
 
-    /// Runs the timers due at `now_ns`: NAKs, STATUS reports, heartbeats, receiver expiry.
+    /// Runs the timers due at `now_ns`: NAKs, STATUS reports, heartbeats, receiver expiry, and
+    /// giving up senders silent for `sender_timeout_ns` (what they still owe is declared lost;
+    /// see [`drain`](Self::drain)). A sender whose frames wait in a lent arena is given up only
+    /// by [`handle_timeout_lent`](Self::handle_timeout_lent).
     pub fn handle_timeout(&mut self, now_ns: Nanos) {
+        self.timeout(now_ns, None);
+    }
+
+    /// [`handle_timeout`](Self::handle_timeout) for a driver that lends its receive buffers
+    /// ([`handle_datagram_lent`](Self::handle_datagram_lent)): `lent` is the arena those
+    /// datagrams came in, so the held frames of a sender given up are handed on (into
+    /// [`drain`](Self::drain)) and unpinned.
+    pub fn handle_timeout_lent(&mut self, now_ns: Nanos, lent: &mut Lent<'_>) {
+        self.timeout(now_ns, Some(lent));
+    }
+
+    fn timeout(&mut self, now_ns: Nanos, lent: Option<&mut Lent<'_>>) {
+        self.give_up_silent_senders(now_ns, lent);
         let cfg = &self.cfg;
         for peer in self.peers.list.iter_mut() {
             let id = peer.id;
@@ -579,6 +595,40 @@ impl Member {
                 self.counters.add(Counter::ReceiversTimedOut, expired as u64);
                 s.next_expiry_ns = now_ns + (cfg.receiver_timeout_ns / 4).max(1);
             }
+        }
+    }
+
+    /// Gives up every sender silent for `sender_timeout_ns` that still owes sequences: hands on
+    /// what is held of it, declares the rest lost, and so stops NAKing it and frees what its
+    /// held frames pinned. It is tracked on: if it speaks again, it is received from there.
+    fn give_up_silent_senders(&mut self, now_ns: Nanos, mut lent: Option<&mut Lent<'_>>) {
+        let Self {
+            cfg,
+            counters,
+            deliveries,
+            events,
+            peers,
+            reported,
+            ..
+        } = self;
+        for peer in peers.list.iter_mut() {
+            if now_ns < peer.last_heard_ns.saturating_add(cfg.sender_timeout_ns)
+                || (lent.is_none() && peer.held.lent_frames() > 0)
+                || !peer.loss.give_up()
+            {
+                continue;
+            }
+            counters.incr(Counter::SendersTimedOut);
+            let mut sink = Sink {
+                sender: peer.id,
+                max_message_bytes: cfg.max_message_bytes,
+                counters: &mut *counters,
+                deliveries: &mut *deliveries,
+                events: &mut *events,
+                reported: &mut *reported,
+                direct: None,
+            };
+            drain_in_order(peer, &mut sink, lent.as_deref_mut());
         }
     }
 
@@ -1414,12 +1464,12 @@ mod tests {
 
         /// Reads `datagram` into a buffer and has `m` take it from there.
         fn deliver(&mut self, m: &mut Member, datagram: &[u8], out: &mut Vec<(u64, Vec<u8>)>) {
-            let b = self.free.pop().expect("a free buffer");
-            let start = b * self.buf_len;
-            self.bytes[start..start + datagram.len()].copy_from_slice(datagram);
-            self.refs[b] = 1;
-            let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
-            let mut lender = TestLender {
+            self.deliver_at(0, m, datagram, out);
+        }
+
+        /// The arena's bytes and a lender of them (disjoint borrows).
+        fn split(&mut self) -> (&[u8], TestLender<'_>) {
+            let lender = TestLender {
                 refs: &mut self.refs,
                 free: &mut self.free,
                 buf_len: self.buf_len,
@@ -1427,11 +1477,37 @@ mod tests {
                 refuse_every: self.refuse_every,
                 refused: &mut self.refused,
             };
+            (&self.bytes, lender)
+        }
+
+        /// Runs `m`'s timers at `now` with this arena lent.
+        fn timeout(&mut self, now: Nanos, m: &mut Member) {
+            let (arena, mut lender) = self.split();
+            m.handle_timeout_lent(
+                now,
+                &mut Lent {
+                    arena,
+                    lender: &mut lender,
+                },
+            );
+        }
+
+        fn pinned(&self) -> u32 {
+            self.refs.iter().sum()
+        }
+
+        fn deliver_at(&mut self, now: Nanos, m: &mut Member, datagram: &[u8], out: &mut Vec<(u64, Vec<u8>)>) {
+            let b = self.free.pop().expect("a free buffer");
+            let start = b * self.buf_len;
+            self.bytes[start..start + datagram.len()].copy_from_slice(datagram);
+            self.refs[b] = 1;
+            let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
+            let (arena, mut lender) = self.split();
             let mut lent = Lent {
-                arena: &self.bytes,
+                arena,
                 lender: &mut lender,
             };
-            m.handle_datagram_lent(0, from, &mut lent, start..start + datagram.len(), &mut |o| {
+            m.handle_datagram_lent(now, from, &mut lent, start..start + datagram.len(), &mut |o| {
                 if let Output::Message(d) = o {
                     out.push((d.sequence, d.payload.to_vec()));
                 }
@@ -1524,20 +1600,145 @@ mod tests {
         )
         .unwrap();
         let mut arena = TestArena::new(1, 64, 0);
-        let mut lender = TestLender {
-            refs: &mut arena.refs,
-            free: &mut arena.free,
-            buf_len: 64,
-            pins: &mut arena.pins,
-            refuse_every: 0,
-            refused: &mut arena.refused,
-        };
+        let (bytes, mut lender) = arena.split();
         let mut lent = Lent {
-            arena: &arena.bytes,
+            arena: bytes,
             lender: &mut lender,
         };
         let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
         receiver.handle_datagram_lent(0, from, &mut lent, 60..80, &mut |_| panic!("nothing to deliver"));
         assert_eq!(receiver.counters().get(Counter::RejectedMalformed), 1);
+    }
+
+    /// What `m` has queued for `drain`: messages by their first byte, losses as `(first, count)`.
+    fn drained(m: &mut Member) -> (Vec<u8>, Vec<(u64, u64)>) {
+        let (mut got, mut lost) = (Vec::new(), Vec::new());
+        m.drain(|o| match o {
+            Output::Message(d) => got.push(d.payload[0]),
+            Output::Event(Event::UnrecoverableLoss { first, count, .. }) => lost.push((first, count)),
+            Output::Event(e) => panic!("unexpected {e:?}"),
+        });
+        (got, lost)
+    }
+
+    /// Twelve one-frame messages (payload bytes all `i`) sent at 0, then a heartbeat at 5 ms:
+    /// the datagrams in order, the heartbeat last.
+    fn twelve_then_a_heartbeat(sender: &mut Member) -> Vec<Vec<u8>> {
+        let mut buf = vec![0u8; 1500];
+        let mut out = Vec::new();
+        for i in 0..12u8 {
+            sender.publish(0, &[i; 1000]).unwrap();
+            while let Some(t) = sender.poll_transmit(0, &mut buf) {
+                out.push(buf[..t.len].to_vec());
+            }
+        }
+        assert_eq!(out.len(), 12, "one datagram per message");
+        sender.handle_timeout(5_000_000);
+        let t = sender.poll_transmit(5_000_000, &mut buf).expect("a heartbeat");
+        out.push(buf[..t.len].to_vec());
+        out
+    }
+
+    /// A sender (member 1) and a receiver (member 2) that took in, through a test arena at
+    /// 6 ms, [`twelve_then_a_heartbeat`] but the datagrams at `lost`, and what it delivered.
+    fn silent_after_twelve(lost: &[usize]) -> (Member, Member, TestArena, Vec<(u64, Vec<u8>)>) {
+        let cfg = |member_id| MemberConfig {
+            member_id,
+            ..MemberConfig::default()
+        };
+        let (mut sender, mut receiver) = (Member::new(cfg(1), 1).unwrap(), Member::new(cfg(2), 2).unwrap());
+        let datagrams = twelve_then_a_heartbeat(&mut sender);
+        let mut arena = TestArena::new(32, 2048, 0);
+        let mut out = Vec::new();
+        for (i, d) in datagrams.iter().enumerate() {
+            if !lost.contains(&i) {
+                arena.deliver_at(6_000_000, &mut receiver, d, &mut out);
+            }
+        }
+        (sender, receiver, arena, out)
+    }
+
+    #[test]
+    fn a_silent_sender_is_given_up_and_its_held_frames_handed_on_and_unpinned() {
+        // 2, 3, 10 and 11 are lost; 4..=9 wait behind the gap, pinned; the heartbeat (heard at
+        // 6 ms) announces 12.
+        let (mut sender, mut receiver, mut arena, mut out) = silent_after_twelve(&[2, 3, 10, 11]);
+        let got: Vec<u8> = out.iter().map(|(_, p)| p[0]).collect();
+        assert_eq!(got, [0, 1]);
+        assert_eq!(arena.pinned(), 6, "4..=9 held in place");
+        let timeout = receiver.config().sender_timeout_ns;
+        let heard = 6_000_000;
+        // Before the timeout the gaps are NAKed, and nothing is given up.
+        arena.timeout(heard + timeout - 1, &mut receiver);
+        assert_eq!(receiver.counters().get(Counter::SendersTimedOut), 0);
+        assert_eq!(drained(&mut receiver), (vec![], vec![]));
+        assert_eq!(arena.pinned(), 6);
+        let mut buf = vec![0u8; 1500];
+        while receiver.poll_transmit(heard + timeout - 1, &mut buf).is_some() {}
+        assert!(
+            receiver.counters().get(Counter::NaksSent) > 0,
+            "the gaps were NAKed"
+        );
+        // At the timeout: what is held comes out in order, between the declared losses.
+        arena.timeout(heard + timeout, &mut receiver);
+        assert_eq!(receiver.counters().get(Counter::SendersTimedOut), 1);
+        assert_eq!(
+            drained(&mut receiver),
+            (vec![4, 5, 6, 7, 8, 9], vec![(2, 2), (10, 2)])
+        );
+        assert_eq!(receiver.counters().get(Counter::FramesUnrecoverable), 4);
+        assert_eq!(arena.pinned(), 0, "every pin released");
+        // Nothing is left to NAK, and a sender this silent gets no STATUS either.
+        let naks = receiver.counters().get(Counter::NaksSent);
+        assert_eq!(receiver.poll_timeout(), None);
+        while receiver.poll_transmit(heard + 2 * timeout, &mut buf).is_some() {}
+        assert_eq!(receiver.counters().get(Counter::NaksSent), naks);
+        // Given up once: a later timeout finds nothing missing.
+        arena.timeout(heard + 3 * timeout, &mut receiver);
+        assert_eq!(receiver.counters().get(Counter::SendersTimedOut), 1);
+        // If it speaks again, it is received from where it was given up.
+        sender.publish(0, &[12; 1000]).unwrap();
+        let t = sender
+            .poll_transmit(heard + 3 * timeout, &mut buf)
+            .expect("message 12");
+        let d = buf[..t.len].to_vec();
+        arena.deliver_at(heard + 3 * timeout, &mut receiver, &d, &mut out);
+        assert_eq!(out.last().map(|(_, p)| p[0]), Some(12));
+    }
+
+    #[test]
+    fn a_silent_sender_with_frames_in_a_lent_arena_waits_for_a_lent_timeout() {
+        let (_, mut receiver, mut arena, _) = silent_after_twelve(&[2]);
+        let late = 6_000_000 + receiver.config().sender_timeout_ns;
+        // Without the arena its frames cannot be handed on: the sender is not given up yet.
+        receiver.handle_timeout(late);
+        assert_eq!(receiver.counters().get(Counter::SendersTimedOut), 0);
+        assert_eq!(arena.pinned(), 9);
+        arena.timeout(late, &mut receiver);
+        assert_eq!(receiver.counters().get(Counter::SendersTimedOut), 1);
+        assert_eq!(drained(&mut receiver), ((3..12).collect(), vec![(2, 1)]));
+        assert_eq!(arena.pinned(), 0);
+    }
+
+    #[test]
+    fn a_silent_sender_is_given_up_on_the_copying_path_too() {
+        let cfg = |member_id| MemberConfig {
+            member_id,
+            sender_timeout_ns: 50_000_000,
+            ..MemberConfig::default()
+        };
+        let (mut sender, mut receiver) = (Member::new(cfg(1), 1).unwrap(), Member::new(cfg(2), 2).unwrap());
+        let datagrams = twelve_then_a_heartbeat(&mut sender);
+        let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        for (i, d) in datagrams.iter().enumerate() {
+            if i != 0 && i != 11 {
+                receiver.handle_datagram(6_000_000, from, d);
+            }
+        }
+        receiver.handle_timeout(56_000_000 - 1);
+        assert_eq!(drained(&mut receiver), (vec![], vec![]));
+        receiver.handle_timeout(56_000_000);
+        assert_eq!(drained(&mut receiver), ((1..11).collect(), vec![(0, 1), (11, 1)]));
+        assert_eq!(receiver.counters().get(Counter::SendersTimedOut), 1);
     }
 }

@@ -65,6 +65,10 @@ pub struct MemberConfig {
     pub status_interval_ns: Nanos,
     /// A receiver not heard from for this long no longer holds the sender back.
     pub receiver_timeout_ns: Nanos,
+    /// A sender not heard from for this long (a live one sends a HEARTBEAT every
+    /// `heartbeat_interval_ns`) is gone: a receiver stops NAKing it, hands on what it holds of
+    /// it and declares the rest lost. `Nanos::MAX` never gives a sender up.
+    pub sender_timeout_ns: Nanos,
     /// Most remote senders tracked at once; data from further ones is rejected and counted.
     pub max_senders: usize,
     /// Most NAK ranges sent in one NAK frame.
@@ -99,6 +103,8 @@ impl Default for MemberConfig {
             heartbeat_interval_ns: 5_000_000,
             status_interval_ns: 20_000_000,
             receiver_timeout_ns: 2_000_000_000,
+            // Four hundred heartbeats: only a sender that crashed or left stays this silent.
+            sender_timeout_ns: 2_000_000_000,
             max_senders: 1024,
             max_nak_ranges: 64,
         }
@@ -142,6 +148,7 @@ impl MemberConfig {
             ("heartbeat_interval_ns", self.heartbeat_interval_ns),
             ("status_interval_ns", self.status_interval_ns),
             ("receiver_timeout_ns", self.receiver_timeout_ns),
+            ("sender_timeout_ns", self.sender_timeout_ns),
             ("nak_retry_ns", self.nak_retry_ns),
         ] {
             if v == 0 {

@@ -3,7 +3,7 @@
 //! `recvmmsg`, `poll`). Both send GSO batches and receive GRO buffers when the kernel allows.
 
 use super::sys;
-use crate::proto::Lend;
+use crate::proto::{Lend, Lent};
 use io_uring::{cqueue, opcode, types, IoUring};
 use std::io;
 use std::net::SocketAddr;
@@ -306,6 +306,16 @@ impl Io {
             Io::Uring(u) => u.receive(f),
             Io::Portable(p) => p.receive(f),
         }
+    }
+
+    /// Every receive buffer and the pool that pins them, lent outside `receive` (to timers,
+    /// which may hand on frames pinned in them).
+    pub fn lent(&mut self) -> Lent<'_> {
+        let (arena, pool) = match self {
+            Io::Uring(u) => (&u.buffers, &mut u.pool),
+            Io::Portable(p) => (&p.recv_bufs, &mut p.pool),
+        };
+        Lent { arena, lender: pool }
     }
 
     /// Times a receive found no free receive buffer (see

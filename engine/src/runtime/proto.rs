@@ -136,9 +136,11 @@ impl Proto {
         }
     }
 
-    pub(crate) fn handle_timeout(&mut self, now: Nanos) {
+    /// Runs due timers; `lent` is the arena [`handle_datagram_lent`](Self::handle_datagram_lent)
+    /// is given, so a plain member can hand on frames pinned there.
+    pub(crate) fn handle_timeout(&mut self, now: Nanos, lent: &mut Lent<'_>) {
         match self {
-            Proto::Plain(m) => m.handle_timeout(now),
+            Proto::Plain(m) => m.handle_timeout_lent(now, lent),
             Proto::Group(g) => g.handle_timeout(now),
         }
     }

@@ -878,7 +878,7 @@ impl Worker {
             // Stale entries (the group's deadline moved) are skipped.
             if g.deadline == Some(deadline) {
                 g.deadline = None;
-                g.proto.handle_timeout(now);
+                g.proto.handle_timeout(now, &mut self.io.lent());
                 apply_rekeys(g);
                 g.touched = true;
             }
