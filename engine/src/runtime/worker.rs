@@ -47,6 +47,13 @@ const YIELD_CONTENDED_NS: Nanos = 5_000;
 /// timer falls due within [`IDLE_SPIN_NS`] (a receiver with NAKs pending under loss: sleeping
 /// then cost its subscribers more than the yields did).
 const CONTENDED_NS: Nanos = 10_000_000;
+/// A turn that handled at least this many datagrams and records was part of a stream of
+/// traffic: the worker will have work again soon, and waits for it asleep when its core is
+/// contended. Sparser traffic (a request and its reply, one at a time) keeps polling, where a
+/// sleep would add a wake-up to every message's latency.
+const BULK_TURN_ITEMS: usize = 8;
+/// How long after such a turn the worker counts as carrying a stream.
+const BULK_NS: Nanos = 1_000_000;
 /// Longest a worker sleeps when no timer is due, so a lost wake-up costs little (a setting
 /// can make it shorter: publications in other processes cannot wake the worker).
 const MAX_IDLE: Duration = Duration::from_millis(50);
@@ -341,8 +348,13 @@ pub struct Worker {
     /// When the last turn ran, and the last turn that found work.
     last_turn: Nanos,
     last_busy: Nanos,
-    /// Until then an idle worker sleeps at once (see [`YIELD_CONTENDED_NS`]).
+    /// Until then an idle worker sleeps at once (see [`YIELD_CONTENDED_NS`]), while it
+    /// carries a stream (see [`BULK_TURN_ITEMS`]).
     contended_until: Nanos,
+    /// Datagrams and records handled in this turn so far.
+    turn_items: usize,
+    /// Until then the worker carries a stream of traffic.
+    bulk_until: Nanos,
 }
 
 /// What a turn found.
@@ -384,6 +396,8 @@ impl Worker {
             last_turn: 0,
             last_busy: 0,
             contended_until: 0,
+            turn_items: 0,
+            bulk_until: 0,
         }
     }
 
@@ -427,6 +441,9 @@ impl Worker {
         busy |= self.deliver();
         self.rearm_timers();
         self.last_turn = now;
+        if std::mem::take(&mut self.turn_items) >= BULK_TURN_ITEMS {
+            self.bulk_until = now + BULK_NS;
+        }
         if busy {
             self.last_busy = now;
             Turn::Busy
@@ -450,9 +467,13 @@ impl Worker {
         let now = self.last_turn;
         if self.busy_poll {
             std::thread::yield_now();
-        } else if now.saturating_sub(self.last_busy) > IDLE_SPIN_NS
-            || (now < self.contended_until && !self.timer_due_within(now, IDLE_SPIN_NS))
-        {
+        } else if sleep_now(
+            now,
+            self.last_busy,
+            self.contended_until,
+            self.bulk_until,
+            self.timer_due_within(now, IDLE_SPIN_NS),
+        ) {
             self.park_for(now, timeout.min(self.max_idle));
         } else {
             let before = self.now();
@@ -826,6 +847,7 @@ impl Worker {
                     }
                 };
                 self.pushed_back += pushed_back;
+                self.turn_items += n;
                 if let Some(mean) = taken_bytes.checked_div(n) {
                     p.record_bytes = mean;
                     any = true;
@@ -838,6 +860,7 @@ impl Worker {
 
     fn receive(&mut self, now: Nanos) -> bool {
         let groups = &mut self.groups;
+        let mut datagrams = 0;
         let result = self.io.receive(|r: Received<'_>| {
             let Received {
                 token,
@@ -860,6 +883,7 @@ impl Worker {
             for start in range.clone().step_by(segment) {
                 let end = (start + segment).min(range.end);
                 g.stats.received += 1;
+                datagrams += 1;
                 if let Some(loss) = g.loss.as_mut() {
                     if loss.drop_next() {
                         g.stats.dropped_by_decorator += 1;
@@ -891,6 +915,7 @@ impl Worker {
             }
             g.touched = true;
         });
+        self.turn_items += datagrams;
         match result {
             Ok(n) => n > 0,
             Err(_) => false,
@@ -1087,6 +1112,19 @@ impl Piece {
     }
 }
 
+/// Whether a worker idle at `now` (not in busy-poll) sleeps rather than polls on: once it has
+/// found no work for [`IDLE_SPIN_NS`]; or at once while its core is contended and it carries a
+/// stream of traffic, unless a timer falls due within the poll window (`timer_soon`).
+fn sleep_now(
+    now: Nanos,
+    last_busy: Nanos,
+    contended_until: Nanos,
+    bulk_until: Nanos,
+    timer_soon: bool,
+) -> bool {
+    now.saturating_sub(last_busy) > IDLE_SPIN_NS || (now < contended_until && now < bulk_until && !timer_soon)
+}
+
 /// A run of group datagrams that leave as one send: equal sizes, the last one maybe shorter.
 #[derive(Debug, Clone, Copy)]
 struct Run {
@@ -1236,6 +1274,38 @@ mod tests {
         // Flow control's room limits first.
         assert_eq!(ring_batch(10, 1024), 10);
         assert_eq!(ring_batch(0, 1024), 0);
+    }
+
+    #[test]
+    fn an_idle_worker_sleeps_at_once_only_between_the_messages_of_a_stream_on_a_busy_core() {
+        let now = 1_000_000_000;
+        let just_busy = now - 1_000;
+        // Idle for longer than the poll window: sleep, whatever else holds.
+        assert!(sleep_now(now, now - IDLE_SPIN_NS - 1, 0, 0, false));
+        assert!(sleep_now(now, now - IDLE_SPIN_NS - 1, 0, 0, true));
+        // Just busy on a free core: poll.
+        assert!(!sleep_now(now, just_busy, 0, now + BULK_NS, false));
+        // A contended core carrying a stream: sleep at once...
+        assert!(sleep_now(
+            now,
+            just_busy,
+            now + CONTENDED_NS,
+            now + BULK_NS,
+            false
+        ));
+        // ...unless a timer (a NAK) falls due within the poll window.
+        assert!(!sleep_now(
+            now,
+            just_busy,
+            now + CONTENDED_NS,
+            now + BULK_NS,
+            true
+        ));
+        // Sparse traffic (one message a turn: a ping-pong) on a contended core: poll, since a
+        // sleep would add a wake-up to each message's latency.
+        assert!(!sleep_now(now, just_busy, now + CONTENDED_NS, now - 1, false));
+        // Contention long past: poll.
+        assert!(!sleep_now(now, just_busy, now - 1, now + BULK_NS, false));
     }
 
     #[test]
