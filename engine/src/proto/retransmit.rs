@@ -4,6 +4,7 @@
 //! travels alone can be sent as a datagram straight from its slot, with no copy.
 
 use super::Nanos;
+use crate::mem::HugeBuffer;
 use crate::wire::{DATAGRAM_HEADER_LEN, DATA_FLAG_RETRANSMIT};
 
 /// How far ahead of its writes the log asks for cache lines.
@@ -16,7 +17,8 @@ const PREFETCH_AHEAD: usize = 8 << 10;
 pub struct RetransmitBuffer {
     /// The log: each frame behind a copy of `header`, wrapping to the start when the next one
     /// would not fit at the end.
-    log: Box<[u8]>,
+    /// Backed by huge pages where granted: it is written in a circle of tens of MiB.
+    log: HugeBuffer,
     /// The datagram header written in front of every frame.
     header: [u8; DATAGRAM_HEADER_LEN],
     /// Offset in `log` of each slot's entry (header and frame).
@@ -53,7 +55,7 @@ impl RetransmitBuffer {
             "MemberConfig bounds the retransmit buffer"
         );
         Self {
-            log: vec![0u8; log_len].into_boxed_slice(),
+            log: HugeBuffer::zeroed(log_len),
             header,
             offsets: vec![0u32; n].into_boxed_slice(),
             lens: vec![0u16; n].into_boxed_slice(),

@@ -3,6 +3,7 @@
 //! `recvmmsg`, `poll`). Both send GSO batches and receive GRO buffers when the kernel allows.
 
 use super::sys;
+use crate::mem::HugeBuffer;
 use crate::proto::{Lend, Lent};
 use io_uring::{cqueue, opcode, types, IoUring};
 use std::io;
@@ -312,8 +313,8 @@ impl Io {
     /// which may hand on frames pinned in them).
     pub fn lent(&mut self) -> Lent<'_> {
         let (arena, pool) = match self {
-            Io::Uring(u) => (&u.buffers, &mut u.pool),
-            Io::Portable(p) => (&p.recv_bufs, &mut p.pool),
+            Io::Uring(u) => (&u.buffers[..], &mut u.pool),
+            Io::Portable(p) => (&p.recv_bufs[..], &mut p.pool),
         };
         Lent { arena, lender: pool }
     }
@@ -351,7 +352,7 @@ const RECV_POOL: u16 = 256;
 pub struct PortableIo {
     sockets: Vec<(RawFd, u32)>,
     wake: RawFd,
-    recv_bufs: Vec<u8>,
+    recv_bufs: HugeBuffer,
     pool: RecvPool,
     shortages: u64,
     recv_names: Vec<libc::sockaddr_in>,
@@ -373,7 +374,7 @@ impl PortableIo {
         Self {
             sockets: Vec::new(),
             wake,
-            recv_bufs: vec![0; usize::from(RECV_POOL) * RECV_BUF],
+            recv_bufs: HugeBuffer::zeroed(usize::from(RECV_POOL) * RECV_BUF),
             // Two calls' worth kept back for receiving.
             pool: RecvPool::new(RECV_POOL, RECV_BUF, 2 * RECV_SLOTS),
             shortages: 0,
@@ -618,7 +619,7 @@ pub struct UringIo {
     ring: IoUring,
     /// The buffer ring's entries (page-aligned, shared with the kernel).
     buf_ring: memmap2::MmapMut,
-    buffers: Vec<u8>,
+    buffers: HugeBuffer,
     pool: RecvPool,
     /// Multishot receives that ended for want of a provided buffer.
     shortages: u64,
@@ -670,7 +671,7 @@ impl UringIo {
             .build(RING_ENTRIES)?;
         let entries = usize::from(PBUF_COUNT);
         let mut buf_ring = memmap2::MmapMut::map_anon(entries * size_of::<types::BufRingEntry>())?;
-        let buffers = vec![0u8; usize::from(PBUF_POOL) * PBUF_SIZE];
+        let buffers = HugeBuffer::zeroed(usize::from(PBUF_POOL) * PBUF_SIZE);
         // SAFETY: `buf_ring` is page-aligned (an anonymous mapping), holds PBUF_COUNT entries,
         // and lives in `self` as long as the ring; it is unregistered in Drop before it goes.
         unsafe {
