@@ -37,6 +37,9 @@ use std::time::{Duration, Instant};
 const PREFETCH_RECORDS: usize = 8;
 /// ...but never less than this many bytes (small records need a longer reach).
 const PREFETCH_MIN_BYTES: usize = 512;
+/// Most bytes of a record ahead that the single-producer consumer prefetches: its header and
+/// payload up to this length (longer payloads are read in runs the hardware prefetcher follows).
+const PREFETCH_MAX_RECORD: usize = 4096;
 
 /// How far ahead of its claims the single producer asks for cache lines.
 const WRITE_AHEAD: usize = 4096;
@@ -389,10 +392,17 @@ impl<M: Memory> Consumer<M> {
             let offset = pos as usize & mask;
             let word = self.mem.word(offset).load(Ordering::Relaxed);
             let record_len = state_of(word);
-            // The header a few records on, guessing they are this size: the consumer is bound
-            // by header loads, and the hardware prefetcher alone leaves them missing.
-            let ahead = (PREFETCH_RECORDS * align(record_len.max(8) as usize)).max(PREFETCH_MIN_BYTES);
-            self.mem.prefetch((offset + ahead) & mask);
+            // The record a few records on, guessing they are this size: header and payload. The
+            // consumer is bound by loads of lines the producer never wrote (an embedded
+            // publisher may fill only part of a claim) or that left the caches, and the
+            // hardware prefetcher alone leaves them missing: with 1 KiB records the copy out
+            // of the ring stalled on its loads (measured: the publishing worker spent a median
+            // of about 350 ns per message against 384 without this, in interleaved pairs).
+            let record = align(record_len.max(8) as usize);
+            let ahead = (PREFETCH_RECORDS * record).max(PREFETCH_MIN_BYTES);
+            for line in (0..record.min(PREFETCH_MAX_RECORD)).step_by(crate::hint::CACHE_LINE) {
+                self.mem.prefetch((offset + ahead + line) & mask);
+            }
             if record_len < HEADER_LEN as i32 || offset + record_len as usize > capacity {
                 // No producer writes this below the tail: corrupt memory. Skip the lap's rest.
                 pos += (capacity - offset) as u64;
