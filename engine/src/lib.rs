@@ -8,7 +8,7 @@
 
 pub mod group;
 pub mod ipc;
-pub mod mem;
+pub(crate) mod mem;
 pub mod proto;
 pub mod runtime;
 pub mod shield;
