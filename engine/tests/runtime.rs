@@ -69,6 +69,10 @@ fn one_to_two(backend: BackendKind, count: u64, loss: f64, seed: u64) {
         receivers.push(e);
     }
     let mut publication = sender.publication(9, 1).unwrap();
+    assert!(
+        sender.wait_receivers(9, 2, Duration::from_secs(10)).unwrap(),
+        "seed {seed}: the receivers did not report"
+    );
     let mut msg = [0u8; 100];
     for i in 0..count {
         msg[..8].copy_from_slice(&i.to_le_bytes());
@@ -140,6 +144,33 @@ fn closed_engine_refuses_offers_and_unknown_groups_are_errors() {
     p.offer(b"x").unwrap();
     e.close();
     assert_eq!(p.offer(b"x"), Err(OfferError::Closed));
+}
+
+/// `wait_receivers` makes a member a sender before its first message: receivers that join
+/// hear its heartbeats and report, and it counts them. With too few it times out.
+#[test]
+fn a_publisher_waits_for_its_receivers_before_its_first_message() {
+    let port = port();
+    let sender = engine(BackendKind::Auto);
+    sender.join(group(1, port, 0.0, 5)).unwrap();
+    assert_eq!(
+        sender.wait_receivers(42, 1, Duration::from_millis(10)),
+        Err(intergroup_engine::runtime::EngineError::UnknownGroup(42))
+    );
+    assert!(!sender.wait_receivers(9, 1, Duration::from_millis(50)).unwrap());
+    let r1 = engine(BackendKind::Auto);
+    r1.join(group(2, port, 0.0, 6)).unwrap();
+    assert!(sender.wait_receivers(9, 1, Duration::from_secs(10)).unwrap());
+    assert!(!sender.wait_receivers(9, 2, Duration::from_millis(50)).unwrap());
+    let r2 = engine(BackendKind::Auto);
+    r2.join(group(3, port, 0.0, 7)).unwrap();
+    assert!(sender.wait_receivers(9, 2, Duration::from_secs(10)).unwrap());
+    let stats = sender.stats(9).unwrap();
+    assert_eq!(
+        (stats.receivers, stats.next_sequence),
+        (2, 0),
+        "nothing was published"
+    );
 }
 
 #[test]

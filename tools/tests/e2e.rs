@@ -6,6 +6,7 @@ use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
+use std::time::Duration;
 
 /// The runs share two cores: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -14,7 +15,7 @@ const TOTAL: u64 = 1_000_000;
 
 /// A multicast port for test `n`, distinct per process so two runs on one host do not meet.
 fn port(n: u16) -> u16 {
-    44_000 + (std::process::id() % 100) as u16 * 10 + n
+    44_000 + (std::process::id() % 60) as u16 * 16 + n
 }
 
 struct Proc {
@@ -46,8 +47,9 @@ fn start(mut cmd: Command) -> Proc {
 }
 
 /// Waits until every member is ready, starts them together, collects their reports, and lets
-/// them exit.
-fn run_members(mut procs: Vec<Proc>, what: &str) -> Vec<Value> {
+/// them exit. With `stall`, the first member is stopped (SIGSTOP) for that long right after the
+/// start, as a busy host may leave a process unscheduled.
+fn run_members(mut procs: Vec<Proc>, what: &str, stall: Option<Duration>) -> Vec<Value> {
     for p in &mut procs {
         assert_eq!(line(p).trim(), "ready", "{what}: a member did not start");
     }
@@ -55,6 +57,14 @@ fn run_members(mut procs: Vec<Proc>, what: &str) -> Vec<Value> {
         let stdin = p.child.stdin.as_mut().expect("stdin");
         writeln!(stdin, "go").expect("start");
         stdin.flush().expect("flush");
+    }
+    if let Some(d) = stall {
+        let pid = procs[0].child.id() as libc::pid_t;
+        // SAFETY: kill has no memory effects; `pid` is our own child, not yet waited for.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "stop member 1");
+        std::thread::sleep(d);
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0, "continue member 1");
     }
     let reports = procs
         .iter_mut()
@@ -71,6 +81,10 @@ fn run_members(mut procs: Vec<Proc>, what: &str) -> Vec<Value> {
 }
 
 fn exchange(members: u32, loss: f64, backend: &str, seed: u64, port: u16) {
+    exchange_with(members, loss, backend, seed, port, None);
+}
+
+fn exchange_with(members: u32, loss: f64, backend: &str, seed: u64, port: u16, stall: Option<Duration>) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let per_member = TOTAL.div_ceil(u64::from(members));
     let procs: Vec<Proc> = (1..=members)
@@ -87,7 +101,7 @@ fn exchange(members: u32, loss: f64, backend: &str, seed: u64, port: u16) {
             ]))
         })
         .collect();
-    let reports = run_members(procs, &format!("seed {seed}"));
+    let reports = run_members(procs, &format!("seed {seed}"), stall);
     let mut retransmissions = 0;
     for r in &reports {
         assert_eq!(
@@ -151,6 +165,27 @@ fn three_engines_portable_with_loss() {
 #[test]
 fn two_engines_portable_with_loss() {
     exchange(2, 0.05, "portable", 8, port(7));
+}
+
+/// A member left unscheduled for 300 ms just as everyone starts publishing (a busy host) still
+/// gets every message: each publisher waits for every receiver's first report before the start,
+/// so flow control holds the others back for it. Before that wait, the two others ran on at
+/// their own pace and the stalled member found their first messages gone for good (CI, seed 7).
+#[test]
+fn a_member_stalled_at_the_start_loses_nothing_portable() {
+    exchange_with(3, 0.05, "portable", 9, port(9), Some(Duration::from_millis(300)));
+}
+
+#[test]
+fn a_member_stalled_at_the_start_loses_nothing_io_uring() {
+    exchange_with(
+        3,
+        0.05,
+        "io-uring",
+        10,
+        port(10),
+        Some(Duration::from_millis(300)),
+    );
 }
 
 /// Where io_uring is forbidden (a seccomp filter, as in many containers), `auto` falls back to
@@ -218,7 +253,7 @@ fn auto_falls_back_to_portable_when_io_uring_is_forbidden() {
         }
         start(cmd)
     };
-    let reports = run_members(vec![spawn(1, true), spawn(2, false)], "seccomp fallback");
+    let reports = run_members(vec![spawn(1, true), spawn(2, false)], "seccomp fallback", None);
     assert_eq!(reports[0]["backend"], "portable", "{}", reports[0]);
     assert_eq!(reports[1]["backend"], "io-uring", "{}", reports[1]);
     for r in &reports {

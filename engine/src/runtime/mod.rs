@@ -582,6 +582,28 @@ impl Engine {
         self.ask(group, |tx| Command::UpdatePolicy(group, Box::new(policy), tx))
     }
 
+    /// Makes this engine a sender of `group` at once (it heartbeats, so receivers find it and
+    /// report their positions) and waits until at least `receivers` live receivers report to
+    /// it, or `timeout` passes; returns whether they did. Aeron's `isConnected`, with a count.
+    ///
+    /// Flow control holds a sender back only for receivers it has heard from: before any
+    /// reports it sends one window, and from the first report on it keeps pace with those that
+    /// reported. A receiver that starts late, or stalls before its first report, can find the
+    /// sender's first messages gone from its retransmit buffer (it gets
+    /// [`Event::UnrecoverableLoss`](crate::Event::UnrecoverableLoss), not silence). A publisher
+    /// that must lose nothing to receivers starting with it waits here before its first
+    /// message.
+    pub fn wait_receivers(
+        &self,
+        group: u32,
+        receivers: usize,
+        timeout: std::time::Duration,
+    ) -> Result<bool, EngineError> {
+        let deadline = std::time::Instant::now() + timeout;
+        self.ask(group, |tx| Command::Announce(group, tx))?;
+        self.wait_stats(group, deadline, |s| s.receivers >= receivers)
+    }
+
     /// Waits until everything published on `group` has been acknowledged by at least
     /// `receivers` live receivers, or `timeout` passes; returns whether it was.
     pub fn wait_acknowledged(
@@ -591,8 +613,18 @@ impl Engine {
         timeout: std::time::Duration,
     ) -> Result<bool, EngineError> {
         let deadline = std::time::Instant::now() + timeout;
+        self.wait_stats(group, deadline, |s| s.all_acknowledged(receivers))
+    }
+
+    /// Polls `group`'s stats until `done` holds for them (true) or `deadline` passes (false).
+    fn wait_stats(
+        &self,
+        group: u32,
+        deadline: std::time::Instant,
+        done: impl Fn(&GroupStats) -> bool,
+    ) -> Result<bool, EngineError> {
         loop {
-            if self.stats(group)?.all_acknowledged(receivers) {
+            if done(&self.stats(group)?) {
                 return Ok(true);
             }
             if std::time::Instant::now() >= deadline {

@@ -143,6 +143,9 @@ pub enum Command {
     CloseSink(u32, u32, Order),
     /// Counters of a group.
     Stats(u32, Sender<Result<GroupStats, EngineError>>),
+    /// Make the group's member a sender now, before its first message: it heartbeats, so
+    /// receivers find it and report to it.
+    Announce(u32, Sender<Result<(), EngineError>>),
     /// Move a secured group to a later epoch.
     Rekey(u32, Box<ShieldEpoch>, Sender<Result<(), EngineError>>),
     /// Take a later policy version of an MLS-keyed group.
@@ -601,6 +604,17 @@ impl Worker {
                         .sinks
                         .retain(|s| s.stream != stream || s.order != order);
                 }
+            }
+            Command::Announce(group, reply) => {
+                let r = match self.group_index(group) {
+                    None => Err(EngineError::UnknownGroup(group)),
+                    Some(i) => {
+                        self.groups[i].proto.announce();
+                        self.groups[i].touched = true;
+                        Ok(())
+                    }
+                };
+                let _ = reply.send(r);
             }
             Command::Stats(group, reply) => {
                 let r = match self.group_index(group) {

@@ -107,6 +107,19 @@ pub fn member(a: MemberArgs) -> Result<ExitCode, String> {
         })
         .map_err(|e| e.to_string())?;
     let mut publication = engine.publication(GROUP, 1).map_err(|e| e.to_string())?;
+    // Every other member reports to this one before anyone publishes: flow control holds a
+    // sender back only for receivers it has heard from, and a member stalled at the start (a
+    // busy host) must not find the first messages already gone.
+    let others = a.members - 1;
+    if !engine
+        .wait_receivers(GROUP, others as usize, Duration::from_secs(a.timeout))
+        .map_err(|e| e.to_string())?
+    {
+        return Err(format!(
+            "member {}: the other {others} members did not report within {} s",
+            a.id, a.timeout
+        ));
+    }
     say("ready");
     // Everyone is up before anyone publishes: the test writes one line to start.
     let mut go = String::new();
@@ -124,7 +137,6 @@ pub fn member(a: MemberArgs) -> Result<ExitCode, String> {
             }
         }
     }
-    let others = a.members - 1;
     let complete = |c: &Check| {
         (1..=a.members)
             .filter(|&m| m != a.id)
@@ -159,6 +171,9 @@ pub fn member(a: MemberArgs) -> Result<ExitCode, String> {
         "retransmissions": stats.counters.get(Counter::Retransmissions),
         "naks_sent": stats.counters.get(Counter::NaksSent),
         "dropped_by_decorator": stats.transport.dropped_by_decorator,
+        // Everything else a failed run may need explaining.
+        "send_errors": stats.transport.send_errors,
+        "counters": stats.counters.iter().filter(|&(_, v)| v > 0).collect::<HashMap<_, _>>(),
     })
     .to_string());
     drop(c);

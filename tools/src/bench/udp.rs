@@ -669,6 +669,17 @@ fn engine_run(a: &UdpArgs, port: u16, tuning: Tuning, label: &str) -> Result<Eng
     let mut publication = engine
         .publication(GROUP, DATA_STREAM)
         .map_err(|e| e.to_string())?;
+    // Every subscriber reports before the clock starts: flow control protects only receivers
+    // the publisher has heard from, and one slow to start must not miss the first messages.
+    if !engine
+        .wait_receivers(GROUP, a.subscribers, Duration::from_secs(30))
+        .map_err(|e| e.to_string())?
+    {
+        return Err(format!(
+            "{label}: the {} subscribers did not report within 30 s",
+            a.subscribers
+        ));
+    }
     let bar = progress(label, a.duration, a.json);
     let start = Instant::now();
     let mut seq = 0u64;
