@@ -157,6 +157,10 @@ fn sealed_one_to_two(backend: BackendKind, loss: f64, seed: u64) {
         expect_messages(&e, id, 1, count, tx.clone());
         receivers.push(e);
     }
+    assert!(
+        sender.wait_receivers(GROUP, 2, Duration::from_secs(10)).unwrap(),
+        "seed {seed}: the receivers did not report"
+    );
     publish(&sender, count);
     wait_all(&rx, 2, count, &format!("seed {seed}, loss {loss}"));
     assert!(sender
