@@ -61,6 +61,12 @@ struct Check {
 
 /// Runs one member.
 pub fn member(a: MemberArgs) -> Result<ExitCode, String> {
+    if a.id == 0 || a.id > a.members {
+        return Err(format!(
+            "--id must be within 1..=--members ({}), not {}",
+            a.members, a.id
+        ));
+    }
     let engine = Engine::launch(EngineConfig {
         backend: a.backend,
         ..EngineConfig::default()
