@@ -29,6 +29,20 @@ fn member(id: u32) -> Member {
     Member::new(cfg, u64::from(id)).unwrap()
 }
 
+/// Member 1 as a sender that has heard from `receivers` receivers. Flow control counts only
+/// receivers that reported: a receiver thread that starts late would otherwise find the first
+/// messages evicted (CI once saw it: receiver 3, message 20).
+fn connected_sender(udp: &UdpConfig, receivers: usize, deadline: Instant) -> UdpMember {
+    let mut m = member(1);
+    m.announce();
+    let mut sender = UdpMember::new(m, udp, None).expect("open sender sockets");
+    while sender.member().receivers() < receivers {
+        assert!(Instant::now() < deadline, "the receivers did not report");
+        sender.turn(Duration::from_millis(1), |_| {}, |_| {}).unwrap();
+    }
+    sender
+}
+
 /// One sender, two receivers on the group at `port`; receivers drop `loss` of what arrives.
 fn exchange(port: u16, messages: u64, loss: f64, seed: u64) {
     let udp = UdpConfig {
@@ -77,7 +91,7 @@ fn exchange(port: u16, messages: u64, loss: f64, seed: u64) {
             })
         })
         .collect();
-    let mut sender = UdpMember::new(member(1), &udp, None).expect("open sender sockets");
+    let mut sender = connected_sender(&udp, 2, deadline);
     let mut published = 0u64;
     while done.load(Ordering::SeqCst) < 2 {
         assert!(
@@ -158,7 +172,7 @@ fn unicast_fan_out_without_multicast() {
             })
         })
         .collect();
-    let mut sender = UdpMember::new(member(1), &udp(0), None).unwrap();
+    let mut sender = connected_sender(&udp(0), 2, deadline);
     let mut published = 0u64;
     while done.load(Ordering::SeqCst) < 2 {
         assert!(Instant::now() < deadline, "sender stalled at {published}");
