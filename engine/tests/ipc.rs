@@ -11,11 +11,37 @@ use std::time::{Duration, Instant};
 
 static NEXT: AtomicU16 = AtomicU16::new(0);
 
+/// An engine directory (not made yet) inside a fresh temporary one, which is removed with
+/// everything in it when this is dropped, also when the test fails.
+struct TestDir {
+    path: PathBuf,
+    _root: tempfile::TempDir,
+}
+
+impl std::ops::Deref for TestDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl AsRef<std::path::Path> for TestDir {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
 /// A fresh directory and a config whose groups use a port no other test uses.
-fn setup(name: &str) -> (PathBuf, DriverConfig) {
+fn setup(name: &str) -> (TestDir, DriverConfig) {
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("ig-ipc-{name}-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let root = tempfile::Builder::new()
+        .prefix(&format!("ig-ipc-{name}-"))
+        .tempdir()
+        .expect("a temporary directory");
+    let dir = TestDir {
+        path: root.path().join("engine"),
+        _root: root,
+    };
     let mut cfg = DriverConfig {
         client_timeout_ms: 500,
         heartbeat_interval_ms: 20,
@@ -226,7 +252,7 @@ fn clients_at_once_each_get_their_own_answers() {
     let driver = Driver::start(&dir, cfg).unwrap();
     let threads: Vec<_> = (0..4)
         .map(|t| {
-            let dir = dir.clone();
+            let dir = dir.to_path_buf();
             std::thread::spawn(move || {
                 let client = Client::connect(&dir).unwrap();
                 for i in 0..20 {
@@ -604,7 +630,7 @@ const BOTH: &[Role] = &[Role::Publish, Role::Subscribe];
 /// Three engines' directories, their configuration, and the files of group "vault": policy
 /// version 1 listing engines 1, 2 and 3 in both roles, signed by the admin, and a secret.
 struct ThreeEngines {
-    dirs: [PathBuf; 3],
+    dirs: [TestDir; 3],
     cfg: DriverConfig,
     files: PathBuf,
     admin: Identity,

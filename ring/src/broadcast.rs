@@ -793,10 +793,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn log(name: &str, capacity: u64, mode: Mode) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("intergroup-bcast-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(name);
+    fn log(name: &str, capacity: u64, mode: Mode) -> crate::test_dir::TempPath {
+        let path = crate::test_dir::TempPath::new(name);
         create(&path, capacity, 4, mode).unwrap();
         path
     }

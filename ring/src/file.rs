@@ -251,10 +251,8 @@ mod tests {
     use super::*;
     use std::io::{Seek, SeekFrom, Write};
 
-    fn temp(name: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("intergroup-ring-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir.join(name)
+    fn temp(name: &str) -> crate::test_dir::TempPath {
+        crate::test_dir::TempPath::new(name)
     }
 
     fn poke(path: &Path, offset: u64, bytes: &[u8]) {

@@ -14,6 +14,8 @@ pub mod hint;
 mod memory;
 mod primitive;
 pub mod records;
+#[cfg(test)]
+mod test_dir;
 
 pub use broadcast::{BroadcastClaim, BroadcastProducer, BroadcastReader, Mode, ReadError};
 pub use file::{FileHeader, RingKind, SharedFile};

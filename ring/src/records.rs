@@ -840,10 +840,8 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::VecDeque;
 
-    fn ring(name: &str, capacity: u64) -> (std::path::PathBuf, RecordProducer, RecordConsumer) {
-        let dir = std::env::temp_dir().join(format!("intergroup-records-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(name);
+    fn ring(name: &str, capacity: u64) -> (crate::test_dir::TempPath, RecordProducer, RecordConsumer) {
+        let path = crate::test_dir::TempPath::new(name);
         create(&path, capacity).unwrap();
         let p = RecordProducer::open(&path).unwrap();
         let c = RecordConsumer::open(&path, Duration::from_millis(50)).unwrap();
@@ -858,7 +856,7 @@ mod tests {
 
     #[test]
     fn offer_claim_and_read_in_place() {
-        let (_, p, mut c) = ring("basic", 1024);
+        let (_path, p, mut c) = ring("basic", 1024);
         p.offer(7, b"hello").unwrap();
         let mut claim = p.try_claim(8, 3).unwrap();
         claim.buf().copy_from_slice(b"abc");
@@ -875,7 +873,7 @@ mod tests {
 
     #[test]
     fn full_too_large_and_reserved_are_typed() {
-        let (_, p, mut c) = ring("full", 256);
+        let (_path, p, mut c) = ring("full", 256);
         assert_eq!(p.max_payload(), 56);
         assert!(matches!(p.offer(1, &[0; 57]), Err(OfferError::TooLarge { .. })));
         assert_eq!(
@@ -895,7 +893,7 @@ mod tests {
 
     #[test]
     fn wrap_pads_to_the_end() {
-        let (_, p, mut c) = ring("wrap", 128);
+        let (_path, p, mut c) = ring("wrap", 128);
         for round in 0..50u8 {
             p.offer(u32::from(round), &[round; 20]).unwrap();
             p.offer(u32::from(round), &[round; 13]).unwrap();
@@ -912,7 +910,7 @@ mod tests {
 
     #[test]
     fn an_abandoned_claim_is_skipped_after_the_timeout() {
-        let (_, p, mut c) = ring("abandon", 1024);
+        let (_path, p, mut c) = ring("abandon", 1024);
         p.offer(1, b"before").unwrap();
         let forgotten = p.try_claim(2, 16).unwrap();
         std::mem::forget(forgotten);
@@ -927,9 +925,7 @@ mod tests {
 
     #[test]
     fn single_producer_round_trip_wrap_and_lock() {
-        let dir = std::env::temp_dir().join(format!("intergroup-records-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("single");
+        let path = crate::test_dir::TempPath::new("single");
         create_with(&path, 256, Producers::Single).unwrap();
         assert!(
             RecordProducer::open(&path).is_err(),

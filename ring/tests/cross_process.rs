@@ -90,10 +90,15 @@ fn spawn(test: &str, role: &str, path: &Path, id: u32, count: u64, stdout: bool)
         .expect("spawn child")
 }
 
-fn ring_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("intergroup-xproc-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+/// A ring file's path in a fresh directory, removed with the returned guard (also when the
+/// test fails). The children get the path itself.
+fn ring_path(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::Builder::new()
+        .prefix("intergroup-xproc-")
+        .tempdir()
+        .expect("a temporary directory");
+    let path = dir.path().join(name);
+    (dir, path)
 }
 
 /// The child side of every test here; returns true when this process is a child.
@@ -228,7 +233,7 @@ fn broadcast_to_two_reader_processes(test: &str, mode: Mode, total: u64) {
     } else {
         "bcast-reliable"
     };
-    let path = ring_path(name);
+    let (_dir, path) = ring_path(name);
     broadcast::create(&path, 1 << 20, 8, mode).unwrap();
     let mut p = BroadcastProducer::open(&path, Duration::from_secs(30)).unwrap();
     let role_id = if mode == Mode::Lossy { 2 } else { 1 };
@@ -315,7 +320,7 @@ fn ten_million_records_from_three_producer_processes() {
     if run_child() {
         return;
     }
-    let path = ring_path("ten-million");
+    let (_dir, path) = ring_path("ten-million");
     records::create(&path, 1 << 20).unwrap();
     let mut c = RecordConsumer::open(&path, Duration::from_secs(5)).unwrap();
     let per_producer = 10_000_000u64 / 3 + 1;
@@ -345,7 +350,7 @@ fn ten_million_records_from_three_producer_processes() {
 }
 
 fn killed_mid_claim(test: &str, role: &str) {
-    let path = ring_path(role);
+    let (_dir, path) = ring_path(role);
     records::create(&path, 1 << 16).unwrap();
     let mut c = RecordConsumer::open(&path, Duration::from_millis(200)).unwrap();
     let mut victim = spawn(test, role, &path, 1, 100, true);
@@ -402,7 +407,7 @@ fn ten_million_records_from_a_single_producer_process() {
         return;
     }
     let test = "ten_million_records_from_a_single_producer_process";
-    let path = ring_path("single-ten-million");
+    let (_dir, path) = ring_path("single-ten-million");
     records::create_with(&path, 1 << 20, Producers::Single).unwrap();
     let mut c = RecordConsumer::open(&path, Duration::from_secs(5)).unwrap();
     let mut child = spawn(test, "produce-single", &path, 1, 10_000_000, false);
@@ -417,7 +422,7 @@ fn a_single_producer_killed_mid_claim_leaves_nothing_behind_and_can_be_replaced(
         return;
     }
     let test = "a_single_producer_killed_mid_claim_leaves_nothing_behind_and_can_be_replaced";
-    let path = ring_path("single-killed");
+    let (_dir, path) = ring_path("single-killed");
     records::create_with(&path, 1 << 16, Producers::Single).unwrap();
     let mut c = RecordConsumer::open(&path, Duration::from_millis(200)).unwrap();
     let mut victim = spawn(test, "single-claim-and-hang", &path, 1, 100, true);

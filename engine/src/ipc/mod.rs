@@ -47,6 +47,7 @@
 //! assert_eq!(got.unwrap(), b"hello");
 //! # drop((publication, subscription, client));
 //! engine.close();
+//! # std::fs::remove_dir_all(&dir).unwrap();
 //! ```
 
 mod client;
