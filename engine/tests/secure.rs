@@ -250,6 +250,14 @@ fn outsiders_strangers_subscribers_and_tampering_are_rejected_and_counted() {
         .join(group(7, port, Some(epoch(7, 5, &[(7, true)])), 0.0, 7))
         .unwrap();
     let attackers = [&subscriber, &outsider, &stranger, &plain, &stale];
+    // Members 2 and 3 both receive, and the run is longer than the retransmit buffer: flow
+    // control counts only receivers the publisher has heard, so it waits for both first.
+    assert!(
+        publisher
+            .wait_receivers(GROUP, 2, Duration::from_secs(10))
+            .unwrap(),
+        "members 2 and 3 did not report to the publisher"
+    );
     std::thread::scope(|s| {
         s.spawn(|| publish(&publisher, count));
         for a in attackers {
