@@ -325,6 +325,82 @@ fn exchange(
     got
 }
 
+/// `min_receivers = 2` in the publisher's group entry: with one remote engine listening it
+/// sends only its first window; once a second engine reports, the rest follows, and the late
+/// one gets the stream from its start.
+#[test]
+fn a_minimum_of_receivers_holds_the_publisher_until_enough_engines_listen() {
+    let (dir_a, mut cfg) = setup("min-a");
+    let (dir_b, _) = setup("min-b");
+    let (dir_c, _) = setup("min-c");
+    cfg.subscription_log_bytes = 4 << 20;
+    cfg.groups = vec![intergroup_engine::ipc::GroupEntry {
+        membership: false,
+        initial_members: 1,
+        min_receivers: 2,
+        ..toml_group("wide")
+    }];
+    let window = intergroup_engine::proto::MemberConfig::default().window_frames as usize;
+    let total = 3 * window as u64;
+    let (a, b) = (engine(&dir_a, &cfg, 1), engine(&dir_b, &cfg, 2));
+    let client_a = Client::connect(&dir_a).unwrap();
+    let client_b = Client::connect(&dir_b).unwrap();
+    let mut sub_b = client_b.subscription("wide", 3, Order::Fifo).unwrap();
+    let mut publication = client_a.publication("wide", 3).unwrap();
+    until("a remote receiver", || publication.is_connected());
+    let mut sent = 0u64;
+    let mut offer_all = |p: &mut intergroup_engine::ipc::Publication| {
+        while sent < total && p.offer(&sent.to_le_bytes()).is_ok() {
+            sent += 1;
+        }
+    };
+    let poll = |s: &mut intergroup_engine::ipc::Subscription, got: &mut Vec<u64>| {
+        s.poll(256, |d| match d {
+            Delivery::Message(m) => got.push(u64::from_le_bytes(m.payload.try_into().unwrap())),
+            Delivery::Event(e) => panic!("unexpected event {e:?}"),
+        })
+        .unwrap();
+    };
+    // Engine B alone: the first window, and nothing more however long it waits.
+    let mut got_b = Vec::new();
+    until("the first window at B", || {
+        offer_all(&mut publication);
+        poll(&mut sub_b, &mut got_b);
+        got_b.len() >= window
+    });
+    let quiet = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < quiet {
+        offer_all(&mut publication);
+        poll(&mut sub_b, &mut got_b);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(
+        got_b.len(),
+        window,
+        "one receiver of two: the sender holds after its first window"
+    );
+    // Engine C joins late: now two receive, and both get everything from the start.
+    let c = engine(&dir_c, &cfg, 3);
+    let client_c = Client::connect(&dir_c).unwrap();
+    let mut sub_c = client_c.subscription("wide", 3, Order::Fifo).unwrap();
+    let mut got_c = Vec::new();
+    until("every message at B and C", || {
+        offer_all(&mut publication);
+        poll(&mut sub_b, &mut got_b);
+        poll(&mut sub_c, &mut got_c);
+        got_b.len() as u64 == total && got_c.len() as u64 == total
+    });
+    assert!(got_b.into_iter().eq(0..total), "B: every message once, in order");
+    assert!(
+        got_c.into_iter().eq(0..total),
+        "C: every message once, in order, from the start"
+    );
+    drop((publication, sub_b, sub_c, client_a, client_b, client_c));
+    a.close();
+    b.close();
+    c.close();
+}
+
 #[test]
 fn a_remote_engine_gets_the_stream_over_udp() {
     let (dir_a, mut cfg) = setup("remote-a");
@@ -474,6 +550,7 @@ fn toml_group(name: &str) -> intergroup_engine::ipc::GroupEntry {
         address: None,
         peers: Vec::new(),
         unicast_port: 0,
+        min_receivers: 0,
         membership: true,
         initial_members: 2,
         fail_timeout_ms: 1000,

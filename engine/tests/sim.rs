@@ -146,20 +146,27 @@ fn short_partition_heals_and_everything_is_recovered() {
     }
 }
 
+/// Four members, one sending `messages` of 1000 bytes, windows and retransmit buffers of 256
+/// frames, and member 3 cut off from `start_ns` to `end_ns`.
+fn one_cut_off(seed: u64, messages: u64, start_ns: u64, end_ns: u64) -> SimConfig {
+    let mut cfg = group(4, 1, 0.0, seed);
+    cfg.messages = messages;
+    cfg.size = 1000;
+    cfg.member.window_frames = 256;
+    cfg.member.retransmit_frames = 256;
+    cfg.partitions = vec![Partition {
+        start_ns,
+        end_ns,
+        side: vec![3],
+    }];
+    cfg
+}
+
 #[test]
 fn a_receiver_cut_off_past_the_retransmit_buffer_gets_unrecoverable_loss_not_silence() {
     for seed in seeds(2) {
-        let mut cfg = group(4, 1, 0.0, seed);
-        cfg.messages = 20_000;
-        cfg.size = 1000;
+        let mut cfg = one_cut_off(seed, 20_000, 1_000_000, 500_000_000);
         cfg.member.receiver_timeout_ns = 20_000_000;
-        cfg.member.window_frames = 256;
-        cfg.member.retransmit_frames = 256;
-        cfg.partitions = vec![Partition {
-            start_ns: 1_000_000,
-            end_ns: 500_000_000,
-            side: vec![3],
-        }];
         let r = sim::run(cfg).unwrap();
         assert_eq!(r.violations, 0, "seed {seed}: {:?}", r.failure);
         assert!(r.unrecoverable_events > 0, "seed {seed}: loss was not reported");
@@ -170,6 +177,26 @@ fn a_receiver_cut_off_past_the_retransmit_buffer_gets_unrecoverable_loss_not_sil
         );
         // The other receivers lost nothing: every message reached them.
         assert!(r.delivered_messages > 2 * 20_000, "seed {seed}");
+    }
+}
+
+/// A receiver cut off from the start for longer than the sender needs to run through its
+/// retransmit buffer: without a minimum of receivers the sender keeps the others' pace, and the
+/// late one is told it lost the start; with `min_receivers` the sender waits for it after its
+/// first window, and nobody loses anything.
+#[test]
+fn a_minimum_of_receivers_keeps_a_late_receiver_from_losing_the_start() {
+    for seed in seeds(2) {
+        let mut cfg = one_cut_off(seed, 5_000, 0, 100_000_000);
+        let r = sim::run(cfg.clone()).unwrap();
+        assert_eq!(r.violations, 0, "seed {seed}: {:?}", r.failure);
+        assert!(
+            !r.delivered_ok && r.unrecoverable_events > 0,
+            "seed {seed}: without a minimum the late receiver should have lost the start"
+        );
+        cfg.member.min_receivers = 3;
+        let r = run_ok(cfg);
+        assert!(r.dropped_copies > 0, "seed {seed}: the partition cut nothing");
     }
 }
 

@@ -76,6 +76,11 @@ pub struct GroupEntry {
     /// Fixed port of this engine's unicast socket (peers need one); 0 picks any.
     #[serde(default)]
     pub unicast_port: u16,
+    /// This engine sends past its first window only while at least this many remote engines
+    /// receive the group (Aeron's minimum group size); 0 counts whoever reported. Set it to
+    /// the number of engines that must miss nothing, started late or not.
+    #[serde(default)]
+    pub min_receivers: u32,
     /// Run the group with membership (views, virtual synchrony) so that subscriptions may ask
     /// for total or safe order. Every engine of the group must agree.
     #[serde(default)]
@@ -327,6 +332,7 @@ socket_buffer_bytes = 8388608
 # address = "239.255.10.1:40500"
 # peers = []          # unicast peers ("10.0.0.2:40500") instead of multicast
 # unicast_port = 0    # fixed port of this engine's unicast socket (peers need one)
+# min_receivers = 0   # send past the first window only while this many remote engines receive
 # membership = false  # views and virtual synchrony: subscriptions may ask for total or safe order
 # initial_members = 1 # with membership: engines needed for the first primary view
 # fail_timeout_ms = 1000  # with membership: silence before an engine is suspected
@@ -1037,6 +1043,7 @@ impl Conductor {
         let mut group = GroupConfig::new(MemberConfig {
             group: id,
             member_id: self.member_id,
+            min_receivers: entry.map_or(0, |e| e.min_receivers),
             ..MemberConfig::default()
         });
         group.udp = UdpConfig {

@@ -15,6 +15,11 @@ struct ReceiverPosition {
 ///
 /// Until the first STATUS arrives the sender may send one window (`initial_limit`). Once every
 /// known receiver has timed out there is nobody to overrun, and the limit is lifted.
+///
+/// With a minimum of receivers (Aeron's minimum group size), the limit does not move while
+/// fewer than that many are live: it stays at one window until the group is complete, and at
+/// its last value whenever the group falls short again. No receiver of the group then misses
+/// the start of a stream, or anything while it is briefly gone, to eviction.
 #[derive(Debug)]
 pub struct FlowControl {
     receivers: HashMap<u32, ReceiverPosition>,
@@ -23,18 +28,46 @@ pub struct FlowControl {
     initial_limit: u64,
     max_window: u64,
     ever_heard: bool,
+    /// Live receivers needed before the limit moves; 0 for none.
+    min_receivers: usize,
+    /// The limit when at least `min_receivers` were last live (`initial_limit` before that).
+    held_limit: u64,
 }
 
 impl FlowControl {
     /// Flow control that allows `initial_limit` frames before any receiver reports, and caps any
     /// advertised window at `max_window` (the retransmit buffer's size).
     pub fn new(initial_limit: u64, max_window: u64) -> Self {
+        Self::with_min_receivers(initial_limit, max_window, 0)
+    }
+
+    /// As [`new`](Self::new), and the limit moves only while at least `min_receivers` receivers
+    /// are live.
+    pub fn with_min_receivers(initial_limit: u64, max_window: u64, min_receivers: u32) -> Self {
         Self {
             receivers: HashMap::new(),
             by_limit: BTreeSet::new(),
             initial_limit,
             max_window,
             ever_heard: false,
+            min_receivers: min_receivers as usize,
+            held_limit: initial_limit,
+        }
+    }
+
+    /// The limit the live receivers alone allow.
+    fn live_limit(&self) -> u64 {
+        match self.by_limit.first() {
+            Some(&(limit, _)) => limit,
+            None if self.ever_heard => u64::MAX,
+            None => self.initial_limit,
+        }
+    }
+
+    /// Remembers the limit while the group is complete.
+    fn hold_if_complete(&mut self) {
+        if self.min_receivers > 0 && self.receivers.len() >= self.min_receivers {
+            self.held_limit = self.live_limit();
         }
     }
 
@@ -52,14 +85,16 @@ impl FlowControl {
         entry.limit = entry.limit.max(entry.position.saturating_add(window));
         entry.last_heard_ns = now_ns;
         self.by_limit.insert((entry.limit, receiver));
+        self.hold_if_complete();
     }
 
     /// The first sequence the sender may not send yet; `u64::MAX` when nobody can be overrun.
     pub fn limit(&self) -> u64 {
-        match self.by_limit.first() {
-            Some(&(limit, _)) => limit,
-            None if self.ever_heard => u64::MAX,
-            None => self.initial_limit,
+        let live = self.live_limit();
+        if self.receivers.len() < self.min_receivers {
+            live.min(self.held_limit)
+        } else {
+            live
         }
     }
 
@@ -88,6 +123,7 @@ impl FlowControl {
             }
             live
         });
+        self.hold_if_complete();
         before - self.receivers.len()
     }
 }
@@ -112,6 +148,35 @@ mod tests {
         let mut g = FlowControl::new(8, 100);
         g.on_status(3, 3, 0, 1_000_000);
         assert_eq!(g.limit(), 100);
+    }
+
+    #[test]
+    fn with_a_minimum_the_limit_moves_only_while_enough_receivers_are_live() {
+        let mut f = FlowControl::with_min_receivers(8, 100, 2);
+        assert_eq!(f.limit(), 8);
+        // One receiver far ahead: still one window, for the one not heard yet.
+        f.on_status(0, 1, 50, 16);
+        assert_eq!(f.limit(), 8);
+        f.on_status(1, 2, 4, 16);
+        assert_eq!(f.limit(), 20);
+        f.on_status(30, 2, 30, 16);
+        assert_eq!(f.limit(), 46);
+        // Receiver 1 goes silent: the limit stays where the complete group left it, and
+        // nobody being left does not lift it either.
+        assert_eq!(f.expire(62, 60), 1);
+        assert_eq!(f.limit(), 46);
+        f.on_status(80, 2, 60, 16);
+        assert_eq!(f.limit(), 46);
+        assert_eq!(f.expire(200, 60), 1);
+        assert_eq!(f.limit(), 46);
+        // The group is complete again: the limit follows the slowest once more.
+        f.on_status(210, 1, 70, 16);
+        f.on_status(211, 3, 65, 16);
+        assert_eq!(f.limit(), 81);
+        // Without a minimum, nothing changes from before.
+        let mut g = FlowControl::with_min_receivers(8, 100, 0);
+        g.on_status(0, 1, 50, 16);
+        assert_eq!(g.limit(), 66);
     }
 
     #[test]

@@ -234,7 +234,11 @@ impl SendState {
                 cfg.mtu - wire::DATAGRAM_HEADER_LEN,
                 wire::datagram_header(cfg.group, cfg.member_id),
             ),
-            flow: FlowControl::new(u64::from(cfg.window_frames), u64::from(cfg.retransmit_frames)),
+            flow: FlowControl::with_min_receivers(
+                u64::from(cfg.window_frames),
+                u64::from(cfg.retransmit_frames),
+                cfg.min_receivers,
+            ),
             retransmit_queue: VecDeque::new(),
             heartbeat_due: false,
             last_send_ns: 0,

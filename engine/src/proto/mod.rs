@@ -65,6 +65,11 @@ pub struct MemberConfig {
     pub status_interval_ns: Nanos,
     /// A receiver not heard from for this long no longer holds the sender back.
     pub receiver_timeout_ns: Nanos,
+    /// A sender sends past its first window only while at least this many receivers are live
+    /// (have reported, and not timed out); with fewer, it holds where it is (Aeron's minimum
+    /// group size). 0, the default, counts whoever reported. Set it to the number of receivers
+    /// that must miss nothing: one that starts late then still gets the stream from its start.
+    pub min_receivers: u32,
     /// A sender not heard from for this long (a live one sends a HEARTBEAT every
     /// `heartbeat_interval_ns`) is gone: a receiver stops NAKing it, hands on what it holds of
     /// it and declares the rest lost. `Nanos::MAX` never gives a sender up.
@@ -103,6 +108,7 @@ impl Default for MemberConfig {
             heartbeat_interval_ns: 5_000_000,
             status_interval_ns: 20_000_000,
             receiver_timeout_ns: 2_000_000_000,
+            min_receivers: 0,
             // Four hundred heartbeats: only a sender that crashed or left stays this silent.
             sender_timeout_ns: 2_000_000_000,
             max_senders: 1024,
