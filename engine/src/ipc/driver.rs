@@ -1392,6 +1392,17 @@ mod tests {
     }
 
     #[test]
+    fn a_group_entry_takes_a_minimum_of_receivers_and_defaults_to_none() {
+        let c = DriverConfig::from_toml("c.toml", "[[group]]\nname = \"g\"\nmin_receivers = 2\n").unwrap();
+        assert_eq!(c.groups[0].min_receivers, 2);
+        let c = DriverConfig::from_toml("c.toml", "[[group]]\nname = \"g\"\n").unwrap();
+        assert_eq!(c.groups[0].min_receivers, 0);
+        let e =
+            DriverConfig::from_toml("c.toml", "[[group]]\nname = \"g\"\nmin_receivers = -1\n").unwrap_err();
+        assert!(e.to_string().contains("c.toml:3"), "{e}");
+    }
+
+    #[test]
     fn bad_values_and_syntax_name_the_line_or_key() {
         let e = DriverConfig::from_toml(
             "c.toml",
