@@ -315,18 +315,24 @@ fn exchange(
         while sent < total && publication.offer(&sent.to_le_bytes()).is_ok() {
             sent += 1;
         }
-        subscription
-            .poll(256, |d| match d {
-                Delivery::Message(m) => {
-                    assert_eq!(m.sender, sender);
-                    assert_eq!(m.session, 0, "from the network, not a local image");
-                    got.push(u64::from_le_bytes(m.payload.try_into().unwrap()));
-                }
-                Delivery::Event(e) => panic!("unexpected event {e:?}"),
-            })
-            .unwrap();
+        poll_remote(subscription, sender, &mut got);
     }
     got
+}
+
+/// Polls `subscription` once into `got`, checking that each message came from member `sender`
+/// over the network and that no event came.
+fn poll_remote(subscription: &mut intergroup_engine::ipc::Subscription, sender: u32, got: &mut Vec<u64>) {
+    subscription
+        .poll(256, |d| match d {
+            Delivery::Message(m) => {
+                assert_eq!(m.sender, sender);
+                assert_eq!(m.session, 0, "from the network, not a local image");
+                got.push(u64::from_le_bytes(m.payload.try_into().unwrap()));
+            }
+            Delivery::Event(e) => panic!("unexpected event {e:?}"),
+        })
+        .unwrap();
 }
 
 /// `min_receivers = 2` in the publisher's group entry: with one remote engine listening it
@@ -357,13 +363,7 @@ fn a_minimum_of_receivers_holds_the_publisher_until_enough_engines_listen() {
             sent += 1;
         }
     };
-    let poll = |s: &mut intergroup_engine::ipc::Subscription, got: &mut Vec<u64>| {
-        s.poll(256, |d| match d {
-            Delivery::Message(m) => got.push(u64::from_le_bytes(m.payload.try_into().unwrap())),
-            Delivery::Event(e) => panic!("unexpected event {e:?}"),
-        })
-        .unwrap();
-    };
+    let poll = |s: &mut intergroup_engine::ipc::Subscription, got: &mut Vec<u64>| poll_remote(s, 1, got);
     // Engine B alone: the first window, and nothing more however long it waits.
     let mut got_b = Vec::new();
     until("the first window at B", || {
