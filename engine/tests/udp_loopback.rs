@@ -20,27 +20,23 @@ fn payload(index: u64) -> [u8; SIZE] {
     p
 }
 
-fn member(id: u32) -> Member {
+/// Member `id`; as a sender it moves past its first window only while `min_receivers`
+/// receivers are live.
+fn member(id: u32, min_receivers: u32) -> Member {
     let cfg = MemberConfig {
         member_id: id,
         group_size_hint: 3,
+        min_receivers,
         ..MemberConfig::default()
     };
     Member::new(cfg, u64::from(id)).unwrap()
 }
 
-/// Member 1 as a sender that has heard from `receivers` receivers. Flow control counts only
-/// receivers that reported: a receiver thread that starts late would otherwise find the first
-/// messages evicted (CI once saw it: receiver 3, message 20).
-fn connected_sender(udp: &UdpConfig, receivers: usize, deadline: Instant) -> UdpMember {
-    let mut m = member(1);
-    m.announce();
-    let mut sender = UdpMember::new(m, udp, None).expect("open sender sockets");
-    while sender.member().receivers() < receivers {
-        assert!(Instant::now() < deadline, "the receivers did not report");
-        sender.turn(Duration::from_millis(1), |_| {}, |_| {}).unwrap();
-    }
-    sender
+/// Member 1 as the sender to `receivers` receivers, held by flow control until all of them
+/// report: it counts only receivers it has heard, and a receiver thread that starts late would
+/// otherwise find the first messages evicted (CI once saw it: receiver 3, message 20).
+fn sender(udp: &UdpConfig, receivers: u32) -> UdpMember {
+    UdpMember::new(member(1, receivers), udp, None).expect("open sender sockets")
 }
 
 /// One sender, two receivers on the group at `port`; receivers drop `loss` of what arrives.
@@ -54,7 +50,7 @@ fn exchange(port: u16, messages: u64, loss: f64, seed: u64) {
     let receivers: Vec<_> = (2..=3u32)
         .map(|id| {
             let decorator = (loss > 0.0).then(|| ReceiveLoss::new(loss, seed + u64::from(id)));
-            let mut r = UdpMember::new(member(id), &udp, decorator).expect("open receiver sockets");
+            let mut r = UdpMember::new(member(id, 0), &udp, decorator).expect("open receiver sockets");
             let done = done.clone();
             std::thread::spawn(move || {
                 let mut next = 0u64;
@@ -91,7 +87,7 @@ fn exchange(port: u16, messages: u64, loss: f64, seed: u64) {
             })
         })
         .collect();
-    let mut sender = connected_sender(&udp, 2, deadline);
+    let mut sender = sender(&udp, 2);
     let mut published = 0u64;
     while done.load(Ordering::SeqCst) < 2 {
         assert!(
@@ -150,7 +146,7 @@ fn unicast_fan_out_without_multicast() {
     let done = Arc::new(AtomicUsize::new(0));
     let receivers: Vec<_> = (1..=2usize)
         .map(|i| {
-            let mut r = UdpMember::new(member(i as u32 + 1), &udp(i), None).unwrap();
+            let mut r = UdpMember::new(member(i as u32 + 1, 0), &udp(i), None).unwrap();
             let done = done.clone();
             std::thread::spawn(move || {
                 let mut next = 0u64;
@@ -172,7 +168,7 @@ fn unicast_fan_out_without_multicast() {
             })
         })
         .collect();
-    let mut sender = connected_sender(&udp(0), 2, deadline);
+    let mut sender = sender(&udp(0), 2);
     let mut published = 0u64;
     while done.load(Ordering::SeqCst) < 2 {
         assert!(Instant::now() < deadline, "sender stalled at {published}");
