@@ -102,6 +102,31 @@ pub mod loom_support {
     pub fn read_single(mem: &LoomMemory, limit: usize, f: impl FnMut(u32, &[u8])) -> usize {
         crate::records::Consumer::new(mem, std::time::Duration::from_secs(3600)).read_single(limit, f)
     }
+
+    /// A single-producer consumer that keeps its read position between calls, so it can hold
+    /// records (the real consumer code).
+    #[derive(Debug)]
+    pub struct HeldConsumer(crate::records::Consumer<Arc<LoomMemory>>);
+
+    impl HeldConsumer {
+        /// A consumer of the single-producer ring in `mem`.
+        pub fn new(mem: &Arc<LoomMemory>) -> Self {
+            Self(crate::records::Consumer::new(
+                mem.clone(),
+                std::time::Duration::from_secs(3600),
+            ))
+        }
+
+        /// Reads and holds up to `limit` records.
+        pub fn read_held(&mut self, limit: usize, f: impl FnMut(u64, u32, &mut [u8])) -> usize {
+            self.0.read_single_held(limit, f)
+        }
+
+        /// Releases the held records below `to`.
+        pub fn release(&mut self, to: u64) {
+            self.0.release_single(to)
+        }
+    }
 }
 
 /// Errors of the ring crate; messages name what is wrong with the file.

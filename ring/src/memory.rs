@@ -44,6 +44,14 @@ pub(crate) unsafe trait Memory {
     /// The range holds a committed record that no producer writes until it is released.
     unsafe fn read<R>(&self, offset: usize, len: usize, f: impl FnOnce(&[u8]) -> R) -> R;
 
+    /// Lends `offset..offset + len` to `f` for reading and writing.
+    ///
+    /// # Safety
+    ///
+    /// The range holds a committed record that this consumer has read and not yet released:
+    /// no producer reads or writes it until then.
+    unsafe fn read_mut<R>(&self, offset: usize, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R;
+
     /// Zeroes `offset..offset + len`.
     ///
     /// # Safety
@@ -176,6 +184,13 @@ unsafe impl Memory for Mapped {
     }
 
     #[inline]
+    unsafe fn read_mut<R>(&self, offset: usize, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        debug_assert!(offset + len <= self.capacity);
+        // SAFETY: in bounds, and the consumer owns a read, unreleased record exclusively.
+        f(unsafe { std::slice::from_raw_parts_mut(self.data.add(offset), len) })
+    }
+
+    #[inline]
     unsafe fn zero(&self, offset: usize, len: usize) {
         debug_assert!(offset + len <= self.capacity);
         // SAFETY: in bounds, and the consumer owns read, unreleased bytes.
@@ -266,6 +281,16 @@ unsafe impl Memory for LoomMemory {
             .collect();
         f(&copy)
     }
+    unsafe fn read_mut<R>(&self, offset: usize, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        // SAFETY: loom checks these reads and the writes back against every other access.
+        let mut copy: Vec<u8> = (offset..offset + len)
+            .map(|i| self.bytes[i].with(|p| unsafe { *p }))
+            .collect();
+        let r = f(&mut copy);
+        // SAFETY: as above.
+        unsafe { self.write(offset, &copy) };
+        r
+    }
     unsafe fn zero(&self, offset: usize, len: usize) {
         use crate::primitive::Ordering;
         for w in (offset..offset + len).step_by(8) {
@@ -313,6 +338,10 @@ macro_rules! forward_memory {
             unsafe fn read<R>(&self, offset: usize, len: usize, f: impl FnOnce(&[u8]) -> R) -> R {
                 // SAFETY: the caller upholds `read`'s contract.
                 unsafe { (**self).read(offset, len, f) }
+            }
+            unsafe fn read_mut<R>(&self, offset: usize, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+                // SAFETY: the caller upholds `read_mut`'s contract.
+                unsafe { (**self).read_mut(offset, len, f) }
             }
             unsafe fn zero(&self, offset: usize, len: usize) {
                 // SAFETY: the caller upholds `zero`'s contract.

@@ -302,6 +302,10 @@ pub(crate) struct Consumer<M> {
     stall: Option<(u64, Instant)>,
     pub(crate) abandon_timeout: Duration,
     pub(crate) stats: ConsumerStats,
+    /// Single-producer rings: the position up to which records were handed on; those between
+    /// `head` and here are held (see [`Consumer::read_single_held`]). Never below `head` once
+    /// read; 0 before the first read.
+    read_pos: u64,
 }
 
 impl<M: Memory> Consumer<M> {
@@ -311,6 +315,7 @@ impl<M: Memory> Consumer<M> {
             stall: None,
             abandon_timeout,
             stats: ConsumerStats::default(),
+            read_pos: 0,
         }
     }
 
@@ -381,12 +386,43 @@ impl<M: Memory> Consumer<M> {
 
     /// Single-producer read: everything below the published tail is committed, so nothing is
     /// zeroed and nothing can be abandoned (a killed producer never published its claim).
+    /// Releases what it read, and any records held before.
     pub(crate) fn read_single(&mut self, limit: usize, mut f: impl FnMut(u32, &[u8])) -> usize {
+        let handed = self.scan_single(limit, |_, type_id, p| f(type_id, p));
+        self.release_single(self.read_pos);
+        handed
+    }
+
+    /// Single-producer read that holds what it hands on: up to `limit` records after those
+    /// read before go to `f(position, type_id, payload)`, writable, and stay the consumer's
+    /// (the producer cannot reuse their space) until [`release_single`](Self::release_single)
+    /// passes their position.
+    pub(crate) fn read_single_held(&mut self, limit: usize, f: impl FnMut(u64, u32, &mut [u8])) -> usize {
+        self.scan_single(limit, f)
+    }
+
+    /// Releases the held records below position `to` (clamped to what was read).
+    pub(crate) fn release_single(&mut self, to: u64) {
+        let head = self.mem.head().load(Ordering::Relaxed);
+        let to = to.min(self.read_pos);
+        if to > head {
+            // Release: the producer's Acquire load of `head` sees every read of, and write to,
+            // the released records (headers written in place) as done.
+            self.mem.head().store(to, Ordering::Release);
+        }
+    }
+
+    /// Where the next read starts: the end of the last record handed on.
+    pub(crate) fn read_position(&self) -> u64 {
+        self.read_pos.max(self.mem.head().load(Ordering::Relaxed))
+    }
+
+    fn scan_single(&mut self, limit: usize, mut f: impl FnMut(u64, u32, &mut [u8])) -> usize {
         let capacity = self.mem.capacity();
         let mask = capacity - 1;
-        let head = self.mem.head().load(Ordering::Relaxed);
+        let start = self.read_position();
         let tail = self.mem.tail().load(Ordering::Acquire);
-        let mut pos = head;
+        let mut pos = start;
         let mut handed = 0;
         while handed < limit && pos < tail {
             let offset = pos as usize & mask;
@@ -410,14 +446,21 @@ impl<M: Memory> Consumer<M> {
                 continue;
             }
             let record_len = record_len as usize;
-            // SAFETY: below the tail (Acquire), so written and published; the producer does not
-            // reuse it until `head` moves past it.
-            handed += usize::from(unsafe { self.hand_on(offset, record_len, word, &mut f) });
+            let type_id = type_of(word);
+            if type_id != PADDING_TYPE {
+                // SAFETY: below the tail (Acquire), so written and published; the producer does
+                // not reuse it until `head` moves past it, which only this consumer does.
+                unsafe {
+                    self.mem
+                        .read_mut(offset + HEADER_LEN, record_len - HEADER_LEN, |p| {
+                            f(pos, type_id, p)
+                        })
+                };
+                handed += 1;
+            }
             pos += align(record_len) as u64;
         }
-        if pos != head {
-            self.mem.head().store(pos, Ordering::Release);
-        }
+        self.read_pos = pos;
         self.stats.records += handed as u64;
         handed
     }
@@ -704,6 +747,39 @@ impl RecordConsumer {
         }
     }
 
+    /// Single-producer rings: hands up to `limit` records after those read before to
+    /// `f(position, type_id, payload)`, writable, and holds them: the producer cannot reuse
+    /// their space until [`release`](Self::release) passes their position. A record's position
+    /// is where it starts; it ends before the next record's. `None` for a many-producer ring,
+    /// which cannot hold records (its consumer zeroes what it releases).
+    pub fn read_held(&mut self, limit: usize, f: impl FnMut(u64, u32, &mut [u8])) -> Option<usize> {
+        match self.producers {
+            Producers::Many => None,
+            Producers::Single => Some(self.inner.read_single_held(limit, f)),
+        }
+    }
+
+    /// Releases held records below position `to` to the producer (positions past what was read
+    /// are clamped). [`read`](Self::read) releases everything it reads, held records included.
+    pub fn release(&mut self, to: u64) {
+        if self.producers == Producers::Single {
+            self.inner.release_single(to);
+        }
+    }
+
+    /// Where the next read starts: one past the last record read.
+    pub fn read_position(&self) -> u64 {
+        match self.producers {
+            Producers::Many => self.inner.mem.head().load(Ordering::Relaxed),
+            Producers::Single => self.inner.read_position(),
+        }
+    }
+
+    /// Bytes of the data area.
+    pub fn capacity(&self) -> usize {
+        self.inner.mem.capacity()
+    }
+
     /// What the consumer counted.
     pub fn stats(&self) -> ConsumerStats {
         self.inner.stats
@@ -713,8 +789,8 @@ impl RecordConsumer {
     /// this after announcing that it sleeps, so a record offered meanwhile is never missed.
     /// (A claim still being written counts as not empty.)
     pub fn is_empty(&self) -> bool {
-        let head = self.inner.mem.head().load(Ordering::Relaxed);
-        self.inner.mem.tail().load(Ordering::Acquire) == head
+        let read = self.read_position();
+        self.inner.mem.tail().load(Ordering::Acquire) == read
     }
 }
 
@@ -954,6 +1030,62 @@ mod tests {
         again.offer(1, b"x").unwrap();
         assert_eq!(drain(&mut c), vec![(1, b"x".to_vec())]);
         assert_eq!(c.stats().abandoned, 0);
+    }
+
+    #[test]
+    fn held_records_keep_their_space_and_edits_until_released() {
+        let path = crate::test_dir::TempPath::new("held");
+        create_with(&path, 256, Producers::Single).unwrap();
+        let mut p = SingleProducer::open(&path).unwrap();
+        let mut c = RecordConsumer::open(&path, Duration::from_millis(50)).unwrap();
+        assert_eq!(c.capacity(), 256);
+        let mut n = 0u8;
+        while p.offer(1, &[n; 24]).is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, 8, "eight 32-byte records fill 256 bytes");
+        let mut positions = Vec::new();
+        let held = c.read_held(usize::MAX, |pos, t, b| {
+            assert_eq!((t, b.len()), (1, 24));
+            positions.push((pos, b[0]));
+            b[1] = 0xee; // written in place, as the engine writes frame headers
+        });
+        assert_eq!(held, Some(8));
+        assert_eq!(positions, (0..8).map(|i| (i * 32, i as u8)).collect::<Vec<_>>());
+        assert!(c.is_empty(), "everything offered was read");
+        assert_eq!(c.read_position(), 256);
+        // Read but held: the producer still finds the ring full.
+        assert_eq!(p.offer(1, &[9; 24]), Err(OfferError::WouldBlock));
+        // Nothing more to read, and releasing past what was read is clamped.
+        assert_eq!(c.read_held(usize::MAX, |_, _, _| panic!("no record")), Some(0));
+        c.release(64);
+        p.offer(1, &[8; 24]).unwrap();
+        p.offer(1, &[9; 24]).unwrap();
+        assert_eq!(p.offer(1, &[10; 24]), Err(OfferError::WouldBlock));
+        // The edits of records still held are intact; `read` releases them all with its own.
+        let mut seen = Vec::new();
+        c.read(usize::MAX, |_, b| seen.push((b[0], b[1])));
+        assert_eq!(seen, vec![(8, 8), (9, 9)]);
+        c.release(u64::MAX);
+        for i in 10..18u8 {
+            p.offer(1, &[i; 24]).unwrap();
+        }
+        assert_eq!(p.offer(1, &[0; 24]), Err(OfferError::WouldBlock));
+        c.release(u64::MAX);
+        let mut again = Vec::new();
+        c.read_held(3, |pos, _, b| again.push((pos, b[0]))).unwrap();
+        assert_eq!(again, vec![(320, 10), (352, 11), (384, 12)]);
+        c.release(352);
+        p.offer(1, &[18; 24]).unwrap();
+        assert_eq!(p.offer(1, &[0; 24]), Err(OfferError::WouldBlock));
+    }
+
+    #[test]
+    fn a_many_producer_ring_does_not_hold() {
+        let (_path, p, mut c) = ring("noheld", 256);
+        p.offer(1, b"x").unwrap();
+        assert_eq!(c.read_held(1, |_, _, _| {}), None);
+        assert_eq!(drain(&mut c), vec![(1, b"x".to_vec())]);
     }
 
     #[derive(Debug, Clone)]
