@@ -513,7 +513,16 @@ impl<'a> DatagramWriter<'a> {
 ///
 /// Used to fill retransmit-buffer slots; `out` must hold `DATA_FRAME_OVERHEAD + payload.len()`.
 pub fn encode_data_frame(out: &mut [u8], header: &DataHeader, payload: &[u8]) -> usize {
-    let total = DATA_FRAME_OVERHEAD + payload.len();
+    let total = encode_data_frame_header(out, header, payload.len());
+    out[DATA_FRAME_OVERHEAD..total].copy_from_slice(payload);
+    total
+}
+
+/// Writes the frame and data headers of a DATA frame whose `payload_len` bytes follow them
+/// in `out` already (a payload framed where it lies); returns the frame's length.
+/// `out` holds at least [`DATA_FRAME_OVERHEAD`] bytes.
+pub fn encode_data_frame_header(out: &mut [u8], header: &DataHeader, payload_len: usize) -> usize {
+    let total = DATA_FRAME_OVERHEAD + payload_len;
     let frame_header = FrameHeader {
         frame_type: FRAME_DATA,
         flags: 0,
@@ -521,7 +530,6 @@ pub fn encode_data_frame(out: &mut [u8], header: &DataHeader, payload: &[u8]) ->
     };
     out[..FRAME_HEADER_LEN].copy_from_slice(frame_header.as_bytes());
     out[FRAME_HEADER_LEN..DATA_FRAME_OVERHEAD].copy_from_slice(header.as_bytes());
-    out[DATA_FRAME_OVERHEAD..total].copy_from_slice(payload);
     total
 }
 

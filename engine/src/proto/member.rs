@@ -207,6 +207,23 @@ impl SendQueue {
     }
 }
 
+/// Bytes in front of a message that [`Member::publish_lent`] frames where it lies: its
+/// datagram header and its DATA frame's headers.
+pub const LENT_HEADROOM: usize = wire::DATAGRAM_HEADER_LEN + wire::DATA_FRAME_OVERHEAD;
+
+/// The header of a message that travels alone in a datagram: one unfragmented frame.
+fn solo_header(cfg: &MemberConfig, stream: u32, seq: u64, clock: u64, len: usize) -> DataHeader {
+    DataHeader {
+        stream: stream.into(),
+        sender: cfg.member_id.into(),
+        epoch: cfg.epoch.into(),
+        sequence: seq.into(),
+        timestamp: clock.into(),
+        message_len: (len as u32).into(),
+        fragment_offset: 0.into(),
+    }
+}
+
 /// What a member keeps as a sender; made on its first publish.
 #[derive(Debug)]
 struct SendState {
@@ -412,15 +429,7 @@ impl Member {
             && seq < s.flow.limit()
         {
             self.clock += 1;
-            let header = DataHeader {
-                stream: stream.into(),
-                sender: cfg.member_id.into(),
-                epoch: cfg.epoch.into(),
-                sequence: seq.into(),
-                timestamp: self.clock.into(),
-                message_len: (message.len() as u32).into(),
-                fragment_offset: 0.into(),
-            };
+            let header = solo_header(cfg, stream, seq, self.clock, message.len());
             s.retransmit
                 .push_with(|slot| wire::encode_data_frame(slot, &header, message));
             s.solo.push_back(seq);
@@ -441,6 +450,85 @@ impl Member {
             timestamp: self.clock,
         });
         Ok(())
+    }
+
+    /// Publishes the message in `datagram[LENT_HEADROOM..]` (a shorter `datagram` is refused as
+    /// [`Error::Config`]) like [`publish`](Self::publish),
+    /// framing it where it lies when it travels alone in a datagram (as `publish` frames such
+    /// a message straight into the retransmit buffer): its datagram and frame headers are
+    /// written into `datagram[..LENT_HEADROOM]`, and the member sends and retransmits the
+    /// datagram from there, with no copy. Returns the sequence of a frame lent that way, or
+    /// `None` when the message was published by copy (it shares datagrams or is fragmented,
+    /// messages wait in the send queue, flow control holds it, or in-place transmits are off).
+    ///
+    /// # Safety
+    ///
+    /// When it returns `Some(seq)`: the bytes of `datagram` stay valid, and nobody but this
+    /// member reads or writes them, until [`held_from`](Self::held_from) passes `seq` (or the
+    /// member is dropped).
+    pub unsafe fn publish_lent(&mut self, stream: u32, datagram: &mut [u8]) -> Result<Option<u64>, Error> {
+        let Some(message_len) = datagram.len().checked_sub(LENT_HEADROOM) else {
+            return Err(Error::Config(format!(
+                "a lent datagram of {} bytes has no room for its {LENT_HEADROOM} bytes of headers",
+                datagram.len()
+            )));
+        };
+        let cfg = &self.cfg;
+        let max_frame = cfg.max_frame_payload();
+        let lendable = self.in_place_transmit
+            && message_len > max_frame / 2
+            && message_len <= max_frame
+            && message_len <= cfg.max_message_bytes;
+        let s = self.sender.get_or_insert_with(|| SendState::new(cfg));
+        let seq = s.retransmit.next();
+        if !(lendable && s.queue.messages.is_empty() && seq < s.flow.limit()) {
+            return self.publish(stream, &datagram[LENT_HEADROOM..]).map(|()| None);
+        }
+        self.clock += 1;
+        let header = solo_header(cfg, stream, seq, self.clock, message_len);
+        datagram[..wire::DATAGRAM_HEADER_LEN].copy_from_slice(s.retransmit.header());
+        let frame_len =
+            wire::encode_data_frame_header(&mut datagram[wire::DATAGRAM_HEADER_LEN..], &header, message_len);
+        let at = std::ptr::NonNull::from(&mut datagram[0]);
+        // SAFETY: the caller keeps the datagram's bytes valid and to this member until
+        // `held_from` passes `seq`, which is exactly as long as the buffer holds the frame.
+        unsafe { s.retransmit.push_lent(at, frame_len) };
+        s.solo.push_back(seq);
+        s.stalled = false;
+        Ok(Some(seq))
+    }
+
+    /// As a sender: the oldest sequence still held for retransmission (frames below it were
+    /// evicted; a frame lent by [`publish_lent`](Self::publish_lent) is no longer referred
+    /// to once this passes it). 0 before the first message.
+    pub fn held_from(&self) -> u64 {
+        self.sender.as_ref().map_or(0, |s| s.retransmit.oldest())
+    }
+
+    /// As a sender: the oldest sequence that must stay held for no receiver to lose it: the
+    /// first not yet sent, or the lowest position a live receiver reported, whichever is
+    /// lower. While fewer receivers than [`MemberConfig::min_receivers`] report, nothing more
+    /// than [`held_from`](Self::held_from) may go (a late receiver may still need it all).
+    pub fn needed_from(&self) -> u64 {
+        let Some(s) = self.sender.as_ref() else {
+            return 0;
+        };
+        let unsent = s.solo.front().copied().unwrap_or(s.retransmit.next());
+        let (receivers, lowest) = s.flow.acknowledged();
+        if receivers < self.cfg.min_receivers as usize {
+            return s.retransmit.oldest();
+        }
+        unsent.min(lowest.unwrap_or(u64::MAX)).max(s.retransmit.oldest())
+    }
+
+    /// As a sender: stops holding frames below `seq` for retransmission, but never one at or
+    /// past [`needed_from`](Self::needed_from). A publisher that lends frames calls it when it
+    /// needs their room back.
+    pub fn forget_held_before(&mut self, seq: u64) {
+        let keep = self.needed_from();
+        if let Some(s) = self.sender.as_mut() {
+            s.retransmit.forget_before(seq.min(keep));
+        }
     }
 
     /// Takes one received datagram that arrived at `now_ns` from `from`.
@@ -1405,6 +1493,89 @@ mod tests {
             }
         });
         assert_eq!(got, [0, 1, 2]);
+    }
+
+    #[test]
+    fn a_lent_message_leaves_and_is_repaired_from_where_it_lies() {
+        let cfg = |id| MemberConfig {
+            member_id: id,
+            ..MemberConfig::default()
+        };
+        // Two identical senders: one copies its messages, one lends them.
+        let mut copying = Member::new(cfg(1), 1).unwrap();
+        let mut lending = Member::new(cfg(1), 1).unwrap();
+        let mut receiver = Member::new(cfg(2), 2).unwrap();
+        lending.set_in_place_transmit(true);
+        copying.set_in_place_transmit(true);
+        let mut store: Vec<Box<[u8]>> = (0..3u8)
+            .map(|i| {
+                let mut d = vec![0xaa; LENT_HEADROOM + 1000].into_boxed_slice();
+                d[LENT_HEADROOM..].fill(i);
+                d
+            })
+            .collect();
+        let short = &mut [0u8; LENT_HEADROOM - 1][..];
+        // SAFETY: refused, nothing is lent.
+        assert!(matches!(
+            unsafe { lending.publish_lent(0, short) },
+            Err(Error::Config(_))
+        ));
+        let mut buf = vec![0u8; 1500];
+        let mut datagrams = Vec::new();
+        for (i, d) in store.iter_mut().enumerate() {
+            copying.publish(0, &[i as u8; 1000]).unwrap();
+            // SAFETY: `store` outlives `lending` and is not touched while lent.
+            let lent = unsafe { lending.publish_lent(0, d) }.unwrap();
+            assert_eq!(lent, Some(i as u64));
+            let (c, l) = (
+                copying.poll_transmit(0, &mut buf).unwrap(),
+                lending.poll_transmit(0, &mut buf).unwrap(),
+            );
+            assert_eq!((c.in_place, l.in_place), (Some(i as u64), Some(i as u64)));
+            let sent = lending.transmitted(i as u64).unwrap();
+            assert_eq!(sent, copying.transmitted(i as u64).unwrap(), "the same datagram");
+            assert_eq!(
+                sent.as_ptr(),
+                d.as_ptr()
+                    .wrapping_add(LENT_HEADROOM - wire::DATAGRAM_HEADER_LEN - wire::DATA_FRAME_OVERHEAD)
+            );
+            datagrams.push(sent.to_vec());
+        }
+        // Behind a small message waiting to share a datagram, a large one is copied too.
+        lending.publish(0, &[9; 10]).unwrap();
+        let mut late = vec![7u8; LENT_HEADROOM + 1000].into_boxed_slice();
+        // SAFETY: not lent (returns None), so nothing is kept.
+        assert_eq!(unsafe { lending.publish_lent(0, &mut late) }.unwrap(), None);
+        assert_eq!(lending.queued_bytes(), 1010);
+        // Sequence 1 is lost: the repair leaves from the publisher's bytes, marked there.
+        let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        receiver.handle_datagram(0, from, &datagrams[0]);
+        receiver.handle_datagram(0, from, &datagrams[2]);
+        let now = receiver.poll_timeout().unwrap();
+        receiver.handle_timeout(now);
+        while let Some(t) = receiver.poll_transmit(now, &mut buf) {
+            lending.handle_datagram(now, from, &buf[..t.len]);
+        }
+        let t = lending.poll_transmit(now, &mut buf).expect("the repair");
+        assert_eq!(t.in_place, Some(1));
+        let at = LENT_HEADROOM - wire::DATA_FRAME_OVERHEAD + 1;
+        assert_eq!(store[1][at], wire::DATA_FLAG_RETRANSMIT);
+        receiver.handle_datagram(now, from, lending.transmitted(1).unwrap());
+        let mut got = Vec::new();
+        receiver.drain(|o| {
+            if let Output::Message(m) = o {
+                got.push((m.payload[0], m.payload.len()));
+            }
+        });
+        assert_eq!(got, [(0, 1000), (1, 1000), (2, 1000)]);
+        // Frames may be forgotten only below the lowest position a receiver reported (1,
+        // in its NAK's STATUS, before the repair) and below the first unsent one.
+        assert_eq!(lending.needed_from(), 1);
+        while lending.poll_transmit(now, &mut buf).is_some() {}
+        assert_eq!(lending.next_sequence(), 5);
+        lending.forget_held_before(4);
+        assert_eq!(lending.held_from(), 1);
+        assert!(lending.transmitted(0).is_none() && lending.transmitted(1).is_some());
     }
 
     /// Receive buffers for tests: datagrams go into the free buffer used last, a buffer is

@@ -18,7 +18,7 @@ pub use delivery::{Delivery, DeliveryQueue, Output};
 pub use flow::FlowControl;
 pub use held::{Lend, Lent};
 pub use loss::{Arrival, LossDetector, Step};
-pub use member::{Destination, Event, Member, RejectReason, Transmit};
+pub use member::{Destination, Event, Member, RejectReason, Transmit, LENT_HEADROOM};
 pub use retransmit::RetransmitBuffer;
 
 use crate::wire;

@@ -2,10 +2,17 @@
 //!
 //! Each slot starts with room for a datagram header, written with the frame, so a frame that
 //! travels alone can be sent as a datagram straight from its slot, with no copy.
+//!
+//! A frame can also be *lent*: framed by its publisher where the payload lies (a publication
+//! ring), behind its headers, and referred to there instead of copied into the log. The
+//! publisher keeps those bytes alive and unchanged until the buffer no longer holds the frame
+//! ([`RetransmitBuffer::oldest`] passes its sequence).
 
 use super::Nanos;
 use crate::mem::HugeBuffer;
 use crate::wire::{DATAGRAM_HEADER_LEN, DATA_FLAG_RETRANSMIT};
+use std::collections::VecDeque;
+use std::ptr::NonNull;
 
 /// How far ahead of its writes the log asks for cache lines.
 const PREFETCH_AHEAD: usize = 8 << 10;
@@ -21,8 +28,13 @@ pub struct RetransmitBuffer {
     log: HugeBuffer,
     /// The datagram header written in front of every frame.
     header: [u8; DATAGRAM_HEADER_LEN],
-    /// Offset in `log` of each slot's entry (header and frame).
+    /// Offset in `log` of each slot's entry (header and frame), unless it is lent.
     offsets: Box<[u32]>,
+    /// Where each slot's datagram lies when its frame is lent (see [`Self::push_lent`]).
+    lent: Box<[Option<NonNull<u8>>]>,
+    /// Sequences of the frames in `log`, oldest first (entries below `oldest` are stale): the
+    /// log's own entries in the order they were written, for eviction by overlap.
+    own: VecDeque<u64>,
     /// Encoded frame length per slot.
     lens: Box<[u16]>,
     /// When each slot's frame was last retransmitted, for linger.
@@ -58,6 +70,8 @@ impl RetransmitBuffer {
             log: HugeBuffer::zeroed(log_len),
             header,
             offsets: vec![0u32; n].into_boxed_slice(),
+            lent: vec![None; n].into_boxed_slice(),
+            own: VecDeque::with_capacity(n + 1),
             lens: vec![0u16; n].into_boxed_slice(),
             last_retransmit_ns: vec![None; n].into_boxed_slice(),
             frame_len,
@@ -66,6 +80,11 @@ impl RetransmitBuffer {
             oldest: 0,
             next: 0,
         }
+    }
+
+    /// The datagram header written in front of every frame.
+    pub fn header(&self) -> &[u8; DATAGRAM_HEADER_LEN] {
+        &self.header
     }
 
     /// Oldest sequence still held.
@@ -87,22 +106,27 @@ impl RetransmitBuffer {
             self.write = 0;
         }
         let (start, end) = (self.write, self.write + entry);
-        // The oldest entries are the next ones ahead of `write` in the log: drop those the new
-        // entry may overwrite.
-        while self.oldest < self.next {
-            let i = self.index(self.oldest);
-            let o = self.offsets[i] as usize;
-            let o_end = o + DATAGRAM_HEADER_LEN + usize::from(self.lens[i]);
-            if o < end && start < o_end {
-                self.oldest += 1;
-            } else {
-                break;
+        // The oldest entries of the log are the next ones ahead of `write`: drop those the new
+        // entry may overwrite, and every frame before them (lent ones too: the held frames are
+        // always one run of sequences).
+        while let Some(&seq) = self.own.front() {
+            if seq >= self.oldest {
+                let i = self.index(seq);
+                let o = self.offsets[i] as usize;
+                let o_end = o + DATAGRAM_HEADER_LEN + usize::from(self.lens[i]);
+                if !(o < end && start < o_end) {
+                    break;
+                }
+                self.oldest = seq + 1;
             }
+            self.own.pop_front();
         }
         if self.next - self.oldest == self.capacity {
             self.oldest += 1;
         }
         let i = self.index(self.next);
+        self.lent[i] = None;
+        self.own.push_back(self.next);
         let slot = &mut self.log[start..end];
         slot[..DATAGRAM_HEADER_LEN].copy_from_slice(&self.header);
         let len = fill(&mut slot[DATAGRAM_HEADER_LEN..]);
@@ -121,6 +145,27 @@ impl RetransmitBuffer {
         }
     }
 
+    /// Stores the frame for sequence `next()` where it lies: `datagram` points at its datagram
+    /// header, followed by the `frame_len` bytes of the encoded frame. Evicts the oldest frame
+    /// when the buffer holds `capacity` frames.
+    ///
+    /// # Safety
+    ///
+    /// The `DATAGRAM_HEADER_LEN + frame_len` bytes at `datagram` stay valid, and nobody but
+    /// this buffer reads or writes them, until [`oldest`](Self::oldest) is past the frame's
+    /// sequence (or the buffer is dropped; it never reads them on drop).
+    pub unsafe fn push_lent(&mut self, datagram: NonNull<u8>, frame_len: usize) {
+        debug_assert!(frame_len <= self.frame_len);
+        if self.next - self.oldest == self.capacity {
+            self.oldest += 1;
+        }
+        let i = self.index(self.next);
+        self.lent[i] = Some(datagram);
+        self.lens[i] = frame_len as u16;
+        self.last_retransmit_ns[i] = None;
+        self.next += 1;
+    }
+
     /// Drops every frame below `seq` (never one not stored yet): they are no longer repaired.
     pub fn forget_before(&mut self, seq: u64) {
         self.oldest = self.oldest.max(seq.min(self.next));
@@ -137,16 +182,28 @@ impl RetransmitBuffer {
             return None;
         }
         let i = self.index(seq);
+        let len = DATAGRAM_HEADER_LEN + usize::from(self.lens[i]);
+        if let Some(p) = self.lent[i] {
+            // SAFETY: a lent frame held (checked above) is valid and not written by anyone
+            // else (`push_lent`'s contract); `&self` keeps this buffer from writing it.
+            return Some(unsafe { std::slice::from_raw_parts(p.as_ptr(), len) });
+        }
         let start = self.offsets[i] as usize;
-        Some(&self.log[start..start + DATAGRAM_HEADER_LEN + usize::from(self.lens[i])])
+        Some(&self.log[start..start + len])
     }
 
     /// Marks the frame of `seq`, if still held, as a retransmission in its slot, so its
     /// datagram can be sent again in place.
     pub fn mark_retransmitted(&mut self, seq: u64) {
         if self.get(seq).is_some_and(|frame| frame.len() > 1) {
-            let flags = self.offsets[self.index(seq)] as usize + DATAGRAM_HEADER_LEN + 1;
-            self.log[flags] |= DATA_FLAG_RETRANSMIT;
+            let i = self.index(seq);
+            let at = DATAGRAM_HEADER_LEN + 1;
+            match self.lent[i] {
+                // SAFETY: held and lent: valid, in bounds (the frame is longer than one byte),
+                // and only this buffer writes it (`push_lent`'s contract).
+                Some(p) => unsafe { *p.as_ptr().add(at) |= DATA_FLAG_RETRANSMIT },
+                None => self.log[self.offsets[i] as usize + at] |= DATA_FLAG_RETRANSMIT,
+            }
         }
     }
 
@@ -168,6 +225,13 @@ impl RetransmitBuffer {
         (seq & (self.capacity - 1)) as usize
     }
 }
+
+// SAFETY: the lent pointers address memory of this process that `push_lent`'s caller keeps
+// valid and leaves to this buffer until the frames are evicted, whichever thread owns the
+// buffer; they are dereferenced only through `&self` (reads) and `&mut self` (the flag write).
+unsafe impl Send for RetransmitBuffer {}
+// SAFETY: shared references only read lent frames, which nobody writes meanwhile.
+unsafe impl Sync for RetransmitBuffer {}
 
 #[cfg(test)]
 mod tests {
@@ -219,36 +283,77 @@ mod tests {
         );
     }
 
-    #[test]
-    fn frames_of_any_size_survive_until_evicted() {
+    /// Pushes 3000 frames of random sizes (2 to 100 bytes), every third one lent from storage
+    /// of its own when `lend`, and checks after each push that every held frame is intact.
+    /// Returns the buffer and the lent storage (still referred to by the buffer).
+    fn random_frames(lend: bool) -> (RetransmitBuffer, Vec<Box<[u8]>>) {
         let mut b = RetransmitBuffer::new(8, 100, [1; DATAGRAM_HEADER_LEN]);
-        let mut rng = 7u64;
+        let mut lent: Vec<Box<[u8]>> = Vec::new();
+        let mut rng = 11u64;
         let mut sizes = Vec::new();
-        for seq in 0..2000u64 {
+        let lent_seq = |seq: u64| lend && seq % 3 == 1;
+        for seq in 0..3000u64 {
             rng = rng
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            let len = (rng >> 33) as usize % 101;
+            let len = (rng >> 33) as usize % 99 + 2;
             sizes.push(len);
-            b.push_with(|s| {
-                s[..len].fill(seq as u8);
-                len
-            });
+            if lent_seq(seq) {
+                let mut d = vec![seq as u8; DATAGRAM_HEADER_LEN + len].into_boxed_slice();
+                d[..DATAGRAM_HEADER_LEN].fill(5);
+                d[DATAGRAM_HEADER_LEN + 1] = 0;
+                let p = NonNull::new(d.as_mut_ptr()).unwrap();
+                lent.push(d);
+                // SAFETY: the boxed slice stays alive (and unmoved) in `lent`, returned with
+                // the buffer.
+                unsafe { b.push_lent(p, len) };
+            } else {
+                b.push_with(|s| {
+                    s[..len].fill(seq as u8);
+                    s[1] = 0;
+                    len
+                });
+            }
             assert!(b.next() - b.oldest() <= 8);
             // At least the newest frame, and every held frame intact.
             assert!(b.oldest() <= seq);
             for held in b.oldest()..b.next() {
                 let f = b.get(held).unwrap();
                 assert_eq!(f.len(), sizes[held as usize], "seq {held}");
-                assert!(f.iter().all(|&x| x == held as u8), "seq {held} overwritten");
+                assert!(
+                    f[0] == held as u8 && f[2..].iter().all(|&x| x == held as u8),
+                    "seq {held} overwritten"
+                );
+                let header = if lent_seq(held) { 5 } else { 1 };
                 assert_eq!(
                     &b.datagram(held).unwrap()[..DATAGRAM_HEADER_LEN],
-                    &[1; DATAGRAM_HEADER_LEN]
+                    &[header; DATAGRAM_HEADER_LEN]
                 );
             }
         }
+        (b, lent)
+    }
+
+    #[test]
+    fn frames_of_any_size_survive_until_evicted() {
+        let (b, _) = random_frames(false);
         // Small frames: the count, not the bytes, bounds what is held.
         assert_eq!(b.next() - b.oldest(), 8);
+    }
+
+    #[test]
+    fn lent_frames_mixed_with_own_ones_stay_intact_until_evicted() {
+        // The log's eviction by overlap must skip lent frames and still never overwrite a
+        // held frame of its own.
+        let (mut b, lent) = random_frames(true);
+        // Marking a lent frame as retransmitted writes its flag where it lies.
+        let newest_lent = (b.oldest()..b.next()).rev().find(|s| s % 3 == 1).unwrap();
+        b.mark_retransmitted(newest_lent);
+        assert_eq!(b.get(newest_lent).unwrap()[1], DATA_FLAG_RETRANSMIT);
+        assert_eq!(
+            lent.last().unwrap()[DATAGRAM_HEADER_LEN + 1],
+            DATA_FLAG_RETRANSMIT
+        );
     }
 
     #[test]
