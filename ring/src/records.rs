@@ -759,6 +759,11 @@ impl RecordConsumer {
         }
     }
 
+    /// Whether [`read_held`](Self::read_held) can hold records: a single-producer ring.
+    pub fn can_hold(&self) -> bool {
+        self.producers == Producers::Single
+    }
+
     /// Releases held records below position `to` to the producer (positions past what was read
     /// are clamped). [`read`](Self::read) releases everything it reads, held records included.
     pub fn release(&mut self, to: u64) {

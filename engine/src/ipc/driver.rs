@@ -306,7 +306,7 @@ busy_poll = false
 gso = true
 gro = true
 # Bytes of each embedded publication's ring (clients of the daemon use publication_log_bytes).
-publication_ring_bytes = 4194304
+publication_ring_bytes = 16777216
 # Longest an idle worker sleeps, microseconds: bounds how long a message published by a
 # client waits before the engine sends it to remote members.
 max_idle_us = 1000

@@ -74,6 +74,8 @@ pub struct EngineConfig {
     pub gro: bool,
     /// Bytes of each publication's ring (a power of two); a message may be up to a quarter.
     /// A deeper ring absorbs longer bursts but queues more (latency under saturation).
+    /// One-frame messages are sent and retransmitted from the ring where they lie, so it also
+    /// holds up to half its bytes of sent messages for repair (see docs/architecture.md).
     pub publication_ring_bytes: u64,
     /// Where publication rings are created (they are unlinked once mapped); default /dev/shm.
     pub ring_dir: Option<PathBuf>,
@@ -95,7 +97,7 @@ impl Default for EngineConfig {
             busy_poll: false,
             gso: true,
             gro: true,
-            publication_ring_bytes: 4 << 20,
+            publication_ring_bytes: 16 << 20,
             ring_dir: None,
             invoker: false,
             max_idle_us: 50_000,
@@ -186,6 +188,12 @@ pub struct GroupStats {
     pub pushed_back: u64,
     /// Messages written into subscription logs for other processes.
     pub sunk: u64,
+    /// Messages framed in their embedded publication's ring and sent, and retransmitted, from
+    /// there rather than copied into the retransmit buffer.
+    pub lent: u64,
+    /// Records of an embedded publication's ring too short to be a message (the ring's memory
+    /// was written by something other than its [`Publication`]); skipped.
+    pub malformed_records: u64,
     /// The Secure Group Layer's counters (sealed, opened, rejected by reason), when secured.
     pub secure: Option<crate::shield::ShieldStats>,
     /// MLS-keyed groups: the key agreement's counters.
@@ -506,7 +514,7 @@ impl Engine {
         // Both sides hold the mapping now (or failed): the name is no longer needed.
         let _ = std::fs::remove_file(&path);
         let (producer, member_max) = opened?;
-        let max = member_max.min(producer.max_payload());
+        let max = member_max.min(producer.max_payload().saturating_sub(PUBLICATION_HEADROOM));
         Ok(Publication {
             producer,
             wake: self.worker(group).wake.clone(),
@@ -684,9 +692,17 @@ impl std::fmt::Debug for Publication {
     }
 }
 
+/// Bytes in front of every message in an embedded publication's ring: room for its datagram
+/// and frame headers, which the worker writes there when the message is sent straight from
+/// the ring ([`crate::proto::Member::publish_lent`]), rounded up so messages stay 8-aligned.
+pub(crate) const PUBLICATION_HEADROOM: usize = crate::proto::LENT_HEADROOM.next_multiple_of(8);
+
 fn offer_error(e: RingOfferError) -> OfferError {
     match e {
-        RingOfferError::TooLarge { len, max } => OfferError::TooLarge { len, max },
+        RingOfferError::TooLarge { len, max } => OfferError::TooLarge {
+            len: len.saturating_sub(PUBLICATION_HEADROOM),
+            max: max.saturating_sub(PUBLICATION_HEADROOM),
+        },
         _ => OfferError::BackPressured,
     }
 }
@@ -699,9 +715,9 @@ impl Publication {
 
     /// Copies `message` into the publication.
     pub fn offer(&mut self, message: &[u8]) -> Result<(), OfferError> {
-        self.check(message.len())?;
-        self.producer.offer(0, message).map_err(offer_error)?;
-        self.wake.after_offer();
+        let mut claim = self.try_claim(message.len())?;
+        claim.buf().copy_from_slice(message);
+        claim.commit();
         Ok(())
     }
 
@@ -709,7 +725,10 @@ impl Publication {
     /// [`Claim::commit`]; dropped uncommitted, it is skipped.
     pub fn try_claim(&mut self, len: usize) -> Result<Claim<'_>, OfferError> {
         self.check(len)?;
-        let claim = self.producer.try_claim(0, len).map_err(offer_error)?;
+        let claim = self
+            .producer
+            .try_claim(0, PUBLICATION_HEADROOM + len)
+            .map_err(offer_error)?;
         Ok(Claim {
             claim,
             wake: &self.wake,
@@ -740,7 +759,7 @@ pub struct Claim<'a> {
 impl Claim<'_> {
     /// The message's bytes, to fill in place.
     pub fn buf(&mut self) -> &mut [u8] {
-        self.claim.buf()
+        &mut self.claim.buf()[PUBLICATION_HEADROOM..]
     }
 
     /// Sends the message.

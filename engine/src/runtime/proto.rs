@@ -64,6 +64,44 @@ impl Proto {
         }
     }
 
+    /// A plain member frames a one-frame message where it lies ([`Member::publish_lent`]); a
+    /// group member copies it (its ordering queues every message).
+    ///
+    /// # Safety
+    ///
+    /// As [`Member::publish_lent`], with [`Proto::held_from`].
+    pub(crate) unsafe fn publish_lent(
+        &mut self,
+        stream: u32,
+        datagram: &mut [u8],
+    ) -> Result<Option<u64>, Error> {
+        match self {
+            // SAFETY: the caller upholds the contract.
+            Proto::Plain(m) => unsafe { m.publish_lent(stream, datagram) },
+            Proto::Group(g) => match datagram.get(crate::proto::LENT_HEADROOM..) {
+                Some(message) => g.publish(stream, message).map(|()| None),
+                None => Err(Error::Config(
+                    "a lent datagram without room for its headers".into(),
+                )),
+            },
+        }
+    }
+
+    /// See [`Member::held_from`]; a group member lends nothing (`u64::MAX`).
+    pub(crate) fn held_from(&self) -> u64 {
+        match self {
+            Proto::Plain(m) => m.held_from(),
+            Proto::Group(_) => u64::MAX,
+        }
+    }
+
+    /// See [`Member::forget_held_before`].
+    pub(crate) fn forget_held_before(&mut self, seq: u64) {
+        if let Proto::Plain(m) = self {
+            m.forget_held_before(seq);
+        }
+    }
+
     pub(crate) fn queued_bytes(&self) -> usize {
         match self {
             Proto::Plain(m) => m.queued_bytes(),

@@ -5,16 +5,16 @@
 use super::io::{push_iov, Io, Received, Send, SendBatch};
 use super::proto::Proto;
 use super::sys::{self, EventFd};
-use super::{EngineError, GroupConfig, GroupInfo, GroupStats, Handler};
+use super::{EngineError, GroupConfig, GroupInfo, GroupStats, Handler, PUBLICATION_HEADROOM};
 use crate::group::{GroupMember, Order};
-use crate::proto::{Destination, Lent, Member, Nanos, Output};
+use crate::proto::{Destination, Lent, Member, Nanos, Output, LENT_HEADROOM};
 use crate::shield::{Shield, ShieldEpoch, SEAL_OVERHEAD, SIGN_OVERHEAD};
 use crate::transport::{open_sockets, ReceiveLoss, TransportStats};
 use crate::wire;
 use crossbeam_channel::{Receiver, Sender};
 use intergroup_ring::{BroadcastProducer, BroadcastReader, RecordConsumer};
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -166,6 +166,10 @@ struct Publication {
     /// Mean size of the records of the last batch, bytes (1 before the first: no byte limit).
     /// Only a ring's batches use it: a client's log is read by count (see [`Publication::batch`]).
     record_bytes: usize,
+    /// A ring's records whose frames the member sends from where they lie, oldest first:
+    /// (sequence, ring position). The ring holds each, and every record after it, until the
+    /// member no longer holds the sequence (see [`release_lent`]).
+    held: VecDeque<(u64, u64)>,
 }
 
 impl Publication {
@@ -175,6 +179,7 @@ impl Publication {
             source,
             overflow: Vec::new(),
             record_bytes: 1,
+            held: VecDeque::new(),
         }
     }
 
@@ -213,6 +218,10 @@ impl Source {
         }
     }
 }
+
+/// Where a lent datagram starts in a record of an embedded publication: its headers end where
+/// the message starts, after the publication's headroom.
+const LENT_PAD: usize = PUBLICATION_HEADROOM - LENT_HEADROOM;
 
 /// What a group's datagrams look like, for sizing a turn's batch of records.
 #[derive(Debug, Clone, Copy)]
@@ -337,6 +346,7 @@ fn write_sinks(sinks: &mut [Sink], order: Order, out: &Output<'_>, written: &mut
 
 struct Group {
     id: u32,
+    /// Declared before `publications`, so dropped first: frames lent to it lie in their rings.
     proto: Proto,
     _group_socket: Option<UdpSocket>,
     unicast: UdpSocket,
@@ -355,6 +365,13 @@ struct Group {
     touched: bool,
     /// Seals and opens every datagram of a secured group.
     shield: Option<Shield>,
+    /// The member sends one-frame messages of embedded publications from their rings (a plain
+    /// member of a group that is not secured: sealed datagrams are built in the send arena).
+    lends: bool,
+    /// Messages sent from their publication ring.
+    lent: u64,
+    /// Ring records too short to hold a message behind its headroom, skipped.
+    malformed_records: u64,
 }
 
 impl Group {
@@ -478,6 +495,7 @@ impl Worker {
         busy |= self.receive(now);
         self.run_timers(now);
         busy |= self.transmit(now);
+        self.release_lent();
         busy |= self.deliver();
         self.rearm_timers();
         self.last_turn = now;
@@ -678,6 +696,8 @@ impl Worker {
                             acknowledged: acked,
                             pushed_back: self.pushed_back,
                             sunk: g.sunk,
+                            lent: g.lent,
+                            malformed_records: g.malformed_records,
                             secure: g.shield.as_ref().map(|s| s.stats().clone()),
                             keys: match &g.proto {
                                 Proto::Group(m) => m.key_stats().cloned(),
@@ -808,6 +828,7 @@ impl Worker {
                 })
                 .collect()
         };
+        let lends = matches!(proto, Proto::Plain(_)) && shield.is_none();
         self.groups.push(Group {
             id: cfg.member.group,
             proto,
@@ -822,6 +843,9 @@ impl Worker {
             stats: TransportStats::default(),
             deadline: None,
             touched: true,
+            lends,
+            lent: 0,
+            malformed_records: 0,
             shield,
         });
         Ok(GroupInfo {
@@ -872,21 +896,26 @@ impl Worker {
                 if batch == 0 {
                     continue;
                 }
-                let (member, overflow, stream) = (&mut g.proto, &mut p.overflow, p.stream);
-                let mut pushed_back = 0;
-                let mut taken_bytes = 0;
-                let mut take = |bytes: &[u8]| {
-                    taken_bytes += bytes.len();
-                    if !overflow.is_empty() || member.publish(stream, bytes).is_err() {
-                        // Only a full send queue refuses (the publication checked the size).
-                        overflow.push(bytes.to_vec());
-                        pushed_back += 1;
-                    }
+                let mut t = Taker {
+                    member: &mut g.proto,
+                    overflow: &mut p.overflow,
+                    held: &mut p.held,
+                    stream: p.stream,
+                    lent: 0,
+                    malformed: 0,
+                    pushed_back: 0,
+                    taken_bytes: 0,
                 };
                 let n = match &mut p.source {
-                    Source::Ring(c) => c.read(batch, |_, bytes| take(bytes)),
+                    Source::Ring(c) if g.lends && c.can_hold() => c
+                        .read_held(batch, |pos, _, record| t.lend(pos, record))
+                        .unwrap_or(0),
+                    Source::Ring(c) => c.read(batch, |_, record| match record.get(PUBLICATION_HEADROOM..) {
+                        Some(message) => t.take(message),
+                        None => t.malformed += 1,
+                    }),
                     Source::Log { reader, .. } => {
-                        match reader.as_mut().map(|r| r.poll(batch, |_, b| take(b))) {
+                        match reader.as_mut().map(|r| r.poll(batch, |_, b| t.take(b))) {
                             Some(Ok(n)) => n,
                             // Evicted (this worker was too slow for the client's timeout): join
                             // again at the tail next turn; the remote receivers see a gap.
@@ -898,6 +927,9 @@ impl Worker {
                         }
                     }
                 };
+                let (pushed_back, taken_bytes) = (t.pushed_back, t.taken_bytes);
+                g.lent += t.lent;
+                g.malformed_records += t.malformed;
                 self.pushed_back += pushed_back;
                 self.turn_items += n;
                 if let Some(mean) = taken_bytes.checked_div(n) {
@@ -908,6 +940,18 @@ impl Worker {
             }
         }
         any
+    }
+
+    /// Gives the publication rings back the records whose frames the members no longer hold,
+    /// after this turn's acknowledgements and sends.
+    fn release_lent(&mut self) {
+        for g in self.groups.iter_mut().filter(|g| g.lends) {
+            for p in &mut g.publications {
+                if let Source::Ring(c) = &mut p.source {
+                    release_lent(&mut g.proto, &mut p.held, c);
+                }
+            }
+        }
     }
 
     fn receive(&mut self, now: Nanos) -> bool {
@@ -1087,6 +1131,79 @@ impl Worker {
         }
         self.wake.parked.store(false, Ordering::Relaxed);
     }
+}
+
+/// Hands one publication's records to its member during a turn, counting what it did.
+struct Taker<'a> {
+    member: &'a mut Proto,
+    overflow: &'a mut Vec<Vec<u8>>,
+    held: &'a mut VecDeque<(u64, u64)>,
+    stream: u32,
+    lent: u64,
+    malformed: u64,
+    pushed_back: u64,
+    taken_bytes: usize,
+}
+
+impl Taker<'_> {
+    /// Publishes a copy of `message`; behind earlier pushed-back messages, or with the send
+    /// queue full, it waits in the overflow (never lost).
+    fn take(&mut self, message: &[u8]) {
+        self.taken_bytes += message.len();
+        if !self.overflow.is_empty() || self.member.publish(self.stream, message).is_err() {
+            // Only a full send queue refuses (the publication checked the size).
+            self.overflow.push(message.to_vec());
+            self.pushed_back += 1;
+        }
+    }
+
+    /// Publishes the message of the held ring record at `pos` (an embedded publication's:
+    /// headroom, then the message), framed where it lies if the member can send it from there.
+    fn lend(&mut self, pos: u64, record: &mut [u8]) {
+        let Some(datagram) = record.get_mut(LENT_PAD..).filter(|d| d.len() >= LENT_HEADROOM) else {
+            self.malformed += 1;
+            return;
+        };
+        if !self.overflow.is_empty() {
+            return self.take(&datagram[LENT_HEADROOM..]);
+        }
+        // SAFETY: the ring holds this record (its producer neither reuses the space of a held
+        // record nor writes a committed one) until `release_lent` releases it, which happens
+        // only once the member no longer holds its sequence; and the member is dropped before
+        // the ring (the field order of `Group`).
+        match unsafe { self.member.publish_lent(self.stream, datagram) } {
+            Ok(lent) => {
+                self.taken_bytes += datagram.len() - LENT_HEADROOM;
+                if let Some(seq) = lent {
+                    self.held.push_back((seq, pos));
+                    self.lent += 1;
+                }
+            }
+            // Not lent, and the copy found the send queue full.
+            Err(_) => self.take(&datagram[LENT_HEADROOM..]),
+        }
+    }
+}
+
+/// Releases the records of ring `c` below the first one whose frame `proto` still holds
+/// (`held` lists those records, oldest first). When more than half the ring is held, the
+/// member is first asked to forget the oldest frames no receiver needs any more (acknowledged
+/// by every live receiver, and sent), so the producer always finds room once its receivers
+/// have caught up. Frames a receiver may still ask for are never given up: a ring full of them
+/// holds its producer back, which is flow control.
+fn release_lent(proto: &mut Proto, held: &mut VecDeque<(u64, u64)>, c: &mut RecordConsumer) {
+    let read = c.read_position();
+    let half = c.capacity() as u64 / 2;
+    if held.front().is_some_and(|&(_, pos)| read - pos > half) {
+        // The first record that leaves at most half the ring held: forget every frame before.
+        let keep = held.partition_point(|&(_, pos)| read - pos > half);
+        proto.forget_held_before(held.get(keep).map_or(u64::MAX, |&(seq, _)| seq));
+    }
+    let from = proto.held_from();
+    while held.front().is_some_and(|&(seq, _)| seq < from) {
+        held.pop_front();
+    }
+    c.release(held.front().map_or(read, |&(_, pos)| pos));
 }
 
 /// Whether `proto` takes records from its publications now, and its

@@ -54,8 +54,8 @@ pub struct UdpArgs {
     #[arg(long)]
     invoker: bool,
     /// Bytes of the publication's ring (a power of two); a deeper ring queues more and so
-    /// adds latency under saturation.
-    #[arg(long, default_value_t = 4 << 20)]
+    /// adds latency under saturation. The engine's default.
+    #[arg(long, default_value_t = 16 << 20)]
     ring_bytes: u64,
     /// I/O backend of every engine.
     #[arg(long, default_value = "auto", value_parser = parse_backend)]
