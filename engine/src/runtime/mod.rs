@@ -513,12 +513,13 @@ impl Engine {
         });
         // Both sides hold the mapping now (or failed): the name is no longer needed.
         let _ = std::fs::remove_file(&path);
-        let (producer, member_max) = opened?;
+        let (producer, (member_max, lend)) = opened?;
         let max = member_max.min(producer.max_payload().saturating_sub(PUBLICATION_HEADROOM));
         Ok(Publication {
             producer,
             wake: self.worker(group).wake.clone(),
             max_message: max,
+            lend,
         })
     }
 
@@ -682,7 +683,31 @@ pub struct Publication {
     producer: SingleProducer,
     wake: Arc<Wake>,
     max_message: usize,
+    /// Messages of these lengths get headroom: the worker sends them from the ring.
+    lend: LendLengths,
 }
+
+/// The lengths of messages the worker sends from where they lie in a publication's ring (one
+/// frame each, too large to share a datagram): `above < len <= max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LendLengths {
+    pub(crate) above: usize,
+    pub(crate) max: usize,
+}
+
+impl LendLengths {
+    /// No message is sent from the ring (secured groups, groups with membership).
+    pub(crate) const NONE: Self = Self { above: 0, max: 0 };
+
+    fn contains(self, len: usize) -> bool {
+        len > self.above && len <= self.max
+    }
+}
+
+/// Record type of a message in a publication's ring.
+pub(crate) const MESSAGE_RECORD: u32 = 0;
+/// Record type of a message behind [`PUBLICATION_HEADROOM`] bytes of headroom.
+pub(crate) const LENT_RECORD: u32 = 1;
 
 impl std::fmt::Debug for Publication {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -692,9 +717,9 @@ impl std::fmt::Debug for Publication {
     }
 }
 
-/// Bytes in front of every message in an embedded publication's ring: room for its datagram
-/// and frame headers, which the worker writes there when the message is sent straight from
-/// the ring ([`crate::proto::Member::publish_lent`]), rounded up so messages stay 8-aligned.
+/// Bytes in front of a message in an embedded publication's ring that the worker sends from
+/// there ([`crate::proto::Member::publish_lent`]): room for its datagram and frame headers,
+/// rounded up so messages stay 8-aligned.
 pub(crate) const PUBLICATION_HEADROOM: usize = crate::proto::LENT_HEADROOM.next_multiple_of(8);
 
 fn offer_error(e: RingOfferError) -> OfferError {
@@ -725,12 +750,15 @@ impl Publication {
     /// [`Claim::commit`]; dropped uncommitted, it is skipped.
     pub fn try_claim(&mut self, len: usize) -> Result<Claim<'_>, OfferError> {
         self.check(len)?;
-        let claim = self
-            .producer
-            .try_claim(0, PUBLICATION_HEADROOM + len)
-            .map_err(offer_error)?;
+        let (kind, room) = if self.lend.contains(len) {
+            (LENT_RECORD, PUBLICATION_HEADROOM)
+        } else {
+            (MESSAGE_RECORD, 0)
+        };
+        let claim = self.producer.try_claim(kind, room + len).map_err(offer_error)?;
         Ok(Claim {
             claim,
+            room,
             wake: &self.wake,
         })
     }
@@ -753,13 +781,15 @@ impl Publication {
 #[derive(Debug)]
 pub struct Claim<'a> {
     claim: SingleClaim<'a>,
+    /// Headroom in front of the message.
+    room: usize,
     wake: &'a Wake,
 }
 
 impl Claim<'_> {
     /// The message's bytes, to fill in place.
     pub fn buf(&mut self) -> &mut [u8] {
-        &mut self.claim.buf()[PUBLICATION_HEADROOM..]
+        &mut self.claim.buf()[self.room..]
     }
 
     /// Sends the message.

@@ -5,7 +5,9 @@
 use super::io::{push_iov, Io, Received, Send, SendBatch};
 use super::proto::Proto;
 use super::sys::{self, EventFd};
-use super::{EngineError, GroupConfig, GroupInfo, GroupStats, Handler, PUBLICATION_HEADROOM};
+use super::{
+    EngineError, GroupConfig, GroupInfo, GroupStats, Handler, LendLengths, LENT_RECORD, PUBLICATION_HEADROOM,
+};
 use crate::group::{GroupMember, Order};
 use crate::proto::{Destination, Lent, Member, Nanos, Output, LENT_HEADROOM};
 use crate::shield::{Shield, ShieldEpoch, SEAL_OVERHEAD, SIGN_OVERHEAD};
@@ -115,8 +117,9 @@ pub enum Command {
         stream: u32,
         /// The ring file (unlinked once the reply is sent).
         path: PathBuf,
-        /// Reply: the group's largest message.
-        reply: Sender<Result<usize, EngineError>>,
+        /// Reply: the group's largest message, and which messages the worker sends from the
+        /// ring (so their records carry headroom).
+        reply: Sender<Result<(usize, LendLengths), EngineError>>,
     },
     /// Hand every delivery and in-stream event of a group, in an order, to a handler.
     Subscribe(u32, Order, Handler, Sender<Result<(), EngineError>>),
@@ -580,10 +583,20 @@ impl Worker {
                     None => Err(EngineError::UnknownGroup(group)),
                     Some(i) => match RecordConsumer::open(&path, Duration::from_secs(3600)) {
                         Ok(consumer) => {
-                            self.groups[i]
-                                .publications
+                            let g = &mut self.groups[i];
+                            g.publications
                                 .push(Publication::new(stream, Source::Ring(consumer)));
-                            Ok(self.groups[i].proto.config().max_message_bytes)
+                            let cfg = g.proto.config();
+                            let max_frame = cfg.max_frame_payload();
+                            let lend = if g.lends {
+                                LendLengths {
+                                    above: max_frame / 2,
+                                    max: max_frame,
+                                }
+                            } else {
+                                LendLengths::NONE
+                            };
+                            Ok((cfg.max_message_bytes, lend))
                         }
                         Err(e) => Err(EngineError::Ring(e.to_string())),
                     },
@@ -908,11 +921,17 @@ impl Worker {
                 };
                 let n = match &mut p.source {
                     Source::Ring(c) if g.lends && c.can_hold() => c
-                        .read_held(batch, |pos, _, record| t.lend(pos, record))
+                        .read_held(batch, |pos, kind, record| match kind {
+                            LENT_RECORD => t.lend(pos, record),
+                            _ => t.take(record),
+                        })
                         .unwrap_or(0),
-                    Source::Ring(c) => c.read(batch, |_, record| match record.get(PUBLICATION_HEADROOM..) {
-                        Some(message) => t.take(message),
-                        None => t.malformed += 1,
+                    Source::Ring(c) => c.read(batch, |kind, record| match kind {
+                        LENT_RECORD => match record.get(PUBLICATION_HEADROOM..) {
+                            Some(message) => t.take(message),
+                            None => t.malformed += 1,
+                        },
+                        _ => t.take(record),
                     }),
                     Source::Log { reader, .. } => {
                         match reader.as_mut().map(|r| r.poll(batch, |_, b| t.take(b))) {
@@ -1157,8 +1176,8 @@ impl Taker<'_> {
         }
     }
 
-    /// Publishes the message of the held ring record at `pos` (an embedded publication's:
-    /// headroom, then the message), framed where it lies if the member can send it from there.
+    /// Publishes the message of the held ring record at `pos` (a [`LENT_RECORD`]: headroom,
+    /// then the message), framed where it lies if the member can send it from there.
     fn lend(&mut self, pos: u64, record: &mut [u8]) {
         let Some(datagram) = record.get_mut(LENT_PAD..).filter(|d| d.len() >= LENT_HEADROOM) else {
             self.malformed += 1;
