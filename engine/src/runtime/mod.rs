@@ -722,12 +722,12 @@ impl std::fmt::Debug for Publication {
 /// rounded up so messages stay 8-aligned.
 pub(crate) const PUBLICATION_HEADROOM: usize = crate::proto::LENT_HEADROOM.next_multiple_of(8);
 
-fn offer_error(e: RingOfferError) -> OfferError {
+/// What a refused claim of a `len`-byte message means to the application: the ring's lengths
+/// include headroom, so a record too large is reported with the message's length and the
+/// publication's largest message.
+fn offer_error(e: RingOfferError, len: usize, max: usize) -> OfferError {
     match e {
-        RingOfferError::TooLarge { len, max } => OfferError::TooLarge {
-            len: len.saturating_sub(PUBLICATION_HEADROOM),
-            max: max.saturating_sub(PUBLICATION_HEADROOM),
-        },
+        RingOfferError::TooLarge { .. } => OfferError::TooLarge { len, max },
         _ => OfferError::BackPressured,
     }
 }
@@ -755,7 +755,10 @@ impl Publication {
         } else {
             (MESSAGE_RECORD, 0)
         };
-        let claim = self.producer.try_claim(kind, room + len).map_err(offer_error)?;
+        let claim = self
+            .producer
+            .try_claim(kind, room + len)
+            .map_err(|e| offer_error(e, len, self.max_message))?;
         Ok(Claim {
             claim,
             room,

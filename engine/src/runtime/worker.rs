@@ -1198,8 +1198,12 @@ impl Taker<'_> {
                     self.lent += 1;
                 }
             }
-            // Not lent, and the copy found the send queue full.
-            Err(_) => self.take(&datagram[LENT_HEADROOM..]),
+            // Not lent, and the copy found the send queue full (counted there once).
+            Err(_) => {
+                self.taken_bytes += datagram.len() - LENT_HEADROOM;
+                self.overflow.push(datagram[LENT_HEADROOM..].to_vec());
+                self.pushed_back += 1;
+            }
         }
     }
 }
