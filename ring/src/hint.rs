@@ -8,7 +8,8 @@ pub const CACHE_LINE: usize = 64;
 /// that were evicted. Only a hint: never faults, whatever `p` is, and changes no memory.
 #[inline]
 pub fn prefetch_write_ptr(p: *const u8) {
-    #[cfg(target_arch = "x86_64")]
+    // (Miri cannot run inline assembly; a hint changes nothing it checks.)
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
     // SAFETY: PREFETCHW does not access memory architecturally: it cannot fault (not even on an
     // unmapped address) and changes no memory and no flags. (`_mm_prefetch` with
     // `_MM_HINT_ET0` compiles to a read prefetch unless the build targets PRFCHW, so the
@@ -16,7 +17,7 @@ pub fn prefetch_write_ptr(p: *const u8) {
     unsafe {
         std::arch::asm!("prefetchw [{0}]", in(reg) p, options(nostack, preserves_flags, readonly))
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(any(not(target_arch = "x86_64"), miri))]
     let _ = p;
 }
 

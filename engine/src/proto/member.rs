@@ -489,7 +489,8 @@ impl Member {
         datagram[..wire::DATAGRAM_HEADER_LEN].copy_from_slice(s.retransmit.header());
         let frame_len =
             wire::encode_data_frame_header(&mut datagram[wire::DATAGRAM_HEADER_LEN..], &header, message_len);
-        let at = std::ptr::NonNull::from(&mut datagram[0]);
+        // From the whole slice, so the pointer may reach all of it.
+        let at = std::ptr::NonNull::from(&mut *datagram).cast::<u8>();
         // SAFETY: the caller keeps the datagram's bytes valid and to this member until
         // `held_from` passes `seq`, which is exactly as long as the buffer holds the frame.
         unsafe { s.retransmit.push_lent(at, frame_len) };

@@ -285,10 +285,14 @@ mod tests {
 
     /// Pushes 3000 frames of random sizes (2 to 100 bytes), every third one lent from storage
     /// of its own when `lend`, and checks after each push that every held frame is intact.
-    /// Returns the buffer and the lent storage (still referred to by the buffer).
-    fn random_frames(lend: bool) -> (RetransmitBuffer, Vec<Box<[u8]>>) {
+    /// Returns the buffer, the lent storage (still referred to by the buffer, never touched
+    /// again but through the pointer returned) and where the newest lent datagram starts.
+    fn random_frames(lend: bool) -> (RetransmitBuffer, Vec<u8>, *mut u8) {
+        const SLOT: usize = DATAGRAM_HEADER_LEN + 100;
         let mut b = RetransmitBuffer::new(8, 100, [1; DATAGRAM_HEADER_LEN]);
-        let mut lent: Vec<Box<[u8]>> = Vec::new();
+        let mut storage = vec![0u8; 1000 * SLOT];
+        let base = storage.as_mut_ptr();
+        let mut newest = base;
         let mut rng = 11u64;
         let mut sizes = Vec::new();
         let lent_seq = |seq: u64| lend && seq % 3 == 1;
@@ -299,14 +303,20 @@ mod tests {
             let len = (rng >> 33) as usize % 99 + 2;
             sizes.push(len);
             if lent_seq(seq) {
-                let mut d = vec![seq as u8; DATAGRAM_HEADER_LEN + len].into_boxed_slice();
+                // SAFETY: slot `seq / 3` of `storage`, which outlives this loop and is accessed
+                // only through `base` from now on.
+                let d = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        base.add(seq as usize / 3 * SLOT),
+                        DATAGRAM_HEADER_LEN + len,
+                    )
+                };
+                d.fill(seq as u8);
                 d[..DATAGRAM_HEADER_LEN].fill(5);
                 d[DATAGRAM_HEADER_LEN + 1] = 0;
-                let p = NonNull::new(d.as_mut_ptr()).unwrap();
-                lent.push(d);
-                // SAFETY: the boxed slice stays alive (and unmoved) in `lent`, returned with
-                // the buffer.
-                unsafe { b.push_lent(p, len) };
+                newest = d.as_mut_ptr();
+                // SAFETY: as above; nothing else touches the slot while the buffer holds it.
+                unsafe { b.push_lent(NonNull::new(newest).unwrap(), len) };
             } else {
                 b.push_with(|s| {
                     s[..len].fill(seq as u8);
@@ -331,12 +341,12 @@ mod tests {
                 );
             }
         }
-        (b, lent)
+        (b, storage, newest)
     }
 
     #[test]
     fn frames_of_any_size_survive_until_evicted() {
-        let (b, _) = random_frames(false);
+        let (b, _, _) = random_frames(false);
         // Small frames: the count, not the bytes, bounds what is held.
         assert_eq!(b.next() - b.oldest(), 8);
     }
@@ -345,13 +355,14 @@ mod tests {
     fn lent_frames_mixed_with_own_ones_stay_intact_until_evicted() {
         // The log's eviction by overlap must skip lent frames and still never overwrite a
         // held frame of its own.
-        let (mut b, lent) = random_frames(true);
+        let (mut b, _storage, newest) = random_frames(true);
         // Marking a lent frame as retransmitted writes its flag where it lies.
         let newest_lent = (b.oldest()..b.next()).rev().find(|s| s % 3 == 1).unwrap();
         b.mark_retransmitted(newest_lent);
         assert_eq!(b.get(newest_lent).unwrap()[1], DATA_FLAG_RETRANSMIT);
+        // SAFETY: inside the storage, which `_storage` keeps alive.
         assert_eq!(
-            lent.last().unwrap()[DATAGRAM_HEADER_LEN + 1],
+            unsafe { *newest.add(DATAGRAM_HEADER_LEN + 1) },
             DATA_FLAG_RETRANSMIT
         );
     }
