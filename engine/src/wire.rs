@@ -30,6 +30,9 @@ pub const FRAME_KEY_LAST: u8 = 0x2f;
 
 /// DATA flag: this frame is a retransmission, not the first transmission.
 pub const DATA_FLAG_RETRANSMIT: u8 = 0x01;
+/// HEARTBEAT flag: the sender keeps frames until receivers acknowledge them and asks every
+/// receiver for a STATUS now (NORM's acknowledgement request, in a heartbeat).
+pub const HEARTBEAT_FLAG_REPORT: u8 = 0x01;
 
 /// Size of [`DatagramHeader`] in bytes.
 pub const DATAGRAM_HEADER_LEN: usize = size_of::<DatagramHeader>();
@@ -193,7 +196,7 @@ pub enum Frame<'a> {
     /// Flow-control status.
     Status(&'a StatusBody),
     /// Sender heartbeat.
-    Heartbeat(&'a HeartbeatBody),
+    Heartbeat(HeartbeatFrame<'a>),
     /// A membership frame (types `FRAME_MEMBERSHIP_FIRST..=FRAME_MEMBERSHIP_LAST`); the group
     /// layer decodes its body, the reliable-multicast core skips it.
     Membership {
@@ -202,6 +205,15 @@ pub enum Frame<'a> {
         /// The body after the frame header.
         body: &'a [u8],
     },
+}
+
+/// A HEARTBEAT frame: flags and body, in place.
+#[derive(Debug, Clone, Copy)]
+pub struct HeartbeatFrame<'a> {
+    /// Frame flags (`HEARTBEAT_FLAG_*`).
+    pub flags: u8,
+    /// The body.
+    pub body: &'a HeartbeatBody,
 }
 
 /// A DATA frame: header and payload, in place.
@@ -350,7 +362,10 @@ fn decode_frame<'a>(header: &FrameHeader, body: &'a [u8]) -> Result<Frame<'a>, W
             if hb.oldest_sequence.get() > hb.next_sequence.get() {
                 return Err(WireError::Inconsistent("heartbeat oldest beyond next"));
             }
-            Ok(Frame::Heartbeat(hb))
+            Ok(Frame::Heartbeat(HeartbeatFrame {
+                flags: header.flags,
+                body: hb,
+            }))
         }
         kind @ FRAME_MEMBERSHIP_FIRST..=FRAME_MEMBERSHIP_LAST => Ok(Frame::Membership { kind, body }),
         t @ FRAME_KEY_FIRST..=FRAME_KEY_LAST => Err(WireError::ReservedFrameType(t)),
@@ -452,7 +467,7 @@ impl<'a> DatagramWriter<'a> {
         if FRAME_HEADER_LEN + body.len() > usize::from(u16::MAX) {
             return false;
         }
-        self.push_fixed(kind, body)
+        self.push_fixed(kind, 0, body)
     }
 
     /// Appends a NAK frame with as many of `ranges` as fit; returns how many were written.
@@ -476,20 +491,25 @@ impl<'a> DatagramWriter<'a> {
 
     /// Appends a STATUS frame; `false` if it does not fit.
     pub fn push_status(&mut self, body: &StatusBody) -> bool {
-        self.push_fixed(FRAME_STATUS, body.as_bytes())
+        self.push_fixed(FRAME_STATUS, 0, body.as_bytes())
     }
 
     /// Appends a HEARTBEAT frame; `false` if it does not fit.
     pub fn push_heartbeat(&mut self, body: &HeartbeatBody) -> bool {
-        self.push_fixed(FRAME_HEARTBEAT, body.as_bytes())
+        self.push_heartbeat_with(0, body)
     }
 
-    fn push_fixed(&mut self, frame_type: u8, body: &[u8]) -> bool {
+    /// Appends a HEARTBEAT frame with `flags` (`HEARTBEAT_FLAG_*`); `false` if it does not fit.
+    pub fn push_heartbeat_with(&mut self, flags: u8, body: &HeartbeatBody) -> bool {
+        self.push_fixed(FRAME_HEARTBEAT, flags, body.as_bytes())
+    }
+
+    fn push_fixed(&mut self, frame_type: u8, flags: u8, body: &[u8]) -> bool {
         let total = FRAME_HEADER_LEN + body.len();
         if total > self.remaining() {
             return false;
         }
-        self.push_frame_header(frame_type, 0, total);
+        self.push_frame_header(frame_type, flags, total);
         self.push_bytes(body);
         true
     }
@@ -575,18 +595,20 @@ mod tests {
             window: 64.into(),
             position: 12.into()
         }));
-        assert!(w.push_heartbeat(&HeartbeatBody {
+        let hb = HeartbeatBody {
             sender: 3.into(),
             epoch: 0.into(),
             next_sequence: 20.into(),
             oldest_sequence: 4.into(),
             timestamp: 99.into(),
-        }));
+        };
+        assert!(w.push_heartbeat(&hb));
+        assert!(w.push_heartbeat_with(HEARTBEAT_FLAG_REPORT, &hb));
         let len = w.len();
         let (h, frames) = decode_datagram(&buf[..len]).unwrap();
         assert_eq!((h.group.get(), h.source.get()), (9, 3));
         let frames: Vec<_> = frames.collect::<Result<_, _>>().unwrap();
-        assert_eq!(frames.len(), 4);
+        assert_eq!(frames.len(), 5);
         match frames[0] {
             Frame::Data(d) => {
                 assert_eq!(d.payload, b"abc");
@@ -599,7 +621,10 @@ mod tests {
             _ => panic!("expected nak"),
         }
         assert!(matches!(frames[2], Frame::Status(s) if s.position.get() == 12));
-        assert!(matches!(frames[3], Frame::Heartbeat(hb) if hb.next_sequence.get() == 20));
+        assert!(
+            matches!(frames[3], Frame::Heartbeat(hb) if hb.body.next_sequence.get() == 20 && hb.flags == 0)
+        );
+        assert!(matches!(frames[4], Frame::Heartbeat(hb) if hb.flags == HEARTBEAT_FLAG_REPORT));
     }
 
     #[test]

@@ -150,6 +150,14 @@ fn one_to_two_with_ring(backend: BackendKind, count: u64, loss: f64, seed: u64, 
     // One-frame messages went out from the ring where they lay, unless they queued behind
     // small ones (those are copied to keep their order).
     assert!(stats.lent > 0, "seed {seed}: no message was sent from its ring");
+    if ring < EngineConfig::default().publication_ring_bytes {
+        // A small ring fills with frames waiting for acknowledgement: the sender asked the
+        // receivers where they were instead of waiting for their periodic reports.
+        assert!(
+            stats.counters.get(intergroup_engine::Counter::StatusRequestsSent) > 0,
+            "seed {seed}: a small ring never asked for a STATUS"
+        );
+    }
     assert_eq!(stats.malformed_records, 0);
 }
 

@@ -92,6 +92,11 @@ counters! {
     /// Senders given up after `sender_timeout_ns` of silence with sequences still missing
     /// (those were declared lost).
     SendersTimedOut = 32, "senders_timed_out";
+    /// HEARTBEAT frames sent asking receivers for a STATUS now (a sender that keeps frames
+    /// until they are acknowledged and holds too many).
+    StatusRequestsSent = 33, "status_requests_sent";
+    /// STATUS frames queued because a sender asked for one.
+    StatusRequestsAnswered = 34, "status_requests_answered";
 }
 
 /// The counters of one member, indexed by [`Counter`].

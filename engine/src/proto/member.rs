@@ -7,7 +7,8 @@ use super::{
     Nanos, Output, RetransmitBuffer, Step,
 };
 use crate::wire::{
-    self, DataFrame, DataHeader, DatagramWriter, Frame, HeartbeatBody, NakFrame, NakRange, StatusBody,
+    self, DataFrame, DataHeader, DatagramWriter, Frame, HeartbeatBody, HeartbeatFrame, NakFrame, NakRange,
+    StatusBody,
 };
 use crate::Error;
 use rand::SeedableRng;
@@ -240,6 +241,12 @@ struct SendState {
     /// Sequences of messages framed when they were published (each fills a datagram alone),
     /// waiting to be sent straight from the retransmit buffer.
     solo: VecDeque<u64>,
+    /// The next HEARTBEAT asks receivers for a STATUS ([`Member::request_status`]).
+    report_requested: bool,
+    /// A request deferred until this time (one went out less than a linger before).
+    report_due_ns: Option<Nanos>,
+    /// The earliest time of the next request.
+    next_report_ns: Nanos,
 }
 
 impl SendState {
@@ -262,6 +269,9 @@ impl SendState {
             next_expiry_ns: 0,
             stalled: false,
             solo: VecDeque::new(),
+            report_requested: false,
+            report_due_ns: None,
+            next_report_ns: 0,
         }
     }
 }
@@ -532,6 +542,33 @@ impl Member {
         }
     }
 
+    /// As a sender that keeps frames until every receiver acknowledges them (a publisher that
+    /// lends its ring, see [`forget_held_before`](Self::forget_held_before)): asks every
+    /// receiver for a STATUS now, in a HEARTBEAT flagged `HEARTBEAT_FLAG_REPORT`, at most once
+    /// per `retransmit_linger_ns` (a request within that is deferred to its end). Receivers
+    /// report on their own when the limit they advertise moves a quarter window on, which a
+    /// sender stopped by the frames it holds never lets happen: without a request it waited
+    /// for the `status_interval_ns` reports (20 ms), and a 4 MiB publication ring under 5% loss
+    /// carried 0.3 M msgs/s of 1 KiB.
+    ///
+    /// Returns true while a request waits for the next [`poll_transmit`](Self::poll_transmit);
+    /// a deferred one is due at [`poll_timeout`](Self::poll_timeout).
+    pub fn request_status(&mut self, now_ns: Nanos) -> bool {
+        let Some(s) = self.sender.as_mut() else {
+            return false;
+        };
+        if !s.report_requested && s.report_due_ns.is_none() {
+            if now_ns >= s.next_report_ns {
+                s.report_requested = true;
+                s.heartbeat_due = true;
+                s.next_report_ns = now_ns.saturating_add(self.cfg.retransmit_linger_ns);
+            } else {
+                s.report_due_ns = Some(s.next_report_ns);
+            }
+        }
+        s.report_requested
+    }
+
     /// Takes one received datagram that arrived at `now_ns` from `from`.
     pub fn handle_datagram(&mut self, now_ns: Nanos, from: SocketAddr, bytes: &[u8]) {
         self.handle(now_ns, from, bytes, None, None);
@@ -683,6 +720,12 @@ impl Member {
             if now_ns >= s.last_send_ns.saturating_add(cfg.heartbeat_interval_ns) {
                 s.heartbeat_due = true;
             }
+            if s.report_due_ns.is_some_and(|d| d <= now_ns) {
+                s.report_due_ns = None;
+                s.report_requested = true;
+                s.heartbeat_due = true;
+                s.next_report_ns = now_ns.saturating_add(cfg.retransmit_linger_ns);
+            }
             if now_ns >= s.next_expiry_ns {
                 let expired = s.flow.expire(now_ns, cfg.receiver_timeout_ns);
                 self.counters.add(Counter::ReceiversTimedOut, expired as u64);
@@ -742,6 +785,9 @@ impl Member {
             if !s.heartbeat_due {
                 consider(s.last_send_ns.saturating_add(self.cfg.heartbeat_interval_ns));
             }
+            if let Some(d) = s.report_due_ns {
+                consider(d);
+            }
             consider(s.next_expiry_ns);
         }
         next
@@ -772,10 +818,19 @@ impl Member {
                     oldest_sequence: s.retransmit.oldest().into(),
                     timestamp: self.clock.into(),
                 };
-                if w.push_heartbeat(&body) {
+                let flags = if s.report_requested {
+                    wire::HEARTBEAT_FLAG_REPORT
+                } else {
+                    0
+                };
+                if w.push_heartbeat_with(flags, &body) {
                     s.heartbeat_due = false;
                     sent_any = true;
                     self.counters.incr(Counter::HeartbeatsSent);
+                    if s.report_requested {
+                        s.report_requested = false;
+                        self.counters.incr(Counter::StatusRequestsSent);
+                    }
                 }
             }
             while let Some(&seq) = s.retransmit_queue.front() {
@@ -1168,10 +1223,11 @@ impl Member {
         now_ns: Nanos,
         source: u32,
         from: SocketAddr,
-        hb: &HeartbeatBody,
+        frame: HeartbeatFrame<'_>,
         direct: Option<&mut dyn FnMut(&Output<'_>)>,
         lent: Option<&mut Lent<'_>>,
     ) {
+        let hb = frame.body;
         let sender = hb.sender.get();
         if sender == self.cfg.member_id || sender != source {
             self.reject(Counter::RejectedFrames, RejectReason::Malformed);
@@ -1186,6 +1242,7 @@ impl Member {
         let PeerCx {
             rng,
             backoff,
+            status_due,
             mut sink,
             ..
         } = cx;
@@ -1198,6 +1255,14 @@ impl Member {
         );
         drain_in_order(peer, &mut sink, lent);
         peer.loss.extend_tail(now_ns, backoff, rng);
+        // The sender holds frames until they are acknowledged and asks where we are: one
+        // STATUS (the one already queued answers too). As many replies as requests, each
+        // smaller than its request.
+        if frame.flags & wire::HEARTBEAT_FLAG_REPORT != 0 && !peer.status_queued {
+            peer.status_queued = true;
+            status_due.push_back(sender);
+            sink.counters.incr(Counter::StatusRequestsAnswered);
+        }
     }
 }
 
@@ -1448,6 +1513,72 @@ mod tests {
         exchange(&mut receiver, &mut sender, &first[..1]);
         assert_eq!(receiver.position_of(1), Some(16));
         assert_eq!(sender.publish_room(), 8);
+    }
+
+    #[test]
+    fn a_status_request_is_answered_at_once_and_asked_again_no_sooner_than_a_linger() {
+        let cfg = |id| MemberConfig {
+            member_id: id,
+            window_frames: 64,
+            retransmit_frames: 64,
+            ..MemberConfig::default()
+        };
+        let linger = MemberConfig::default().retransmit_linger_ns;
+        let mut sender = Member::new(cfg(1), 1).unwrap();
+        let mut receiver = Member::new(cfg(2), 2).unwrap();
+        let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let pump = |a: &mut Member, b: &mut Member, now: Nanos| {
+            let mut buf = vec![0u8; 1500];
+            let mut n = 0;
+            while let Some(t) = a.poll_transmit(now, &mut buf) {
+                b.handle_datagram(now, from, &buf[..t.len]);
+                n += 1;
+            }
+            n
+        };
+        // The receiver hears the sender and reports at once.
+        sender.publish(0, &[5u8; 1000]).unwrap();
+        pump(&mut sender, &mut receiver, 0);
+        assert_eq!(pump(&mut receiver, &mut sender, 0), 1);
+        assert_eq!(sender.acknowledged(), (1, Some(1)));
+        // Four more frames move its limit by less than a quarter window: no report, and a
+        // sender that keeps frames until they are acknowledged would wait for the next
+        // `status_interval_ns`.
+        for _ in 0..4 {
+            sender.publish(0, &[5u8; 1000]).unwrap();
+        }
+        pump(&mut sender, &mut receiver, 5);
+        assert_eq!(pump(&mut receiver, &mut sender, 5), 0);
+        assert_eq!(sender.acknowledged(), (1, Some(1)));
+        // Asked, it reports where it is.
+        assert!(
+            sender.request_status(10),
+            "the request waits for the next transmit"
+        );
+        assert_eq!(pump(&mut sender, &mut receiver, 10), 1, "one flagged heartbeat");
+        assert!(!sender.request_status(10), "sent: a new request is deferred");
+        assert_eq!(receiver.counters().get(Counter::StatusRequestsAnswered), 1);
+        assert_eq!(pump(&mut receiver, &mut sender, 10), 1);
+        assert_eq!(sender.acknowledged(), (1, Some(5)));
+        assert_eq!(sender.counters().get(Counter::StatusRequestsSent), 1);
+        // The deferred request goes out when the linger since the last one ends, not before.
+        sender.handle_timeout(20);
+        assert_eq!(pump(&mut sender, &mut receiver, 20), 0);
+        assert_eq!(sender.poll_timeout(), Some(10 + linger));
+        sender.handle_timeout(10 + linger);
+        assert_eq!(pump(&mut sender, &mut receiver, 10 + linger), 1);
+        assert_eq!(sender.counters().get(Counter::StatusRequestsSent), 2);
+        assert_eq!(receiver.counters().get(Counter::StatusRequestsAnswered), 2);
+        // A plain heartbeat asks for nothing.
+        let heartbeats = sender.counters().get(Counter::HeartbeatsSent);
+        sender.handle_timeout(10 + linger + MemberConfig::default().heartbeat_interval_ns);
+        pump(
+            &mut sender,
+            &mut receiver,
+            10 + linger + MemberConfig::default().heartbeat_interval_ns,
+        );
+        assert_eq!(sender.counters().get(Counter::HeartbeatsSent), heartbeats + 1);
+        assert_eq!(receiver.counters().get(Counter::StatusRequestsAnswered), 2);
     }
 
     #[test]

@@ -102,6 +102,14 @@ impl Proto {
         }
     }
 
+    /// See [`Member::request_status`]; a group member lends nothing, so never asks.
+    pub(crate) fn request_status(&mut self, now: Nanos) -> bool {
+        match self {
+            Proto::Plain(m) => m.request_status(now),
+            Proto::Group(_) => false,
+        }
+    }
+
     pub(crate) fn queued_bytes(&self) -> usize {
         match self {
             Proto::Plain(m) => m.queued_bytes(),

@@ -498,7 +498,7 @@ impl Worker {
         busy |= self.receive(now);
         self.run_timers(now);
         busy |= self.transmit(now);
-        self.release_lent();
+        busy |= self.release_lent(now);
         busy |= self.deliver();
         self.rearm_timers();
         self.last_turn = now;
@@ -963,14 +963,24 @@ impl Worker {
 
     /// Gives the publication rings back the records whose frames the members no longer hold,
     /// after this turn's acknowledgements and sends.
-    fn release_lent(&mut self) {
+    /// Releases what lent frames no longer hold; true when a STATUS request waits to be sent
+    /// (the next turn's transmit sends it).
+    fn release_lent(&mut self, now: Nanos) -> bool {
+        let mut asking = false;
         for g in self.groups.iter_mut().filter(|g| g.lends) {
             for p in &mut g.publications {
                 if let Source::Ring(c) = &mut p.source {
-                    release_lent(&mut g.proto, &mut p.held, c);
+                    if release_lent(&mut g.proto, &mut p.held, c) {
+                        // Receivers are asked where they are: the request leaves with the
+                        // next turn's transmit, or at the timer `rearm_timers` sets when it
+                        // was deferred.
+                        asking |= g.proto.request_status(now);
+                        g.touched = true;
+                    }
                 }
             }
         }
+        asking
     }
 
     fn receive(&mut self, now: Nanos) -> bool {
@@ -1214,7 +1224,10 @@ impl Taker<'_> {
 /// by every live receiver, and sent), so the producer always finds room once its receivers
 /// have caught up. Frames a receiver may still ask for are never given up: a ring full of them
 /// holds its producer back, which is flow control.
-fn release_lent(proto: &mut Proto, held: &mut VecDeque<(u64, u64)>, c: &mut RecordConsumer) {
+/// Gives back the records whose frames the member no longer holds; true when more than half
+/// the ring stays held by frames some receiver has not acknowledged (as far as the member
+/// knows), so the receivers should be asked where they are.
+fn release_lent(proto: &mut Proto, held: &mut VecDeque<(u64, u64)>, c: &mut RecordConsumer) -> bool {
     let read = c.read_position();
     let half = c.capacity() as u64 / 2;
     if held.front().is_some_and(|&(_, pos)| read - pos > half) {
@@ -1226,7 +1239,9 @@ fn release_lent(proto: &mut Proto, held: &mut VecDeque<(u64, u64)>, c: &mut Reco
     while held.front().is_some_and(|&(seq, _)| seq < from) {
         held.pop_front();
     }
-    c.release(held.front().map_or(read, |&(_, pos)| pos));
+    let front = held.front().map_or(read, |&(_, pos)| pos);
+    c.release(front);
+    read - front > half
 }
 
 /// Whether `proto` takes records from its publications now, and its
