@@ -247,9 +247,32 @@ struct SendState {
     report_due_ns: Option<Nanos>,
     /// The earliest time of the next request.
     next_report_ns: Nanos,
+    /// How long the last request made the next one wait (0 before the first).
+    report_wait_ns: Nanos,
+    /// A STATUS arrived since the last request.
+    heard_since_report: bool,
 }
 
 impl SendState {
+    /// Arms a STATUS request for the next transmit. The next request waits a
+    /// `retransmit_linger_ns`, or twice the last wait (up to `status_interval_ns`) while no
+    /// STATUS answers: a publisher held back with no receiver to answer (fewer than
+    /// `min_receivers`) then asks 50 times a second, not 5,000.
+    fn arm_report(&mut self, now_ns: Nanos, cfg: &MemberConfig) {
+        self.report_requested = true;
+        self.heartbeat_due = true;
+        let linger = cfg.retransmit_linger_ns.max(1);
+        self.report_wait_ns = if self.heard_since_report || self.report_wait_ns == 0 {
+            linger
+        } else {
+            self.report_wait_ns
+                .saturating_mul(2)
+                .min(cfg.status_interval_ns.max(linger))
+        };
+        self.heard_since_report = false;
+        self.next_report_ns = now_ns.saturating_add(self.report_wait_ns);
+    }
+
     fn new(cfg: &MemberConfig) -> Self {
         SendState {
             queue: SendQueue::default(),
@@ -272,6 +295,8 @@ impl SendState {
             report_requested: false,
             report_due_ns: None,
             next_report_ns: 0,
+            report_wait_ns: 0,
+            heard_since_report: false,
         }
     }
 }
@@ -545,7 +570,8 @@ impl Member {
     /// As a sender that keeps frames until every receiver acknowledges them (a publisher that
     /// lends its ring, see [`forget_held_before`](Self::forget_held_before)): asks every
     /// receiver for a STATUS now, in a HEARTBEAT flagged `HEARTBEAT_FLAG_REPORT`, at most once
-    /// per `retransmit_linger_ns` (a request within that is deferred to its end). Receivers
+    /// per `retransmit_linger_ns` (a request within that is deferred to its end; unanswered
+    /// requests back off, see `SendState::arm_report`). Receivers
     /// report on their own when the limit they advertise moves a quarter window on, which a
     /// sender stopped by the frames it holds never lets happen: without a request it waited
     /// for the `status_interval_ns` reports (20 ms), and a 4 MiB publication ring under 5% loss
@@ -559,9 +585,7 @@ impl Member {
         };
         if !s.report_requested && s.report_due_ns.is_none() {
             if now_ns >= s.next_report_ns {
-                s.report_requested = true;
-                s.heartbeat_due = true;
-                s.next_report_ns = now_ns.saturating_add(self.cfg.retransmit_linger_ns);
+                s.arm_report(now_ns, &self.cfg);
             } else {
                 s.report_due_ns = Some(s.next_report_ns);
             }
@@ -722,9 +746,7 @@ impl Member {
             }
             if s.report_due_ns.is_some_and(|d| d <= now_ns) {
                 s.report_due_ns = None;
-                s.report_requested = true;
-                s.heartbeat_due = true;
-                s.next_report_ns = now_ns.saturating_add(cfg.retransmit_linger_ns);
+                s.arm_report(now_ns, cfg);
             }
             if now_ns >= s.next_expiry_ns {
                 let expired = s.flow.expire(now_ns, cfg.receiver_timeout_ns);
@@ -1212,6 +1234,7 @@ impl Member {
             Some(s) if status.sender.get() == self.cfg.member_id => {
                 s.flow
                     .on_status(now_ns, source, status.position.get(), status.window.get());
+                s.heard_since_report = true;
                 self.counters.incr(Counter::StatusReceived);
             }
             _ => self.reject(Counter::RejectedFrames, RejectReason::Malformed),
@@ -1569,16 +1592,58 @@ mod tests {
         assert_eq!(pump(&mut sender, &mut receiver, 10 + linger), 1);
         assert_eq!(sender.counters().get(Counter::StatusRequestsSent), 2);
         assert_eq!(receiver.counters().get(Counter::StatusRequestsAnswered), 2);
-        // A plain heartbeat asks for nothing.
-        let heartbeats = sender.counters().get(Counter::HeartbeatsSent);
-        sender.handle_timeout(10 + linger + MemberConfig::default().heartbeat_interval_ns);
-        pump(
-            &mut sender,
-            &mut receiver,
-            10 + linger + MemberConfig::default().heartbeat_interval_ns,
-        );
-        assert_eq!(sender.counters().get(Counter::HeartbeatsSent), heartbeats + 1);
-        assert_eq!(receiver.counters().get(Counter::StatusRequestsAnswered), 2);
+        // Its answer has not arrived when the next request goes out: the one after that waits
+        // twice as long.
+        let t1 = 10 + linger;
+        assert!(!sender.request_status(t1));
+        assert_eq!(sender.poll_timeout(), Some(t1 + linger));
+        let t2 = t1 + linger;
+        sender.handle_timeout(t2);
+        assert_eq!(pump(&mut sender, &mut receiver, t2), 1);
+        assert!(!sender.request_status(t2));
+        assert_eq!(sender.poll_timeout(), Some(t2 + 2 * linger));
+        // Once an answer is in, the wait is a linger again.
+        assert_eq!(pump(&mut receiver, &mut sender, t2), 1, "one STATUS answers both");
+        let t3 = t2 + 2 * linger;
+        sender.handle_timeout(t3);
+        assert_eq!(pump(&mut sender, &mut receiver, t3), 1);
+        assert!(!sender.request_status(t3));
+        assert_eq!(sender.poll_timeout(), Some(t3 + linger));
+        assert_eq!(sender.counters().get(Counter::StatusRequestsSent), 4);
+        assert_eq!(receiver.counters().get(Counter::StatusRequestsAnswered), 3);
+    }
+
+    #[test]
+    fn unanswered_status_requests_back_off_to_the_status_interval() {
+        let cfg = MemberConfig::default();
+        let (linger, most) = (cfg.retransmit_linger_ns, cfg.status_interval_ns);
+        let mut sender = Member::new(cfg, 1).unwrap();
+        let mut buf = vec![0u8; 1500];
+        sender.publish(0, &[5u8; 1000]).unwrap();
+        while sender.poll_transmit(0, &mut buf).is_some() {}
+        // Nobody answers: each request waits twice as long as the one before, up to the
+        // interval of the receivers' own reports.
+        let mut now = 0;
+        let mut waits = Vec::new();
+        assert!(sender.request_status(now));
+        for _ in 0..10 {
+            let mut flagged = false;
+            while let Some(t) = sender.poll_transmit(now, &mut buf) {
+                flagged |= matches!(
+                    wire::decode_datagram(&buf[..t.len]).unwrap().1.next(),
+                    Some(Ok(Frame::Heartbeat(hb))) if hb.flags == wire::HEARTBEAT_FLAG_REPORT
+                );
+            }
+            assert!(flagged, "a request went out at {now}");
+            assert!(!sender.request_status(now), "deferred");
+            let next = sender.sender.as_ref().unwrap().next_report_ns;
+            waits.push(next - now);
+            now = next;
+            sender.handle_timeout(now);
+        }
+        assert_eq!(waits[..4], [linger, 2 * linger, 4 * linger, 8 * linger]);
+        assert_eq!(*waits.last().unwrap(), most);
+        assert_eq!(sender.counters().get(Counter::StatusRequestsSent), 10);
     }
 
     #[test]
