@@ -962,9 +962,8 @@ impl Worker {
     }
 
     /// Gives the publication rings back the records whose frames the members no longer hold,
-    /// after this turn's acknowledgements and sends.
-    /// Releases what lent frames no longer hold; true when a STATUS request waits to be sent
-    /// (the next turn's transmit sends it).
+    /// after this turn's acknowledgements and sends; true when a STATUS request waits to be
+    /// sent (the next turn's transmit sends it).
     fn release_lent(&mut self, now: Nanos) -> bool {
         let mut asking = false;
         for g in self.groups.iter_mut().filter(|g| g.lends) {
@@ -1223,10 +1222,9 @@ impl Taker<'_> {
 /// member is first asked to forget the oldest frames no receiver needs any more (acknowledged
 /// by every live receiver, and sent), so the producer always finds room once its receivers
 /// have caught up. Frames a receiver may still ask for are never given up: a ring full of them
-/// holds its producer back, which is flow control.
-/// Gives back the records whose frames the member no longer holds; true when more than half
-/// the ring stays held by frames some receiver has not acknowledged (as far as the member
-/// knows), so the receivers should be asked where they are.
+/// holds its producer back, which is flow control. Returns true when more than half the ring
+/// stays held, by frames not sent or not acknowledged as far as the member knows: then the
+/// receivers should be asked where they are.
 fn release_lent(proto: &mut Proto, held: &mut VecDeque<(u64, u64)>, c: &mut RecordConsumer) -> bool {
     let read = c.read_position();
     let half = c.capacity() as u64 / 2;
