@@ -243,8 +243,8 @@ struct SendState {
     solo: VecDeque<u64>,
     /// The next HEARTBEAT asks receivers for a STATUS ([`Member::request_status`]).
     report_requested: bool,
-    /// A request deferred until this time (one went out less than a linger before).
-    report_due_ns: Option<Nanos>,
+    /// A request waits for `next_report_ns` (one went out less than a wait before).
+    report_deferred: bool,
     /// The earliest time of the next request.
     next_report_ns: Nanos,
     /// How long the last request made the next one wait (0 before the first).
@@ -293,7 +293,7 @@ impl SendState {
             stalled: false,
             solo: VecDeque::new(),
             report_requested: false,
-            report_due_ns: None,
+            report_deferred: false,
             next_report_ns: 0,
             report_wait_ns: 0,
             heard_since_report: false,
@@ -583,11 +583,11 @@ impl Member {
         let Some(s) = self.sender.as_mut() else {
             return false;
         };
-        if !s.report_requested && s.report_due_ns.is_none() {
+        if !s.report_requested && !s.report_deferred {
             if now_ns >= s.next_report_ns {
                 s.arm_report(now_ns, &self.cfg);
             } else {
-                s.report_due_ns = Some(s.next_report_ns);
+                s.report_deferred = true;
             }
         }
         s.report_requested
@@ -744,8 +744,8 @@ impl Member {
             if now_ns >= s.last_send_ns.saturating_add(cfg.heartbeat_interval_ns) {
                 s.heartbeat_due = true;
             }
-            if s.report_due_ns.is_some_and(|d| d <= now_ns) {
-                s.report_due_ns = None;
+            if s.report_deferred && s.next_report_ns <= now_ns {
+                s.report_deferred = false;
                 s.arm_report(now_ns, cfg);
             }
             if now_ns >= s.next_expiry_ns {
@@ -807,8 +807,8 @@ impl Member {
             if !s.heartbeat_due {
                 consider(s.last_send_ns.saturating_add(self.cfg.heartbeat_interval_ns));
             }
-            if let Some(d) = s.report_due_ns {
-                consider(d);
+            if s.report_deferred {
+                consider(s.next_report_ns);
             }
             consider(s.next_expiry_ns);
         }
