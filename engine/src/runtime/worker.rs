@@ -1177,12 +1177,19 @@ impl Taker<'_> {
     /// Publishes a copy of `message`; behind earlier pushed-back messages, or with the send
     /// queue full, it waits in the overflow (never lost).
     fn take(&mut self, message: &[u8]) {
-        self.taken_bytes += message.len();
         if !self.overflow.is_empty() || self.member.publish(self.stream, message).is_err() {
             // Only a full send queue refuses (the publication checked the size).
-            self.overflow.push(message.to_vec());
-            self.pushed_back += 1;
+            self.push_back(message);
+        } else {
+            self.taken_bytes += message.len();
         }
+    }
+
+    /// Keeps a copy of `message` for the member to take when its send queue has room.
+    fn push_back(&mut self, message: &[u8]) {
+        self.taken_bytes += message.len();
+        self.overflow.push(message.to_vec());
+        self.pushed_back += 1;
     }
 
     /// Publishes the message of the held ring record at `pos` (a [`LENT_RECORD`]: headroom,
@@ -1208,11 +1215,7 @@ impl Taker<'_> {
                 }
             }
             // Not lent, and the copy found the send queue full (counted there once).
-            Err(_) => {
-                self.taken_bytes += datagram.len() - LENT_HEADROOM;
-                self.overflow.push(datagram[LENT_HEADROOM..].to_vec());
-                self.pushed_back += 1;
-            }
+            Err(_) => self.push_back(&datagram[LENT_HEADROOM..]),
         }
     }
 }
