@@ -124,6 +124,11 @@ need = ["msgs_per_sec", "mb_per_sec", "lost", "retransmissions", "p50", "p90", "
 missing = [k for k in need if k not in out]
 assert not missing, f"bench raw-udp JSON lacks {missing}"
 assert len(out["paths"]) == 5, out["paths"]
+# Every path's sender and receivers spent CPU on the datagrams they moved (ns per datagram).
+for p in out["paths"]:
+    for side in ("sender", "receiver"):
+        c = p["cpu_ns_per_msg"][side]
+        assert c["user"] >= 0 and c["system"] >= 0 and c["user"] + c["system"] > 0, (p["path"], side, c)
 print(f"raw-udp: ceiling {out['ceiling']}, {out['msgs_per_sec']:.0f} datagrams/s per receiver")
 PY
 for backend in io-uring portable; do
@@ -146,6 +151,12 @@ assert out["raw_msgs_per_sec"] == max(out["raw_msgs_per_sec_before"], out["raw_m
 assert out["backend"] == backend, out["backend"]
 assert out["lost"] == 0 and out["complete"], f"bench udp lost messages: {out}"
 assert out["retransmissions"] > 0, "5% loss was injected but nothing was retransmitted"
+cpu = out["cpu_ns_per_msg"]
+for who in ("publisher_app", "publisher_worker", "subscriber"):
+    assert cpu[who]["user"] >= 0 and cpu[who]["system"] >= 0, (who, cpu)
+# The worker and each subscriber do the protocol's work: neither can be free.
+assert cpu["publisher_worker"]["user"] + cpu["publisher_worker"]["system"] > 0, cpu
+assert all(p["cpu_ns_per_msg"]["user"] + p["cpu_ns_per_msg"]["system"] > 0 for p in out["per_subscriber"]), out["per_subscriber"]
 print(f"udp {backend}: lost 0, {out['msgs_per_sec']:.0f} msgs/s, ratio_to_raw {out['ratio_to_raw']}")
 PY
 done

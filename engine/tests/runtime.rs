@@ -144,6 +144,12 @@ fn one_to_two_with_ring(backend: BackendKind, count: u64, loss: f64, seed: u64, 
     assert!(sender.wait_acknowledged(9, 2, Duration::from_secs(10)).unwrap());
     let stats = sender.stats(9).unwrap();
     assert_eq!(stats.backend, backend);
+    // The worker's own CPU clock: it framed and sent every message.
+    assert!(
+        stats.worker_cpu.user_ns + stats.worker_cpu.system_ns > 0,
+        "seed {seed}: the worker reports no CPU time: {:?}",
+        stats.worker_cpu
+    );
     if loss > 0.0 {
         assert!(stats.counters.get(intergroup_engine::Counter::Retransmissions) > 0);
     }

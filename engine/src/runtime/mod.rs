@@ -38,6 +38,7 @@ mod worker;
 
 use crate::group::Order;
 pub use io::BackendKind;
+pub use sys::ThreadCpu;
 pub use worker::{SinkRecord, SINK_META_LEN};
 
 use crate::proto::{Counters, MemberConfig, Output};
@@ -198,6 +199,9 @@ pub struct GroupStats {
     pub secure: Option<crate::shield::ShieldStats>,
     /// MLS-keyed groups: the key agreement's counters.
     pub keys: Option<crate::group::keys::KeyStats>,
+    /// CPU time of the worker that owns the group, since it started (it serves all the
+    /// worker's groups): two readings apart, what the engine spent on the traffic between.
+    pub worker_cpu: ThreadCpu,
 }
 
 impl GroupStats {

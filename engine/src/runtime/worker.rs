@@ -716,6 +716,8 @@ impl Worker {
                                 Proto::Group(m) => m.key_stats().cloned(),
                                 Proto::Plain(_) => None,
                             },
+                            // Commands run on the worker's own thread.
+                            worker_cpu: super::ThreadCpu::now(),
                         })
                     }
                 };

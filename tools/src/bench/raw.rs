@@ -9,7 +9,7 @@ use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
 use intergroup_engine::runtime::io::{Io, SendBatch};
 use intergroup_engine::runtime::sys::{self, EventFd};
-use intergroup_engine::runtime::BackendKind;
+use intergroup_engine::runtime::{BackendKind, ThreadCpu};
 use intergroup_engine::transport::{open_sockets, UdpConfig};
 use serde_json::{json, Value};
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
@@ -107,6 +107,13 @@ pub struct PathResult {
     pub latency: Histogram<u64>,
     /// Seconds the sender ran.
     pub seconds: f64,
+    /// CPU time of the sending thread while it sent.
+    pub sender_cpu: ThreadCpu,
+    /// Datagrams the sender handed to the kernel.
+    pub sent: u64,
+    /// Each receiver's CPU nanoseconds per datagram it received, user and system (mean over
+    /// receivers that reported it).
+    pub receiver_cpu_ns: Option<(f64, f64)>,
 }
 
 impl PathResult {
@@ -119,6 +126,13 @@ impl PathResult {
             "mb_per_sec": (self.received_per_sec * size as f64 / 1e6 * 10.0).round() / 10.0,
             "lost": ((self.sent_per_sec - self.received_per_sec).max(0.0) * self.seconds).round(),
             "lost_share": self.lost_share(),
+            "cpu_ns_per_msg": {
+                "sender": per_message(self.sender_cpu, self.sent),
+                "receiver": match self.receiver_cpu_ns {
+                    Some((user, system)) => json!({ "user": user.round(), "system": system.round() }),
+                    None => json!({ "user": null, "system": null }),
+                },
+            },
         });
         merge_objects(&mut v, percentiles(&self.latency));
         v
@@ -135,6 +149,17 @@ impl PathResult {
 }
 
 /// Copies the fields of `extra` into `v`.
+/// CPU time per message, user and system, in whole nanoseconds (null without messages).
+pub fn per_message(cpu: ThreadCpu, messages: u64) -> Value {
+    if messages == 0 {
+        return json!({ "user": null, "system": null });
+    }
+    json!({
+        "user": (cpu.user_ns as f64 / messages as f64).round(),
+        "system": (cpu.system_ns as f64 / messages as f64).round(),
+    })
+}
+
 pub fn merge_objects(v: &mut Value, extra: Value) {
     if let (Some(a), Value::Object(b)) = (v.as_object_mut(), extra) {
         a.extend(b);
@@ -195,27 +220,46 @@ pub fn measure(
     let to = group(port);
     let socket = sender_socket(to)?;
     let bar = progress(path.name(), seconds, json);
+    let cpu_start = ThreadCpu::now();
     let start = Instant::now();
     let sent = match path.backend() {
         None => send_plain(&socket, to, size, seconds, &bar)?,
         Some(kind) => send_batched(&socket, kind, path.offload(), to, size, seconds, &bar)?,
     };
     let elapsed = start.elapsed().as_secs_f64();
+    let sender_cpu = ThreadCpu::now().since(cpu_start);
     bar.finish_and_clear();
     std::thread::sleep(Duration::from_millis(200));
     let mut latency = histogram();
     let mut rates = Vec::new();
+    let mut cpu = Vec::new();
     for c in children {
         let r = c.finish()?;
-        rates.push(r["received"].as_f64().unwrap_or(0.0) / elapsed);
+        let received = r["received"].as_f64().unwrap_or(0.0);
+        rates.push(received / elapsed);
         merge_json(&mut latency, &r["hist"]);
+        if let (Some(user), Some(system)) = (r["cpu_user_ns"].as_f64(), r["cpu_system_ns"].as_f64()) {
+            if received > 0.0 {
+                cpu.push((user / received, system / received));
+            }
+        }
     }
+    let receiver_cpu_ns = (!cpu.is_empty()).then(|| {
+        let n = cpu.len() as f64;
+        (
+            cpu.iter().map(|c| c.0).sum::<f64>() / n,
+            cpu.iter().map(|c| c.1).sum::<f64>() / n,
+        )
+    });
     Ok(PathResult {
         path,
         sent_per_sec: sent as f64 / elapsed,
         received_per_sec: median(rates),
         latency,
         seconds: elapsed,
+        sender_cpu,
+        sent,
+        receiver_cpu_ns,
     })
 }
 
@@ -305,6 +349,8 @@ pub fn rx(a: RawRxArgs) -> Result<ExitCode, String> {
     let mut hist = histogram();
     let mut received = 0u64;
     let size = a.size.max(1);
+    // From here to the report: receiving, and waiting (asleep) before and after the traffic.
+    let cpu_start = ThreadCpu::now();
     let mut count = |bytes: &[u8], segment: Option<usize>| {
         let now = mono_ns();
         for d in bytes.chunks(segment.unwrap_or(size).max(1)) {
@@ -342,7 +388,14 @@ pub fn rx(a: RawRxArgs) -> Result<ExitCode, String> {
             }
         }
     }
-    say(&json!({ "received": received, "hist": histogram_to_json(&hist) }).to_string());
+    let cpu = ThreadCpu::now().since(cpu_start);
+    say(&json!({
+        "received": received,
+        "hist": histogram_to_json(&hist),
+        "cpu_user_ns": cpu.user_ns,
+        "cpu_system_ns": cpu.system_ns,
+    })
+    .to_string());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -612,6 +665,14 @@ pub fn best(results: &[PathResult]) -> Option<&PathResult> {
 }
 
 /// Prints `report` as JSON, or as a table of its `paths` and its main figures.
+/// `user+system` of a `{user, system}` object of the report, `-` where it is missing.
+pub fn cpu_pair(v: &Value) -> String {
+    match (v["user"].as_f64(), v["system"].as_f64()) {
+        (Some(u), Some(s)) => format!("{u:.0}+{s:.0}"),
+        _ => "-".into(),
+    }
+}
+
 pub fn print_report(report: &Value, json: bool, title: &str) {
     if json {
         println!("{report}");
@@ -620,12 +681,20 @@ pub fn print_report(report: &Value, json: bool, title: &str) {
     println!("{title}");
     if let Some(paths) = report["paths"].as_array() {
         println!(
-            "{:<20}{:>13}{:>13}{:>10}{:>8}{:>10}{:>10}{:>10}",
-            "path", "sent/s", "received/s", "MB/s", "lost", "p50 us", "p99 us", "max us"
+            "{:<20}{:>13}{:>13}{:>10}{:>8}{:>10}{:>10}{:>10}{:>24}",
+            "path",
+            "sent/s",
+            "received/s",
+            "MB/s",
+            "lost",
+            "p50 us",
+            "p99 us",
+            "max us",
+            "CPU ns/msg tx | rx"
         );
         for p in paths {
             println!(
-                "{:<20}{:>13}{:>13.0}{:>10}{:>7.1}%{:>10.1}{:>10.1}{:>10.1}",
+                "{:<20}{:>13}{:>13.0}{:>10}{:>7.1}%{:>10.1}{:>10.1}{:>10.1}{:>24}",
                 p["path"].as_str().unwrap_or(""),
                 p["sent_per_sec"]
                     .as_f64()
@@ -636,6 +705,11 @@ pub fn print_report(report: &Value, json: bool, title: &str) {
                 p["p50"].as_f64().unwrap_or(0.0),
                 p["p99"].as_f64().unwrap_or(0.0),
                 p["max"].as_f64().unwrap_or(0.0),
+                format!(
+                    "{} | {}",
+                    cpu_pair(&p["cpu_ns_per_msg"]["sender"]),
+                    cpu_pair(&p["cpu_ns_per_msg"]["receiver"])
+                ),
             );
         }
     }

@@ -8,7 +8,9 @@ use super::{
 };
 use clap::Args;
 use hdrhistogram::Histogram;
-use intergroup_engine::runtime::{BackendKind, Engine, EngineConfig, GroupConfig, OfferError, Publication};
+use intergroup_engine::runtime::{
+    BackendKind, Engine, EngineConfig, GroupConfig, OfferError, Publication, ThreadCpu,
+};
 use intergroup_engine::shield::{Rejection, ShieldEpoch, ShieldStats};
 use intergroup_engine::{Counter, Event, MemberConfig, Output};
 use intergroup_secure::aead::TAG_LEN;
@@ -243,6 +245,9 @@ struct SubState {
     /// The clock as last read, and messages handled since.
     now_ns: u64,
     clock_age: u32,
+    /// The CPU time of the thread that runs the handler (the subscriber's worker) at the first
+    /// message.
+    cpu_start: ThreadCpu,
 }
 
 impl SubState {
@@ -258,6 +263,7 @@ impl SubState {
             hist: histogram(),
             now_ns: 0,
             clock_age: 0,
+            cpu_start: ThreadCpu::default(),
         }
     }
 
@@ -278,6 +284,7 @@ impl SubState {
                 let now = self.now_ns.max(ts);
                 if self.received == 0 {
                     self.first_ns = now;
+                    self.cpu_start = ThreadCpu::now();
                 }
                 if seq < self.expected {
                     self.duplicates += 1;
@@ -298,9 +305,13 @@ impl SubState {
         }
     }
 
+    /// The report at the end of the run; called on the handler's thread, whose CPU time from
+    /// the first message on it includes.
     fn report(&self, published: Option<u64>, end_ns: u64) -> Value {
         let elapsed = end_ns.saturating_sub(self.first_ns) as f64 / 1e9;
+        let cpu = ThreadCpu::now().since(self.cpu_start);
         json!({
+            "cpu_ns_per_msg": raw::per_message(cpu, self.received),
             "complete": published.is_some(),
             "published": published,
             "received": self.received,
@@ -680,7 +691,9 @@ fn engine_run(a: &UdpArgs, port: u16, tuning: Tuning, label: &str) -> Result<Eng
             a.subscribers
         ));
     }
+    let worker_cpu_start = engine.stats(GROUP).map_err(|e| e.to_string())?.worker_cpu;
     let bar = progress(label, a.duration, a.json);
+    let app_cpu_start = ThreadCpu::now();
     let start = Instant::now();
     let mut seq = 0u64;
     let mut spins = 0u32;
@@ -716,6 +729,7 @@ fn engine_run(a: &UdpArgs, port: u16, tuning: Tuning, label: &str) -> Result<Eng
         tick(&bar, start);
     }
     let published = seq;
+    let app_cpu = ThreadCpu::now().since(app_cpu_start);
     let mut end = vec![0u8; MIN_SIZE];
     end[..8].copy_from_slice(&END.to_le_bytes());
     end[8..16].copy_from_slice(&published.to_le_bytes());
@@ -800,6 +814,26 @@ fn engine_run(a: &UdpArgs, port: u16, tuning: Tuning, label: &str) -> Result<Eng
         }).collect::<Vec<_>>(),
     });
     merge_objects(&mut report, percentiles(&latency));
+    let subscriber_cpu = |field: &str| {
+        let v: Vec<f64> = reports
+            .iter()
+            .filter_map(|r| r["cpu_ns_per_msg"][field].as_f64())
+            .collect();
+        (!v.is_empty()).then(|| (v.iter().sum::<f64>() / v.len() as f64).round())
+    };
+    merge_objects(
+        &mut report,
+        json!({
+            "cpu_ns_per_msg": {
+                "publisher_app": raw::per_message(app_cpu, published),
+                "publisher_worker": raw::per_message(stats.worker_cpu.since(worker_cpu_start), published),
+                "subscriber": {
+                    "user": subscriber_cpu("user"),
+                    "system": subscriber_cpu("system"),
+                },
+            }
+        }),
+    );
     if let Some(s) = &stats.secure {
         merge_objects(&mut report, json!({ "publisher_secure": shield_json(s) }));
     }
@@ -867,13 +901,24 @@ fn print_udp_table(r: &Value) {
         "lost: {}   retransmissions: {}   latency us: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
         r["lost"], r["retransmissions"], r["p50"], r["p90"], r["p99"], r["p999"], r["max"]
     );
+    let cpu = &r["cpu_ns_per_msg"];
+    if cpu.is_object() {
+        println!(
+            "CPU ns per message, user+system: publisher's thread {}, its worker {}, each subscriber {}",
+            raw::cpu_pair(&cpu["publisher_app"]),
+            raw::cpu_pair(&cpu["publisher_worker"]),
+            raw::cpu_pair(&cpu["subscriber"])
+        );
+    }
     println!("raw paths (same size, same receivers):");
     for p in r["raw"].as_array().into_iter().flatten() {
         println!(
-            "  {:<20}{:>14} msgs/s{:>10} MB/s",
+            "  {:<20}{:>14} msgs/s{:>10} MB/s   CPU ns/msg sender {}, each receiver {}",
             p["path"].as_str().unwrap_or(""),
             p["msgs_per_sec"].to_string(),
-            p["mb_per_sec"].to_string()
+            p["mb_per_sec"].to_string(),
+            raw::cpu_pair(&p["cpu_ns_per_msg"]["sender"]),
+            raw::cpu_pair(&p["cpu_ns_per_msg"]["receiver"])
         );
     }
 }
