@@ -45,7 +45,10 @@ impl Lent<'_> {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+/// All zero is an empty slot, so the table is zero-allocated: pages of slots never used (a
+/// wide window, little loss) are never touched. Filling it with defaults instead wrote the
+/// whole table at the first frame held: 56 MiB for a window of 2^20 frames.
+#[derive(Debug, Clone, Copy, Default, zerocopy::FromZeros)]
 struct SlotMeta {
     /// Sequence held in the slot; meaningful only while `occupied`.
     sequence: u64,
@@ -56,8 +59,10 @@ struct SlotMeta {
     message_len: u32,
     fragment_offset: u32,
     len: usize,
-    /// The payload is at this offset of the lent arena, pinned; `None`: in the slot's bytes.
-    lent_at: Option<usize>,
+    /// The payload is pinned in the lent arena at `lent_at`; otherwise it is in the slot's
+    /// bytes.
+    lent: bool,
+    lent_at: usize,
 }
 
 /// A ring of `capacity` (a power of two, at least the frames a receiver holds beyond its
@@ -105,7 +110,12 @@ impl HeldFrames {
     pub fn hold(&mut self, f: &FrameInfo<'_>, lent: Option<&mut Lent<'_>>) -> bool {
         debug_assert!(f.payload.len() <= self.slot_len);
         if self.meta.is_empty() {
-            self.meta = vec![SlotMeta::default(); self.mask as usize + 1];
+            let n = self.mask as usize + 1;
+            self.meta = match <SlotMeta as zerocopy::FromZeros>::new_vec_zeroed(n) {
+                Ok(meta) => meta,
+                // Out of memory: `vec!` reports it the way every allocation does.
+                Err(_) => vec![SlotMeta::default(); n],
+            };
         }
         let i = (f.sequence & self.mask) as usize;
         debug_assert!(!self.meta[i].occupied, "held sequences span more than the hold");
@@ -122,7 +132,8 @@ impl HeldFrames {
             message_len: f.message_len,
             fragment_offset: f.fragment_offset,
             len: f.payload.len(),
-            lent_at,
+            lent: lent_at.is_some(),
+            lent_at: lent_at.unwrap_or(0),
         };
         if lent_at.is_some() {
             self.lent += 1;
@@ -154,7 +165,7 @@ impl HeldFrames {
         if !m.occupied || m.sequence != sequence {
             return None;
         }
-        let payload = match m.lent_at {
+        let payload = match m.lent.then_some(m.lent_at) {
             Some(at) => {
                 let l = lent?;
                 let payload = l.arena.get(at..at + m.len)?;
