@@ -59,6 +59,9 @@ pub struct LossDetector {
     floor: u64,
     window: u64,
     gaps: BTreeMap<u64, Gap>,
+    /// The first sequence of the lowest gap (`u64::MAX` without gaps): whether the next frame
+    /// in order is missing, without a look into the map for every frame handed on.
+    lowest: u64,
     /// `(deadline_ns, first)` of every gap: the NAK timers in deadline order.
     timers: BTreeSet<(Nanos, u64)>,
 }
@@ -73,6 +76,7 @@ impl LossDetector {
             floor: 0,
             window: u64::from(window),
             gaps: BTreeMap::new(),
+            lowest: u64::MAX,
             timers: BTreeSet::new(),
         }
     }
@@ -94,20 +98,25 @@ impl LossDetector {
 
     /// Records the arrival of `seq`.
     pub fn on_frame(&mut self, now_ns: Nanos, seq: u64, backoff: &NakBackoff, rng: &mut impl Rng) -> Arrival {
-        if seq < self.next_expected || (seq < self.high && !self.in_gap(seq)) {
+        if seq < self.next_expected {
             return Arrival::Duplicate;
         }
-        if seq - self.next_expected >= self.window {
-            return Arrival::BeyondWindow;
-        }
-        if seq >= self.high {
+        if seq < self.high {
+            // Below `high` only a sequence in a gap is new (a repair): one look finds the gap
+            // to take it out of.
+            let Some((first, gap)) = self.gap_holding(seq) else {
+                return Arrival::Duplicate;
+            };
+            self.remove_from_gap(first, gap, seq);
+        } else {
+            if seq - self.next_expected >= self.window {
+                return Arrival::BeyondWindow;
+            }
             if seq > self.high {
                 let deadline_ns = now_ns + backoff.delay_ns(rng);
                 self.insert_gap(self.high, seq, deadline_ns);
             }
             self.high = seq + 1;
-        } else {
-            self.remove_from_gaps(seq);
         }
         self.announced = self.announced.max(self.high);
         if seq == self.next_expected {
@@ -118,11 +127,13 @@ impl LossDetector {
         }
     }
 
-    fn in_gap(&self, seq: u64) -> bool {
+    /// The gap that `seq` lies in, if any: its first sequence and the gap.
+    fn gap_holding(&self, seq: u64) -> Option<(u64, Gap)> {
         self.gaps
             .range(..=seq)
             .next_back()
-            .is_some_and(|(_, g)| g.end > seq)
+            .filter(|(_, g)| g.end > seq)
+            .map(|(&first, g)| (first, *g))
     }
 
     /// Applies a sender's heartbeat: its next sequence (finds tail loss) and oldest retained one.
@@ -156,8 +167,9 @@ impl LossDetector {
     #[inline]
     pub fn next_in_order(&mut self) -> Option<Step> {
         let first = self.next_expected;
-        // In order with nothing held, `first == high`: no look into the gaps.
-        if first < self.high && !self.gaps.contains_key(&first) {
+        // In order with nothing held, `first == high`; and gaps start at or after `first`, so
+        // it is missing only if the lowest gap starts there.
+        if first < self.high && first != self.lowest {
             self.next_expected += 1;
             return Some(Step::Ready(first));
         }
@@ -257,11 +269,15 @@ impl LossDetector {
         debug_assert!(first < end);
         self.gaps.insert(first, Gap { end, deadline_ns });
         self.timers.insert((deadline_ns, first));
+        self.lowest = self.lowest.min(first);
     }
 
     fn remove_gap(&mut self, first: u64) -> Option<Gap> {
         let gap = self.gaps.remove(&first)?;
         self.timers.remove(&(gap.deadline_ns, first));
+        if first == self.lowest {
+            self.lowest = self.gaps.first_key_value().map_or(u64::MAX, |(&k, _)| k);
+        }
         Some(gap)
     }
 
@@ -272,15 +288,24 @@ impl LossDetector {
         self.timers.insert((deadline_ns, first));
     }
 
-    /// Removes the single sequence `seq`, which lies in a gap, from the gaps.
-    fn remove_from_gaps(&mut self, seq: u64) {
-        self.split_at(seq);
-        self.split_at(seq + 1);
-        let removed = self.remove_gap(seq);
-        debug_assert!(
-            removed.is_some(),
-            "sequence {seq} below high was neither held nor missing"
-        );
+    /// Takes the single sequence `seq` out of `gap`, the gap that starts at `first` and holds
+    /// it: the gap goes, shrinks from either end, or splits in two around `seq`.
+    fn remove_from_gap(&mut self, first: u64, gap: Gap, seq: u64) {
+        debug_assert!(first <= seq && seq < gap.end);
+        if first == seq {
+            self.remove_gap(first);
+            if gap.end > seq + 1 {
+                self.insert_gap(seq + 1, gap.end, gap.deadline_ns);
+            }
+            return;
+        }
+        // The part before `seq` keeps its key, and so its timer.
+        if let Some(g) = self.gaps.get_mut(&first) {
+            g.end = seq;
+        }
+        if gap.end > seq + 1 {
+            self.insert_gap(seq + 1, gap.end, gap.deadline_ns);
+        }
     }
 
     /// Makes `at` a gap boundary: a gap that strictly contains it is split in two.
@@ -416,5 +441,82 @@ mod tests {
         d.collect_due(first_deadline..=first_deadline, 1000, 8, &mut out, &b, &mut r);
         let got: Vec<_> = out.iter().map(|r| (r.first.get(), r.count.get())).collect();
         assert_eq!(got, vec![(0, 2), (5, 5)]);
+    }
+
+    /// The detector's structure agrees with itself: disjoint gaps at or after the position,
+    /// below `high`, the cached lowest gap, one timer per gap.
+    fn check_invariants(d: &LossDetector) {
+        assert_eq!(d.lowest, d.gaps.first_key_value().map_or(u64::MAX, |(&k, _)| k));
+        assert_eq!(d.timers.len(), d.gaps.len());
+        let mut prev_end = d.next_expected;
+        for (&first, g) in &d.gaps {
+            assert!(
+                first >= prev_end && first < g.end && g.end <= d.high,
+                "{:?}",
+                d.gaps
+            );
+            assert!(d.timers.contains(&(g.deadline_ns, first)));
+            prev_end = g.end;
+        }
+    }
+
+    proptest::proptest! {
+        /// Against a model that remembers every sequence received: arrivals in any order,
+        /// repeated, beyond the window, NAK timers and suppression along the way.
+        #[test]
+        fn agrees_with_a_set_of_received_sequences(
+            arrivals in proptest::collection::vec((0u64..48, 0u8..8), 1..200),
+        ) {
+            let (mut d, b, mut r) = setup();
+            let window = 16;
+            let mut received = std::collections::BTreeSet::new();
+            let (mut pos, mut high) = (0u64, 0u64);
+            for (i, &(seq, op)) in arrivals.iter().enumerate() {
+                let now = i as u64 * 10;
+                match op {
+                    // Now and then a NAK goes out, or another member's NAK holds ours back.
+                    0 => {
+                        let mut out = Vec::new();
+                        d.collect_due(now..=now + 50, 100, 4, &mut out, &b, &mut r);
+                        for n in &out {
+                            let first = n.first.get();
+                            proptest::prop_assert!(first >= pos && first + u64::from(n.count.get()) <= high);
+                            proptest::prop_assert!(!received.contains(&first));
+                        }
+                    }
+                    1 => {
+                        d.suppress(now, seq, 3, 100, &b, &mut r);
+                    }
+                    _ => {}
+                }
+                let want = if seq < pos || received.contains(&seq) {
+                    Arrival::Duplicate
+                } else if seq - pos >= window {
+                    Arrival::BeyondWindow
+                } else if seq == pos {
+                    Arrival::InOrder
+                } else {
+                    Arrival::Held
+                };
+                proptest::prop_assert_eq!(d.on_frame(now, seq, &b, &mut r), want, "seq {}", seq);
+                if matches!(want, Arrival::InOrder | Arrival::Held) {
+                    received.insert(seq);
+                    high = high.max(seq + 1);
+                }
+                if want == Arrival::InOrder {
+                    pos += 1;
+                }
+                while let Some(step) = d.next_in_order() {
+                    proptest::prop_assert_eq!(step, Step::Ready(pos));
+                    proptest::prop_assert!(received.contains(&pos));
+                    pos += 1;
+                }
+                proptest::prop_assert!(!received.contains(&pos), "{} is due but was not handed on", pos);
+                proptest::prop_assert_eq!(d.position(), pos);
+                let missing = (pos..high).filter(|s| !received.contains(s)).count() as u64;
+                proptest::prop_assert_eq!(d.missing_count(), missing);
+                check_invariants(&d);
+            }
+        }
     }
 }
