@@ -111,9 +111,8 @@ pub struct PathResult {
     pub sender_cpu: ThreadCpu,
     /// Datagrams the sender handed to the kernel.
     pub sent: u64,
-    /// Each receiver's CPU nanoseconds per datagram it received, user and system (mean over
-    /// receivers that reported it).
-    pub receiver_cpu_ns: Option<(f64, f64)>,
+    /// Each receiver's CPU per datagram it received (see [`mean_per_message`]).
+    pub receiver_cpu: Value,
 }
 
 impl PathResult {
@@ -128,10 +127,7 @@ impl PathResult {
             "lost_share": self.lost_share(),
             "cpu_ns_per_msg": {
                 "sender": per_message(self.sender_cpu, self.sent),
-                "receiver": match self.receiver_cpu_ns {
-                    Some((user, system)) => json!({ "user": user.round(), "system": system.round() }),
-                    None => json!({ "user": null, "system": null }),
-                },
+                "receiver": self.receiver_cpu,
             },
         });
         merge_objects(&mut v, percentiles(&self.latency));
@@ -158,6 +154,20 @@ pub fn per_message(cpu: ThreadCpu, messages: u64) -> Value {
         "user": (cpu.user_ns as f64 / messages as f64).round(),
         "system": (cpu.system_ns as f64 / messages as f64).round(),
     })
+}
+
+/// The mean, field by field, of the `cpu_ns_per_msg` objects of child reports (receivers,
+/// subscribers), each made by [`per_message`]; null where no report has the field.
+pub fn mean_per_message<'a>(reports: impl IntoIterator<Item = &'a Value> + Clone) -> Value {
+    let mean = |field: &str| {
+        let v: Vec<f64> = reports
+            .clone()
+            .into_iter()
+            .filter_map(|r| r["cpu_ns_per_msg"][field].as_f64())
+            .collect();
+        (!v.is_empty()).then(|| (v.iter().sum::<f64>() / v.len() as f64).round())
+    };
+    json!({ "user": mean("user"), "system": mean("system") })
 }
 
 pub fn merge_objects(v: &mut Value, extra: Value) {
@@ -232,25 +242,13 @@ pub fn measure(
     std::thread::sleep(Duration::from_millis(200));
     let mut latency = histogram();
     let mut rates = Vec::new();
-    let mut cpu = Vec::new();
+    let mut reports = Vec::with_capacity(children.len());
     for c in children {
         let r = c.finish()?;
-        let received = r["received"].as_f64().unwrap_or(0.0);
-        rates.push(received / elapsed);
+        rates.push(r["received"].as_f64().unwrap_or(0.0) / elapsed);
         merge_json(&mut latency, &r["hist"]);
-        if let (Some(user), Some(system)) = (r["cpu_user_ns"].as_f64(), r["cpu_system_ns"].as_f64()) {
-            if received > 0.0 {
-                cpu.push((user / received, system / received));
-            }
-        }
+        reports.push(r);
     }
-    let receiver_cpu_ns = (!cpu.is_empty()).then(|| {
-        let n = cpu.len() as f64;
-        (
-            cpu.iter().map(|c| c.0).sum::<f64>() / n,
-            cpu.iter().map(|c| c.1).sum::<f64>() / n,
-        )
-    });
     Ok(PathResult {
         path,
         sent_per_sec: sent as f64 / elapsed,
@@ -259,7 +257,7 @@ pub fn measure(
         seconds: elapsed,
         sender_cpu,
         sent,
-        receiver_cpu_ns,
+        receiver_cpu: mean_per_message(&reports),
     })
 }
 
@@ -392,8 +390,7 @@ pub fn rx(a: RawRxArgs) -> Result<ExitCode, String> {
     say(&json!({
         "received": received,
         "hist": histogram_to_json(&hist),
-        "cpu_user_ns": cpu.user_ns,
-        "cpu_system_ns": cpu.system_ns,
+        "cpu_ns_per_msg": per_message(cpu, received),
     })
     .to_string());
     Ok(ExitCode::SUCCESS)

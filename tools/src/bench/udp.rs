@@ -814,23 +814,13 @@ fn engine_run(a: &UdpArgs, port: u16, tuning: Tuning, label: &str) -> Result<Eng
         }).collect::<Vec<_>>(),
     });
     merge_objects(&mut report, percentiles(&latency));
-    let subscriber_cpu = |field: &str| {
-        let v: Vec<f64> = reports
-            .iter()
-            .filter_map(|r| r["cpu_ns_per_msg"][field].as_f64())
-            .collect();
-        (!v.is_empty()).then(|| (v.iter().sum::<f64>() / v.len() as f64).round())
-    };
     merge_objects(
         &mut report,
         json!({
             "cpu_ns_per_msg": {
                 "publisher_app": raw::per_message(app_cpu, published),
                 "publisher_worker": raw::per_message(stats.worker_cpu.since(worker_cpu_start), published),
-                "subscriber": {
-                    "user": subscriber_cpu("user"),
-                    "system": subscriber_cpu("system"),
-                },
+                "subscriber": raw::mean_per_message(&reports),
             }
         }),
     );
