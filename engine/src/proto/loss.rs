@@ -1,16 +1,24 @@
 //! Receiver-side loss detection for one sender: gaps and their NAK timers.
 //!
 //! A sequence in `[position, high)` that is in no gap has arrived and is held by the caller.
+//!
+//! Gaps are kept in a deque sorted by first sequence, and their NAK timers in a binary heap
+//! whose entries may be stale (a gap repaired, split or re-armed since): both are flat arrays
+//! that need no allocation once grown. New gaps open at the high end and repairs mostly close
+//! the lowest ones, so the deque changes at its ends; a lookup is a binary search among the
+//! few gaps of one window.
 
 use super::{NakBackoff, Nanos};
 use crate::wire::NakRange;
 use rand::Rng;
-use std::collections::{BTreeMap, BTreeSet};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::ops::RangeInclusive;
 
 /// A maximal run of missing sequences `[first, end)` and when it is next NAKed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Gap {
+    first: u64,
     end: u64,
     deadline_ns: Nanos,
 }
@@ -45,8 +53,9 @@ pub enum Step {
 /// Gap tracking for one sender's sequence space.
 ///
 /// Invariants: `next_expected <= high <= next_expected + window`; every sequence in
-/// `[next_expected, high)` is either held by the caller or in exactly one gap; gaps are disjoint
-/// and start at or after `next_expected`.
+/// `[next_expected, high)` is either held by the caller or in exactly one gap; gaps are disjoint,
+/// sorted, and start at or after `next_expected`; every gap has a live entry in `timers`
+/// (`(deadline_ns, first)` equal to its own), and the heap's top entry, if any, is live.
 #[derive(Debug)]
 pub struct LossDetector {
     /// Every sequence below this was handed on (delivered or declared lost).
@@ -58,12 +67,11 @@ pub struct LossDetector {
     /// The sender's oldest retained sequence: anything missing below it is lost.
     floor: u64,
     window: u64,
-    gaps: BTreeMap<u64, Gap>,
-    /// The first sequence of the lowest gap (`u64::MAX` without gaps): whether the next frame
-    /// in order is missing, without a look into the map for every frame handed on.
-    lowest: u64,
-    /// `(deadline_ns, first)` of every gap: the NAK timers in deadline order.
-    timers: BTreeSet<(Nanos, u64)>,
+    /// The gaps in sequence order.
+    gaps: VecDeque<Gap>,
+    /// `(deadline_ns, first)` of every gap, earliest first, with stale entries of gaps that
+    /// have gone or changed since; they are dropped when they reach the top.
+    timers: BinaryHeap<Reverse<(Nanos, u64)>>,
 }
 
 impl LossDetector {
@@ -75,9 +83,8 @@ impl LossDetector {
             announced: start,
             floor: 0,
             window: u64::from(window),
-            gaps: BTreeMap::new(),
-            lowest: u64::MAX,
-            timers: BTreeSet::new(),
+            gaps: VecDeque::new(),
+            timers: BinaryHeap::new(),
         }
     }
 
@@ -93,7 +100,7 @@ impl LossDetector {
 
     /// Number of missing sequences currently tracked.
     pub fn missing_count(&self) -> u64 {
-        self.gaps.iter().map(|(first, g)| g.end - first).sum()
+        self.gaps.iter().map(|g| g.end - g.first).sum()
     }
 
     /// Records the arrival of `seq`.
@@ -104,17 +111,17 @@ impl LossDetector {
         if seq < self.high {
             // Below `high` only a sequence in a gap is new (a repair): one look finds the gap
             // to take it out of.
-            let Some((first, gap)) = self.gap_holding(seq) else {
+            let Some(i) = self.gap_holding(seq) else {
                 return Arrival::Duplicate;
             };
-            self.remove_from_gap(first, gap, seq);
+            self.remove_from_gap(i, seq);
         } else {
             if seq - self.next_expected >= self.window {
                 return Arrival::BeyondWindow;
             }
             if seq > self.high {
                 let deadline_ns = now_ns + backoff.delay_ns(rng);
-                self.insert_gap(self.high, seq, deadline_ns);
+                self.push_gap(self.high, seq, deadline_ns);
             }
             self.high = seq + 1;
         }
@@ -127,13 +134,17 @@ impl LossDetector {
         }
     }
 
-    /// The gap that `seq` lies in, if any: its first sequence and the gap.
-    fn gap_holding(&self, seq: u64) -> Option<(u64, Gap)> {
-        self.gaps
-            .range(..=seq)
-            .next_back()
-            .filter(|(_, g)| g.end > seq)
-            .map(|(&first, g)| (first, *g))
+    /// Index of the gap that `seq` lies in, if any.
+    fn gap_holding(&self, seq: u64) -> Option<usize> {
+        // Repairs mostly fill the lowest gap.
+        match self.gaps.front() {
+            Some(g) if g.first <= seq && seq < g.end => return Some(0),
+            Some(g) if seq < g.first => return None,
+            None => return None,
+            _ => {}
+        }
+        let i = self.gaps.partition_point(|g| g.first <= seq);
+        (i > 0 && self.gaps[i - 1].end > seq).then(|| i - 1)
     }
 
     /// Applies a sender's heartbeat: its next sequence (finds tail loss) and oldest retained one.
@@ -169,7 +180,7 @@ impl LossDetector {
         let first = self.next_expected;
         // In order with nothing held, `first == high`; and gaps start at or after `first`, so
         // it is missing only if the lowest gap starts there.
-        if first < self.high && first != self.lowest {
+        if first < self.high && self.gaps.front().is_none_or(|g| g.first != first) {
             self.next_expected += 1;
             return Some(Step::Ready(first));
         }
@@ -177,9 +188,14 @@ impl LossDetector {
             return None;
         }
         self.split_at(self.floor);
-        let end = match self.remove_gap(first) {
-            Some(gap) => gap.end,
-            None => self.floor,
+        let end = match self.gaps.front() {
+            Some(g) if g.first == first => {
+                let end = g.end;
+                self.gaps.pop_front();
+                self.drop_stale_timers();
+                end
+            }
+            _ => self.floor,
         };
         self.next_expected = end;
         self.high = self.high.max(end);
@@ -192,14 +208,14 @@ impl LossDetector {
         let reach = self.announced.min(self.next_expected + self.window);
         if reach > self.high {
             let deadline_ns = now_ns + backoff.delay_ns(rng);
-            self.insert_gap(self.high, reach, deadline_ns);
+            self.push_gap(self.high, reach, deadline_ns);
             self.high = reach;
         }
     }
 
     /// The earliest NAK deadline of any gap.
     pub fn next_deadline(&self) -> Option<Nanos> {
-        self.timers.first().map(|&(d, _)| d)
+        self.timers.peek().map(|&Reverse((d, _))| d)
     }
 
     /// Appends the ranges of gaps due by the end of `due` (its start is now: a NAK that goes out
@@ -217,19 +233,24 @@ impl LossDetector {
         let (now_ns, horizon_ns) = (*due.start(), *due.end());
         let mut n = 0;
         while n < max {
-            let Some(&(deadline_ns, first)) = self.timers.first() else {
+            let Some(&Reverse((deadline_ns, first))) = self.timers.peek() else {
                 break;
             };
             if deadline_ns > horizon_ns.max(now_ns) {
                 break;
             }
-            let end = self.gaps[&first].end;
-            let count = (end - first).min(u64::from(u32::MAX)) as u32;
+            self.timers.pop();
+            // The top is live: its gap is there, with this deadline.
+            let i = self.index_of(first).expect("the top timer's gap exists");
+            let g = &mut self.gaps[i];
+            let count = (g.end - first).min(u64::from(u32::MAX)) as u32;
             out.push(NakRange {
                 first: first.into(),
                 count: count.into(),
             });
-            self.set_deadline(first, now_ns + retry_ns + backoff.delay_ns(rng));
+            g.deadline_ns = now_ns + retry_ns + backoff.delay_ns(rng);
+            self.timers.push(Reverse((g.deadline_ns, first)));
+            self.drop_stale_timers();
             n += 1;
         }
         n
@@ -253,75 +274,132 @@ impl LossDetector {
         self.split_at(first);
         self.split_at(end);
         let hold_until = now_ns + retry_ns + backoff.delay_ns(rng);
-        let held_back: Vec<u64> = self
-            .gaps
-            .range(first..end)
-            .filter(|(_, g)| g.deadline_ns > now_ns && g.deadline_ns < hold_until)
-            .map(|(&s, _)| s)
-            .collect();
-        for &s in &held_back {
-            self.set_deadline(s, hold_until);
+        let from = self.gaps.partition_point(|g| g.first < first);
+        let mut held_back = false;
+        for i in from..self.gaps.len() {
+            let g = &mut self.gaps[i];
+            if g.first >= end {
+                break;
+            }
+            if g.deadline_ns > now_ns && g.deadline_ns < hold_until {
+                g.deadline_ns = hold_until;
+                self.timers.push(Reverse((hold_until, g.first)));
+                held_back = true;
+            }
         }
-        !held_back.is_empty()
+        if held_back {
+            self.drop_stale_timers();
+        }
+        held_back
     }
 
+    /// Index of the gap that starts at `first`.
+    fn index_of(&self, first: u64) -> Option<usize> {
+        if self.gaps.front().is_some_and(|g| g.first == first) {
+            return Some(0);
+        }
+        self.gaps.binary_search_by_key(&first, |g| g.first).ok()
+    }
+
+    /// Inserts the gap `[first, end)`, which overlaps none, in its place.
     fn insert_gap(&mut self, first: u64, end: u64, deadline_ns: Nanos) {
         debug_assert!(first < end);
-        self.gaps.insert(first, Gap { end, deadline_ns });
-        self.timers.insert((deadline_ns, first));
-        self.lowest = self.lowest.min(first);
-    }
-
-    fn remove_gap(&mut self, first: u64) -> Option<Gap> {
-        let gap = self.gaps.remove(&first)?;
-        self.timers.remove(&(gap.deadline_ns, first));
-        if first == self.lowest {
-            self.lowest = self.gaps.first_key_value().map_or(u64::MAX, |(&k, _)| k);
-        }
-        Some(gap)
-    }
-
-    fn set_deadline(&mut self, first: u64, deadline_ns: Nanos) {
-        let gap = self.gaps.get_mut(&first).expect("gap exists");
-        self.timers.remove(&(gap.deadline_ns, first));
-        gap.deadline_ns = deadline_ns;
-        self.timers.insert((deadline_ns, first));
-    }
-
-    /// Takes the single sequence `seq` out of `gap`, the gap that starts at `first` and holds
-    /// it: the gap goes, shrinks from either end, or splits in two around `seq`.
-    fn remove_from_gap(&mut self, first: u64, gap: Gap, seq: u64) {
-        debug_assert!(first <= seq && seq < gap.end);
-        if first == seq {
-            self.remove_gap(first);
-            if gap.end > seq + 1 {
-                self.insert_gap(seq + 1, gap.end, gap.deadline_ns);
+        let gap = Gap {
+            first,
+            end,
+            deadline_ns,
+        };
+        match self.gaps.back() {
+            Some(last) if last.first > first => {
+                let i = self.gaps.partition_point(|g| g.first < first);
+                self.gaps.insert(i, gap);
             }
-            return;
+            _ => self.gaps.push_back(gap),
         }
-        // The part before `seq` keeps its key, and so its timer.
-        if let Some(g) = self.gaps.get_mut(&first) {
-            g.end = seq;
-        }
-        if gap.end > seq + 1 {
-            self.insert_gap(seq + 1, gap.end, gap.deadline_ns);
+        self.timers.push(Reverse((deadline_ns, first)));
+    }
+
+    /// Adds the gap `[first, end)` past every gap (a new one at the high end).
+    fn push_gap(&mut self, first: u64, end: u64, deadline_ns: Nanos) {
+        debug_assert!(self.gaps.back().is_none_or(|g| g.end <= first));
+        self.insert_gap(first, end, deadline_ns);
+    }
+
+    /// Takes the single sequence `seq` out of the gap at index `i`, which holds it: the gap
+    /// goes, shrinks from either end, or splits in two around `seq`.
+    fn remove_from_gap(&mut self, i: usize, seq: u64) {
+        let g = self.gaps[i];
+        debug_assert!(g.first <= seq && seq < g.end);
+        match (g.first == seq, g.end == seq + 1) {
+            (true, true) => {
+                self.gaps.remove(i);
+                self.drop_stale_timers();
+            }
+            (true, false) => {
+                // Its key moves on, and its timer with it.
+                self.gaps[i].first = seq + 1;
+                self.timers.push(Reverse((g.deadline_ns, seq + 1)));
+                self.drop_stale_timers();
+            }
+            // The part before `seq` keeps its key, and so its timer.
+            (false, true) => self.gaps[i].end = seq,
+            (false, false) => {
+                self.gaps[i].end = seq;
+                let after = Gap {
+                    first: seq + 1,
+                    end: g.end,
+                    deadline_ns: g.deadline_ns,
+                };
+                self.gaps.insert(i + 1, after);
+                self.timers.push(Reverse((g.deadline_ns, seq + 1)));
+            }
         }
     }
 
     /// Makes `at` a gap boundary: a gap that strictly contains it is split in two.
     fn split_at(&mut self, at: u64) {
-        let Some((&first, gap)) = self.gaps.range_mut(..at).next_back() else {
+        let i = self.gaps.partition_point(|g| g.first < at);
+        if i == 0 {
             return;
-        };
-        if gap.end > at {
-            let (end, deadline_ns) = (gap.end, gap.deadline_ns);
-            gap.end = at;
-            debug_assert!(first < at);
-            self.insert_gap(at, end, deadline_ns);
+        }
+        let g = self.gaps[i - 1];
+        if g.end > at {
+            self.gaps[i - 1].end = at;
+            self.gaps.insert(
+                i,
+                Gap {
+                    first: at,
+                    end: g.end,
+                    deadline_ns: g.deadline_ns,
+                },
+            );
+            self.timers.push(Reverse((g.deadline_ns, at)));
+        }
+    }
+
+    /// Whether the timer entry `(deadline_ns, first)` is its gap's current one.
+    fn timer_live(&self, deadline_ns: Nanos, first: u64) -> bool {
+        self.index_of(first)
+            .is_some_and(|i| self.gaps[i].deadline_ns == deadline_ns)
+    }
+
+    /// Restores the heap's invariants after gaps went or changed: stale entries leave the
+    /// top, and a heap grown to several times the gaps is rebuilt from them (its stale entries
+    /// wait for the top otherwise, and a gap repaired before its NAK leaves one far down).
+    fn drop_stale_timers(&mut self) {
+        while let Some(&Reverse((d, first))) = self.timers.peek() {
+            if self.timer_live(d, first) {
+                break;
+            }
+            self.timers.pop();
+        }
+        if self.timers.len() > 4 * self.gaps.len() + 64 {
+            self.timers.clear();
+            self.timers
+                .extend(self.gaps.iter().map(|g| Reverse((g.deadline_ns, g.first))));
         }
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,21 +521,59 @@ mod tests {
         assert_eq!(got, vec![(0, 2), (5, 5)]);
     }
 
-    /// The detector's structure agrees with itself: disjoint gaps at or after the position,
-    /// below `high`, the cached lowest gap, one timer per gap.
-    fn check_invariants(d: &LossDetector) {
-        assert_eq!(d.lowest, d.gaps.first_key_value().map_or(u64::MAX, |(&k, _)| k));
-        assert_eq!(d.timers.len(), d.gaps.len());
-        let mut prev_end = d.next_expected;
-        for (&first, g) in &d.gaps {
+    #[test]
+    fn timers_of_repaired_gaps_do_not_pile_up() {
+        let (mut d, b, mut r) = (
+            LossDetector::new(0, 1 << 16),
+            NakBackoff::new(100, 10),
+            rand_chacha::ChaCha8Rng::seed_from_u64(7),
+        );
+        // Every other frame lost and NAKed, then repaired, except the first: its gap keeps
+        // the earliest timer on top, and each NAK re-arms its gap far in the future, so each
+        // repair leaves a stale entry below the top.
+        let mut out = Vec::new();
+        for s in 0..2_000u64 {
+            d.on_frame(s, 2 * s + 1, &b, &mut r);
+            d.collect_due(s..=s + 1_000, 1_000_000, 8, &mut out, &b, &mut r);
+            if s >= 11 {
+                let repair = 2 * (s - 10);
+                assert_eq!(d.on_frame(s, repair, &b, &mut r), Arrival::Held, "{repair}");
+            }
+            assert_eq!(d.next_in_order(), None);
+            check_invariants(&d);
             assert!(
-                first >= prev_end && first < g.end && g.end <= d.high,
+                d.timers.len() <= 4 * d.gaps.len() + 64,
+                "{} timers",
+                d.timers.len()
+            );
+        }
+        assert_eq!(out.len(), 2_000, "each gap NAKed once");
+        assert_eq!(d.gaps.len(), 11);
+    }
+
+    /// The detector's structure agrees with itself: disjoint gaps at or after the position,
+    /// below `high`, sorted; a live timer for every gap, live on top, earliest first.
+    fn check_invariants(d: &LossDetector) {
+        let entries: std::collections::BTreeSet<(Nanos, u64)> =
+            d.timers.iter().map(|&Reverse(e)| e).collect();
+        let mut prev_end = d.next_expected;
+        for g in &d.gaps {
+            assert!(
+                g.first >= prev_end && g.first < g.end && g.end <= d.high,
                 "{:?}",
                 d.gaps
             );
-            assert!(d.timers.contains(&(g.deadline_ns, first)));
+            assert!(entries.contains(&(g.deadline_ns, g.first)), "{g:?} has no timer");
             prev_end = g.end;
         }
+        if let Some(&Reverse((deadline_ns, first))) = d.timers.peek() {
+            assert!(d.timer_live(deadline_ns, first), "a stale timer on top");
+        }
+        assert_eq!(
+            d.next_deadline(),
+            d.gaps.iter().map(|g| g.deadline_ns).min(),
+            "the earliest deadline"
+        );
     }
 
     proptest::proptest! {
