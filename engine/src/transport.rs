@@ -212,24 +212,60 @@ impl UdpTransport {
 
 /// Drops received datagrams with a seeded probability, so recovery can be tested over real
 /// sockets without touching the protocol (the way Aeron's loss decorator does).
+///
+/// Each datagram is dropped independently with the probability; rather than a random draw per
+/// datagram, the number kept before the next drop is drawn from the geometric distribution,
+/// which is the same process at one draw per drop (the decorator runs on the receive path
+/// it measures).
 #[derive(Debug)]
 pub struct ReceiveLoss {
     rng: ChaCha8Rng,
     probability: f64,
+    /// Datagrams to keep before the next one is dropped.
+    keep: u64,
 }
 
 impl ReceiveLoss {
     /// Drops each datagram with `probability` (0 to 1), from a generator seeded with `seed`.
     pub fn new(probability: f64, seed: u64) -> Self {
-        Self {
+        let mut loss = Self {
             rng: ChaCha8Rng::seed_from_u64(seed),
-            probability: probability.clamp(0.0, 1.0),
+            probability: if probability.is_nan() {
+                0.0
+            } else {
+                probability.clamp(0.0, 1.0)
+            },
+            keep: 0,
+        };
+        loss.keep = loss.draw_keep();
+        loss
+    }
+
+    /// How many datagrams to keep before the next drop: `k` with probability `(1 - p)^k p`.
+    fn draw_keep(&mut self) -> u64 {
+        let p = self.probability;
+        if p <= 0.0 {
+            return u64::MAX;
         }
+        if p >= 1.0 {
+            return 0;
+        }
+        // P(keep >= k) = P(1 - u <= (1 - p)^k) = (1 - p)^k, for u uniform in [0, 1).
+        let u: f64 = self.rng.random();
+        let k = ((1.0 - u).ln() / (1.0 - p).ln()).floor();
+        // `as` saturates: a float beyond u64 (p tiny) keeps every datagram.
+        k as u64
     }
 
     /// Whether to drop the next datagram.
+    #[inline]
     pub fn drop_next(&mut self) -> bool {
-        self.probability > 0.0 && self.rng.random_bool(self.probability)
+        if self.keep > 0 {
+            self.keep -= 1;
+            return false;
+        }
+        self.keep = self.draw_keep();
+        true
     }
 }
 
@@ -322,6 +358,41 @@ impl UdpMember {
         let now = self.now_ns();
         while let Some(t) = self.member.poll_transmit(now, &mut self.tx) {
             self.transport.send(t.destination, &self.tx[..t.len]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReceiveLoss;
+
+    fn drops(p: f64, seed: u64, n: usize) -> Vec<bool> {
+        let mut l = ReceiveLoss::new(p, seed);
+        (0..n).map(|_| l.drop_next()).collect()
+    }
+
+    #[test]
+    fn loss_drops_each_datagram_with_its_probability() {
+        assert!(drops(0.0, 1, 10_000).iter().all(|&d| !d));
+        assert!(drops(1.0, 1, 1_000).iter().all(|&d| d));
+        assert!(drops(f64::NAN, 1, 1_000).iter().all(|&d| !d));
+        for seed in 0..8u64 {
+            for p in [0.01, 0.05, 0.3] {
+                let n = 200_000;
+                let d = drops(p, seed, n);
+                let rate = d.iter().filter(|&&d| d).count() as f64 / n as f64;
+                // Binomial standard deviation at most 0.0011 here: five of them.
+                assert!((rate - p).abs() < 0.006, "seed {seed}: p {p}, dropped {rate}");
+                // Independent datagrams: a drop right after a drop as often as any drop.
+                let pairs = d.windows(2).filter(|w| w[0]).count() as f64;
+                let both = d.windows(2).filter(|w| w[0] && w[1]).count() as f64;
+                assert!(
+                    (both / pairs - p).abs() < 0.03,
+                    "seed {seed}: p {p}, after a drop {}",
+                    both / pairs
+                );
+            }
+            assert_eq!(drops(0.05, seed, 1_000), drops(0.05, seed, 1_000), "seeded");
         }
     }
 }
