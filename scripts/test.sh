@@ -160,6 +160,29 @@ assert all(p["cpu_ns_per_msg"]["user"] + p["cpu_ns_per_msg"]["system"] > 0 for p
 print(f"udp {backend}: lost 0, {out['msgs_per_sec']:.0f} msgs/s, ratio_to_raw {out['ratio_to_raw']}")
 PY
 done
+for mode in worker invoker; do
+  flags=()
+  if [ "$mode" = invoker ]; then flags=(--invoker); fi
+  out=$("$bin" bench udp --pingpong "${flags[@]}" --duration 0.3 --json)
+  python3 - "$mode" "$out" <<'PY'
+import json, sys
+mode, out = sys.argv[1], json.loads(sys.argv[2])
+need = ["msgs_per_sec", "p50", "p90", "p99", "p999", "max", "paths"]
+missing = [k for k in need if k not in out]
+assert not missing, f"bench udp --pingpong JSON lacks {missing}"
+assert out["pingpong"] and out["round_trip"], out
+raw = [p for p in out["paths"] if p["path"].startswith("raw ")]
+engine = [p for p in out["paths"] if p["path"].startswith("engine ")]
+assert len(raw) == 3 and len(engine) == 2, out["paths"]
+# The default mode and the busy-poll mode, both in invoker mode when asked for.
+assert engine[1]["path"].endswith("busy-poll") and not engine[0]["path"].endswith("busy-poll"), engine
+assert all(("invoker" in p["path"]) == (mode == "invoker") for p in engine), engine
+for p in raw + engine:
+    assert p["msgs_per_sec"] > 0 and 0 < p["p50"] <= p["p99"] <= p["max"], p
+assert all(p["timeouts"] == 0 for p in engine), engine
+print(f"pingpong ({mode}): engine p50 {engine[0]['p50']} us, busy-poll {engine[1]['p50']} us")
+PY
+done
 out=$("$bin" bench udp --secure --subscribers 2 --size 1024 --duration 1 --raw-duration 0.2 --aead-duration 0.2 --loss 0.05 --json)
 python3 - "$out" <<'PY'
 import json, sys

@@ -52,7 +52,8 @@ pub struct UdpArgs {
     #[arg(long)]
     busy_poll: bool,
     /// The publisher runs its engine on its own thread (invoker mode) instead of a worker
-    /// thread: offer and send on one core.
+    /// thread: offer and send on one core. With `--pingpong`, both ends do (the echo engine on
+    /// its main thread), so a round trip crosses no thread inside either process.
     #[arg(long)]
     invoker: bool,
     /// Bytes of the publication's ring (a power of two); a deeper ring queues more and so
@@ -456,10 +457,12 @@ pub fn sub(a: SubArgs) -> Result<ExitCode, String> {
 }
 
 /// Offers `msg`, waiting while the publication is back-pressured.
-fn offer_blocking(p: &mut Publication, msg: &[u8]) -> Result<(), String> {
+fn offer_blocking(p: &mut Publication, msg: &[u8], engine: &Engine) -> Result<(), String> {
     loop {
         match p.offer(msg) {
             Ok(()) => return Ok(()),
+            // In invoker mode only this thread can make room.
+            Err(OfferError::BackPressured) if engine.invoke() => {}
             Err(OfferError::BackPressured) => std::thread::yield_now(),
             Err(e) => return Err(e.to_string()),
         }
@@ -922,11 +925,18 @@ pub struct PongArgs {
     backend: BackendKind,
     #[arg(long)]
     busy_poll: bool,
+    /// Run the engine on the main thread (invoker mode), which then echoes between turns.
+    #[arg(long)]
+    invoker: bool,
 }
 
 /// The echo child: republishes every data message on the echo stream.
 pub fn pong(a: PongArgs) -> Result<ExitCode, String> {
-    let engine = Engine::launch(engine_config(a.backend, a.busy_poll)).map_err(|e| e.to_string())?;
+    let engine = Engine::launch(EngineConfig {
+        invoker: a.invoker,
+        ..engine_config(a.backend, a.busy_poll)
+    })
+    .map_err(|e| e.to_string())?;
     engine
         .join(group_config(
             2,
@@ -958,7 +968,11 @@ pub fn pong(a: PongArgs) -> Result<ExitCode, String> {
     let stop = stop_on_stdin_eof();
     say("ready");
     while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(20));
+        if !a.invoker {
+            std::thread::sleep(Duration::from_millis(20));
+        } else if !engine.invoke() && !a.busy_poll {
+            engine.idle(Duration::from_millis(20));
+        }
     }
     say(&json!({ "echoed": echoed.load(Ordering::Relaxed) }).to_string());
     Ok(ExitCode::SUCCESS)
@@ -976,8 +990,15 @@ fn engine_pingpong(a: &UdpArgs, port: u16, busy: bool) -> Result<(Histogram<u64>
     if busy {
         args.push("--busy-poll".into());
     }
+    if a.invoker {
+        args.push("--invoker".into());
+    }
     let child = ChildProc::spawn(&args)?;
-    let engine = Engine::launch(engine_config(a.backend, busy)).map_err(|e| e.to_string())?;
+    let engine = Engine::launch(EngineConfig {
+        invoker: a.invoker,
+        ..engine_config(a.backend, busy)
+    })
+    .map_err(|e| e.to_string())?;
     engine
         .join(group_config(1, port, a.tuning(), 0.0, a.seed))
         .map_err(|e| e.to_string())?;
@@ -1007,13 +1028,20 @@ fn engine_pingpong(a: &UdpArgs, port: u16, busy: bool) -> Result<(Histogram<u64>
         let start = Instant::now();
         while start.elapsed().as_secs_f64() < seconds {
             super::stamp(&mut msg, *seq);
-            offer_blocking(&mut publication, &msg)?;
+            offer_blocking(&mut publication, &msg, &engine)?;
             let deadline = Instant::now() + Duration::from_millis(500);
             let mut spins = 0u32;
             while last.load(Ordering::Acquire) != *seq {
                 if Instant::now() > deadline {
                     *timeouts += 1;
                     break;
+                }
+                if a.invoker {
+                    // This thread is the engine: it sends the offer and receives the echo.
+                    if !engine.invoke() && !busy {
+                        engine.idle(Duration::from_millis(1));
+                    }
+                    continue;
                 }
                 spins += 1;
                 if spins > 100 || !busy {
@@ -1054,7 +1082,12 @@ fn pingpong(a: &UdpArgs, port: u16) -> Result<ExitCode, String> {
     for &busy in modes {
         let (h, rate, timeouts) = engine_pingpong(a, port, busy)?;
         let mut v = json!({
-            "path": format!("engine {}{}", a.backend, if busy { " busy-poll" } else { "" }),
+            "path": format!(
+                "engine {}{}{}",
+                a.backend,
+                if a.invoker { " invoker" } else { "" },
+                if busy { " busy-poll" } else { "" }
+            ),
             "msgs_per_sec": rate.round(),
             "timeouts": timeouts,
         });
