@@ -887,6 +887,21 @@ impl Member {
             }
             // Messages framed at publish go first: their sequences come before the queue's.
             if s.solo.is_empty() {
+                if self.in_place_transmit && w.is_empty() {
+                    if let Some((seq, len)) = frame_full_fragment(&self.cfg, s, &mut self.counters) {
+                        // It fills a datagram alone: it leaves from its retransmit slot, so its
+                        // payload is copied once (into the slot) instead of twice.
+                        s.last_send_ns = now_ns;
+                        self.counters.incr(Counter::DatagramsSent);
+                        return Some(Transmit {
+                            destination: Destination::Group,
+                            len,
+                            new_data_frames: 1,
+                            in_place: Some(seq),
+                            signed: false,
+                        });
+                    }
+                }
                 new_data_frames = frame_new_data(&self.cfg, s, &mut w, &mut self.counters);
             }
             if new_data_frames > 0 || sent_any {
@@ -1289,6 +1304,59 @@ impl Member {
     }
 }
 
+/// The header of the next frame of `msg`, with sequence `seq`.
+fn fragment_header(cfg: &MemberConfig, msg: &Pending, seq: u64) -> DataHeader {
+    DataHeader {
+        stream: msg.stream.into(),
+        sender: cfg.member_id.into(),
+        epoch: cfg.epoch.into(),
+        sequence: seq.into(),
+        timestamp: msg.timestamp.into(),
+        message_len: (msg.len as u32).into(),
+        fragment_offset: (msg.sent as u32).into(),
+    }
+}
+
+/// Frames the next fragment of the first queued message into the retransmit buffer alone, if
+/// it fills a whole datagram (a message too large for one has at least a frame's worth left)
+/// and flow control allows; returns its sequence and datagram length. Such a fragment would
+/// travel alone anyway ([`frame_new_data`] makes the same cut), so it can leave from its slot.
+fn frame_full_fragment(
+    cfg: &MemberConfig,
+    s: &mut SendState,
+    counters: &mut Counters,
+) -> Option<(u64, usize)> {
+    let take = cfg.max_frame_payload();
+    let msg = s.queue.messages.front_mut()?;
+    if msg.len - msg.sent < take {
+        return None;
+    }
+    let seq = s.retransmit.next();
+    if seq >= s.flow.limit() {
+        if !s.stalled {
+            s.stalled = true;
+            counters.incr(Counter::FlowControlStalls);
+        }
+        return None;
+    }
+    s.stalled = false;
+    let header = fragment_header(cfg, msg, seq);
+    let start = s.queue.head;
+    let payload = &s.queue.bytes[start..start + take];
+    let mut frame_len = 0;
+    s.retransmit.push_with(|slot| {
+        frame_len = wire::encode_data_frame(slot, &header, payload);
+        frame_len
+    });
+    counters.incr(Counter::DataFramesSent);
+    msg.sent += take;
+    if msg.sent == msg.len {
+        s.queue.messages.pop_front();
+    }
+    s.queue.consume(take);
+    Some((seq, wire::DATAGRAM_HEADER_LEN + frame_len))
+}
+
 /// Frames queued messages into `w` while flow control and space allow; returns frames written.
 fn frame_new_data(
     cfg: &MemberConfig,
@@ -1322,15 +1390,7 @@ fn frame_new_data(
             break;
         }
         let take = left.min(room);
-        let header = DataHeader {
-            stream: msg.stream.into(),
-            sender: cfg.member_id.into(),
-            epoch: cfg.epoch.into(),
-            sequence: seq.into(),
-            timestamp: msg.timestamp.into(),
-            message_len: (msg.len as u32).into(),
-            fragment_offset: (msg.sent as u32).into(),
-        };
+        let header = fragment_header(cfg, msg, seq);
         let start = s.queue.head;
         let payload = &s.queue.bytes[start..start + take];
         let written = w.push_data(0, &header, payload);
@@ -1690,6 +1750,67 @@ mod tests {
             }
         });
         assert_eq!(got, [0, 1, 2]);
+    }
+
+    #[test]
+    fn fragments_that_fill_a_datagram_leave_from_their_slots_as_the_copies_would() {
+        let cfg = |id| MemberConfig {
+            member_id: id,
+            ..MemberConfig::default()
+        };
+        let max = cfg(1).max_frame_payload();
+        // Two identical senders, one sending every datagram from its buffer.
+        let mut copying = Member::new(cfg(1), 1).unwrap();
+        let mut in_place = Member::new(cfg(1), 1).unwrap();
+        in_place.set_in_place_transmit(true);
+        let mut receiver = Member::new(cfg(2), 2).unwrap();
+        let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        // Messages of several full frames and a short rest, one exactly a frame, one small: the
+        // rests share datagrams with what follows.
+        let lens = [3 * max + 500, max, 8192, 100, 2 * max];
+        let messages: Vec<Vec<u8>> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (0..n).map(|j| (i * 31 + j) as u8).collect())
+            .collect();
+        for m in &messages {
+            copying.publish(0, m).unwrap();
+            in_place.publish(0, m).unwrap();
+        }
+        let (mut buf, mut other) = (vec![0u8; 1500], vec![0u8; 1500]);
+        let mut left_in_place = 0;
+        loop {
+            let c = copying.poll_transmit(0, &mut buf);
+            let p = in_place.poll_transmit(0, &mut other);
+            let (Some(c), Some(p)) = (c, p) else {
+                assert_eq!(c.is_none(), p.is_none(), "the same number of datagrams");
+                break;
+            };
+            let sent = match p.in_place {
+                Some(seq) => {
+                    left_in_place += 1;
+                    assert_eq!(p.len, 1472.min(c.len), "a full datagram");
+                    in_place.transmitted(seq).unwrap()
+                }
+                None => &other[..p.len],
+            };
+            assert_eq!(sent, &buf[..c.len], "the same datagram");
+            assert_eq!(p.new_data_frames, c.new_data_frames);
+            receiver.handle_datagram(0, from, sent);
+        }
+        // 3 + 1 (exactly a frame) + 5 of 8192 + 2 frames fill datagrams alone.
+        assert_eq!(left_in_place, 3 + 1 + 5 + 2);
+        let mut got = Vec::new();
+        receiver.drain(|o| {
+            if let Output::Message(m) = o {
+                got.push(m.payload.to_vec());
+            }
+        });
+        assert_eq!(got, messages);
+        assert_eq!(
+            in_place.counters().get(Counter::DataFramesSent),
+            copying.counters().get(Counter::DataFramesSent)
+        );
     }
 
     #[test]
