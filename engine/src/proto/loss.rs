@@ -241,7 +241,11 @@ impl LossDetector {
             }
             self.timers.pop();
             // The top is live: its gap is there, with this deadline.
-            let i = self.index_of(first).expect("the top timer's gap exists");
+            let Some(i) = self.index_of(first) else {
+                debug_assert!(false, "the top timer's gap {first} is gone");
+                self.drop_stale_timers();
+                continue;
+            };
             let g = &mut self.gaps[i];
             let count = (g.end - first).min(u64::from(u32::MAX)) as u32;
             out.push(NakRange {
