@@ -42,6 +42,19 @@ pub struct Transmit {
     pub signed: bool,
 }
 
+impl Transmit {
+    /// A datagram of `len` bytes to the group (sealed, when the group is secured).
+    fn group(len: usize, new_data_frames: u32, in_place: Option<u64>) -> Self {
+        Self {
+            destination: Destination::Group,
+            len,
+            new_data_frames,
+            in_place,
+            signed: false,
+        }
+    }
+}
+
 /// Why input was rejected; reported once per reason as an [`Event::Rejected`], counted always.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectReason {
@@ -870,13 +883,7 @@ impl Member {
                     s.last_send_ns = now_ns;
                     self.counters.incr(Counter::Retransmissions);
                     self.counters.incr(Counter::DatagramsSent);
-                    return Some(Transmit {
-                        destination: Destination::Group,
-                        len,
-                        new_data_frames: 0,
-                        in_place: Some(seq),
-                        signed: false,
-                    });
+                    return Some(Transmit::group(len, 0, Some(seq)));
                 }
                 if !w.push_retransmit(frame) {
                     break;
@@ -893,13 +900,7 @@ impl Member {
                         // payload is copied once (into the slot) instead of twice.
                         s.last_send_ns = now_ns;
                         self.counters.incr(Counter::DatagramsSent);
-                        return Some(Transmit {
-                            destination: Destination::Group,
-                            len,
-                            new_data_frames: 1,
-                            in_place: Some(seq),
-                            signed: false,
-                        });
+                        return Some(Transmit::group(len, 1, Some(seq)));
                     }
                 }
                 new_data_frames = frame_new_data(&self.cfg, s, &mut w, &mut self.counters);
@@ -910,13 +911,7 @@ impl Member {
         }
         if !w.is_empty() {
             self.counters.incr(Counter::DatagramsSent);
-            return Some(Transmit {
-                destination: Destination::Group,
-                len: w.len(),
-                new_data_frames,
-                in_place: None,
-                signed: false,
-            });
+            return Some(Transmit::group(w.len(), new_data_frames, None));
         }
         let s = self.sender.as_mut()?;
         while let Some(seq) = s.solo.pop_front() {
@@ -933,20 +928,15 @@ impl Member {
                 buf[..len].copy_from_slice(datagram);
                 None
             };
-            return Some(Transmit {
-                destination: Destination::Group,
-                len,
-                new_data_frames: 1,
-                in_place,
-                signed: false,
-            });
+            return Some(Transmit::group(len, 1, in_place));
         }
         None
     }
 
-    /// Lets [`poll_transmit`](Self::poll_transmit) leave datagrams that carry one frame (new,
-    /// or a retransmission that fills a datagram alone) in the retransmit buffer (see [`Transmit::in_place`]) instead of copying them out, for
-    /// drivers that send with scatter-gather I/O.
+    /// Lets [`poll_transmit`](Self::poll_transmit) leave datagrams that carry one frame (a new
+    /// message or fragment, or a retransmission, that fills a datagram alone) in the retransmit
+    /// buffer (see [`Transmit::in_place`]) instead of copying them out, for drivers that send
+    /// with scatter-gather I/O.
     pub fn set_in_place_transmit(&mut self, on: bool) {
         self.in_place_transmit = on;
     }
