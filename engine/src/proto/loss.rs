@@ -56,7 +56,7 @@ pub enum Step {
 /// `[next_expected, high)` is either held by the caller or in exactly one gap; gaps are disjoint,
 /// sorted, and start at or after `next_expected`; every gap has a live entry in `timers`
 /// (`(deadline_ns, first)` equal to its own), and the heap's top entry, if any, is live.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct LossDetector {
     /// Every sequence below this was handed on (delivered or declared lost).
     next_expected: u64,
@@ -132,6 +132,29 @@ impl LossDetector {
         } else {
             Arrival::Held
         }
+    }
+
+    /// Takes `seq` if it is the next expected sequence with nothing tracked beyond it: nothing
+    /// missing or held, nothing announced past it, and the sender still holding it. Then it
+    /// does what [`on_frame`](Self::on_frame) (returning [`Arrival::InOrder`]), an empty
+    /// [`next_in_order`](Self::next_in_order) and a no-op [`extend_tail`](Self::extend_tail)
+    /// would, and returns true; otherwise it changes nothing and returns false.
+    #[inline(always)]
+    pub fn take_next_alone(&mut self, seq: u64) -> bool {
+        let next = seq.wrapping_add(1);
+        if seq != self.next_expected
+            || self.high != seq
+            || self.announced > next
+            || self.floor > next
+            || self.window == 0
+            || next == 0
+        {
+            return false;
+        }
+        self.next_expected = next;
+        self.high = next;
+        self.announced = next;
+        true
     }
 
     /// Index of the gap that `seq` lies in, if any.
@@ -578,6 +601,94 @@ mod tests {
             d.gaps.iter().map(|g| g.deadline_ns).min(),
             "the earliest deadline"
         );
+    }
+
+    /// What the general path leaves after `seq` arrives: `on_frame`, draining, `extend_tail`.
+    /// `None` unless that hands on `seq` alone, with nothing tracked beyond it after.
+    fn general_path_alone(d: &LossDetector, seq: u64, b: &NakBackoff) -> Option<LossDetector> {
+        let mut g = d.clone();
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        if g.on_frame(0, seq, b, &mut r) != Arrival::InOrder || g.next_in_order().is_some() {
+            return None;
+        }
+        g.extend_tail(0, b, &mut r);
+        (g.high == seq + 1 && g.gaps.is_empty()).then_some(g)
+    }
+
+    #[test]
+    fn the_next_frame_alone_is_taken_only_with_nothing_tracked_beyond_it() {
+        let b = NakBackoff::new(100, 10);
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        // The sender's oldest moved past the position: what is missing below it is lost
+        // first, so the frame at the position is not the next thing to hand on.
+        let mut d = LossDetector::new(0, 16);
+        d.on_heartbeat(0, 0, 3, &b, &mut r);
+        assert!(!d.take_next_alone(0));
+        assert!(general_path_alone(&d, 0, &b).is_none());
+        // No window: every frame is beyond it.
+        let mut d = LossDetector::new(0, 0);
+        assert!(!d.take_next_alone(0));
+        assert_eq!(d.on_frame(0, 0, &b, &mut r), Arrival::BeyondWindow);
+        // An announced tail: the frame at the position is not alone.
+        let mut d = LossDetector::new(0, 16);
+        d.on_heartbeat(0, 4, 0, &b, &mut r);
+        assert!(!d.take_next_alone(0));
+        // Nothing beyond it: taken, and the position moves on.
+        let mut d = LossDetector::new(5, 16);
+        assert!(d.take_next_alone(5));
+        assert_eq!((d.position(), d.high()), (6, 6));
+        assert!(!d.take_next_alone(5), "a duplicate");
+    }
+
+    proptest::proptest! {
+        /// `take_next_alone` takes a frame exactly when the general path would hand it on
+        /// alone, and leaves the same detector; otherwise it changes nothing.
+        #[test]
+        fn taking_the_next_frame_alone_is_the_general_path(
+            ops in proptest::collection::vec((0u64..40, 0u8..10), 1..150),
+        ) {
+            let (mut d, b, mut r) = setup();
+            for (i, &(seq, op)) in ops.iter().enumerate() {
+                let now = i as u64 * 10;
+                match op {
+                    0 => d.on_heartbeat(now, seq, seq / 2, &b, &mut r),
+                    1 => {
+                        while d.next_in_order().is_some() {}
+                    }
+                    2 => {
+                        let mut out = Vec::new();
+                        d.collect_due(now..=now + 50, 100, 4, &mut out, &b, &mut r);
+                    }
+                    _ => {
+                        d.on_frame(now, seq, &b, &mut r);
+                        while d.next_in_order().is_some() {}
+                        d.extend_tail(now, &b, &mut r);
+                    }
+                }
+                for candidate in [d.position(), seq] {
+                    let before = format!("{d:?}");
+                    let mut fast = d.clone();
+                    let taken = fast.take_next_alone(candidate);
+                    match general_path_alone(&d, candidate, &b) {
+                        Some(general) if taken => {
+                            proptest::prop_assert_eq!(format!("{fast:?}"), format!("{general:?}"));
+                        }
+                        None if taken => {
+                            proptest::prop_assert!(false, "{} taken, not alone: {}", candidate, before);
+                        }
+                        general => {
+                            // Refused: unchanged, and never the plain case (nothing tracked
+                            // from the position on); a repair goes the general way.
+                            proptest::prop_assert_eq!(format!("{fast:?}"), before.clone());
+                            proptest::prop_assert!(
+                                general.is_none() || d.high() != candidate,
+                                "{} refused: {}", candidate, before
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     proptest::proptest! {

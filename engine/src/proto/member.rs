@@ -153,6 +153,7 @@ struct Peers {
 }
 
 impl Peers {
+    #[inline]
     fn find(&mut self, id: u32) -> Option<usize> {
         match self.last {
             Some((last, i)) if last == id => Some(i),
@@ -685,14 +686,21 @@ impl Member {
         self.counters.incr(Counter::DatagramsReceived);
         for frame in frames {
             match frame {
-                Ok(Frame::Data(d)) => self.on_data(
-                    now_ns,
-                    source,
-                    from,
-                    d,
-                    shrink(direct.as_deref_mut()),
-                    lent.as_deref_mut(),
-                ),
+                Ok(Frame::Data(d)) => {
+                    if let Some(f) = direct.as_deref_mut() {
+                        if self.deliver_next_in_place(now_ns, source, from, &d, f) {
+                            continue;
+                        }
+                    }
+                    self.on_data(
+                        now_ns,
+                        source,
+                        from,
+                        d,
+                        shrink(direct.as_deref_mut()),
+                        lent.as_deref_mut(),
+                    )
+                }
                 Ok(Frame::Nak(n)) => self.on_nak(now_ns, n),
                 Ok(Frame::Status(s)) => self.on_status(now_ns, source, s),
                 Ok(Frame::Heartbeat(hb)) => self.on_heartbeat(
@@ -1176,6 +1184,74 @@ impl Member {
             peer.status_queued = true;
             status_due.push_back(sender);
         }
+    }
+
+    /// The common frame of a subscriber, taken without [`on_data`](Self::on_data)'s general
+    /// steps: a whole message straight from its sender (not relayed), in the current epoch,
+    /// the next sequence of a known sender with nothing missing, held, announced beyond it or
+    /// being reassembled, and nothing queued for delivery before it. It is handed to `direct`
+    /// with every effect `on_data` would have (the clock, the sender's address and liveness,
+    /// the loss detector, the counters, a STATUS as the limit moves on), and true is returned;
+    /// any other frame changes nothing here and returns false, for `on_data` to take.
+    ///
+    /// Small messages come many to a datagram, and the general path's peer lookup, arrival
+    /// classification, reassembly and draining per frame were most of what a subscriber's
+    /// worker spent on them (docs/performance.md, twentieth set).
+    #[inline(always)]
+    fn deliver_next_in_place(
+        &mut self,
+        now_ns: Nanos,
+        source: u32,
+        from: SocketAddr,
+        d: &DataFrame<'_>,
+        direct: &mut dyn FnMut(&Output<'_>),
+    ) -> bool {
+        let h = d.header;
+        let sender = h.sender.get();
+        let len = d.payload.len();
+        // `handle` has already dropped datagrams whose source is this member. Deliveries are
+        // queued here only behind a loss event of an earlier frame of this datagram.
+        if sender != source
+            || h.epoch.get() != self.cfg.epoch
+            || h.message_len.get() as usize != len
+            || len > self.cfg.max_message_bytes
+            || !self.deliveries.is_empty()
+        {
+            return false;
+        }
+        // The decoder refuses a fragment reaching past its message's length.
+        debug_assert_eq!(h.fragment_offset.get(), 0, "a whole message at an offset");
+        let Some(i) = self.peers.find(sender) else {
+            return false;
+        };
+        let peer = &mut self.peers.list[i];
+        if len > peer.held.slot_len() || peer.reassembly.building().is_some() {
+            return false;
+        }
+        let sequence = h.sequence.get();
+        if !peer.loss.take_next_alone(sequence) {
+            return false;
+        }
+        let timestamp = h.timestamp.get();
+        self.clock = self.clock.max(timestamp);
+        peer.addr = from;
+        peer.last_heard_ns = now_ns;
+        let quarter = u64::from(self.cfg.window_frames / 4).max(1);
+        if !peer.status_queued && peer.limit(&self.cfg) >= peer.reported_limit + quarter {
+            peer.status_queued = true;
+            self.status_due.push_back(sender);
+        }
+        self.counters.incr(Counter::MessagesDelivered);
+        self.counters.add(Counter::BytesDelivered, len as u64);
+        direct(&Output::Message(Delivery {
+            sender,
+            stream: h.stream.get(),
+            sequence,
+            timestamp,
+            epoch: self.cfg.epoch,
+            payload: d.payload,
+        }));
+        true
     }
 
     fn on_nak(&mut self, now_ns: Nanos, nak: NakFrame<'_>) {

@@ -279,7 +279,10 @@ fn hand_out(
             h(out);
         }
     }
-    write_sinks(sinks, order, out, written);
+    // Most engines deliver to handlers only: no call per message for the sinks they lack.
+    if !sinks.is_empty() {
+        write_sinks(sinks, order, out, written);
+    }
 }
 
 /// Writes one output of a group, delivered in `order`, into the sinks of that order.
