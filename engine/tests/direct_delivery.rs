@@ -372,7 +372,7 @@ fn a_whole_message_after_an_unfinished_one_discards_it_either_way() {
 /// A datagram from `source` with one DATA frame of sender 1 in `epoch`.
 fn frame(source: u32, epoch: u32, seq: u64, message_len: u32, offset: u32, payload: &[u8]) -> Vec<u8> {
     use intergroup_engine::wire::{DataHeader, DatagramWriter};
-    let mut buf = vec![0u8; 1472];
+    let mut buf = vec![0u8; 4096];
     let mut w = DatagramWriter::new(&mut buf, 1, source).unwrap();
     let h = DataHeader {
         stream: 1.into(),
@@ -414,4 +414,22 @@ fn frames_of_another_epoch_or_relayed_go_the_general_way() {
         sent.iter().all(|&to| to == Destination::Unicast(sender)),
         "{sent:?}"
     );
+}
+
+/// A frame larger than this receiver's MTU allows (members of a group must share one) is
+/// refused, whole and in order though it is.
+#[test]
+fn a_frame_beyond_the_mtu_is_refused_either_way() {
+    let big = vec![7u8; 1500];
+    let (queued, direct) = both_ways(&[
+        frame(1, 0, 0, 1, 0, b"a"),
+        frame(1, 0, 1, 1500, 0, &big),
+        frame(1, 0, 1, 1, 0, b"b"),
+    ]);
+    let want = [
+        Seen::Message(1, 0, b"a".to_vec()),
+        Seen::Message(1, 1, b"b".to_vec()),
+    ];
+    assert_eq!(queued, want);
+    assert_eq!(direct, want);
 }

@@ -1211,10 +1211,13 @@ impl Member {
         let len = d.payload.len();
         // `handle` has already dropped datagrams whose source is this member. Deliveries are
         // queued here only behind a loss event of an earlier frame of this datagram.
+        // Every peer's held slots take `max_frame_payload` bytes (`HeldFrames::slot_len`):
+        // checked against the configuration, which this path reads anyway, not the peer.
         if sender != source
             || h.epoch.get() != self.cfg.epoch
             || h.message_len.get() as usize != len
             || len > self.cfg.max_message_bytes
+            || len > self.cfg.max_frame_payload()
             || !self.deliveries.is_empty()
         {
             return false;
@@ -1225,7 +1228,8 @@ impl Member {
             return false;
         };
         let peer = &mut self.peers.list[i];
-        if len > peer.held.slot_len() || peer.reassembly.building().is_some() {
+        debug_assert_eq!(peer.held.slot_len(), self.cfg.max_frame_payload());
+        if peer.reassembly.building().is_some() {
             return false;
         }
         let sequence = h.sequence.get();
