@@ -845,6 +845,7 @@ impl SingleProducer {
     }
 
     /// Claims room for a record of `len` payload bytes, to be filled in place.
+    #[inline]
     pub fn try_claim(&mut self, type_id: u32, len: usize) -> Result<SingleClaim<'_>, OfferError> {
         let claimed = self.inner.claim_single(type_id, len)?;
         Ok(SingleClaim {
@@ -888,6 +889,7 @@ pub struct SingleClaim<'a> {
 
 impl SingleClaim<'_> {
     /// The payload bytes, in the shared mapping.
+    #[inline]
     pub fn buf(&mut self) -> &mut [u8] {
         // SAFETY: the claim owns its payload range until the tail is published, which needs
         // `self` by value.
@@ -895,6 +897,7 @@ impl SingleClaim<'_> {
     }
 
     /// Publishes the record.
+    #[inline]
     pub fn commit(mut self) {
         self.done = true;
         self.producer.inner.commit_single(self.claimed);

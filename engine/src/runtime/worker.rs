@@ -92,6 +92,7 @@ pub struct Wake {
 
 impl Wake {
     /// Called after handing the worker work (a committed record): wakes it if it sleeps.
+    #[inline]
     pub fn after_offer(&self) {
         // Pairs with the fence in `Worker::park`: either the worker sees the record, or this
         // sees `parked` and wakes it.
