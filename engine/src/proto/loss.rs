@@ -641,8 +641,10 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// `take_next_alone` takes a frame exactly when the general path would hand it on
-        /// alone, and leaves the same detector; otherwise it changes nothing.
+        /// `take_next_alone` takes only frames the general path would hand on alone, and then
+        /// leaves the same detector; it takes every such frame when nothing is tracked from the
+        /// position on (a repair of the last gap goes the general way); refusing, it changes
+        /// nothing.
         #[test]
         fn taking_the_next_frame_alone_is_the_general_path(
             ops in proptest::collection::vec((0u64..40, 0u8..10), 1..150),

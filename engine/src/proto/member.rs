@@ -1209,10 +1209,10 @@ impl Member {
         let h = d.header;
         let sender = h.sender.get();
         let len = d.payload.len();
-        // `handle` has already dropped datagrams whose source is this member. Deliveries are
-        // queued here only behind a loss event of an earlier frame of this datagram.
-        // Every peer's held slots take `max_frame_payload` bytes (`HeldFrames::slot_len`):
-        // checked against the configuration, which this path reads anyway, not the peer.
+        // `handle` has already dropped datagrams whose source is this member; deliveries are
+        // queued here only behind a loss event of an earlier frame of this datagram; and every
+        // peer's held slots take `max_frame_payload` bytes (`HeldFrames::slot_len`), so the
+        // size is checked against the configuration, which this path reads anyway.
         if sender != source
             || h.epoch.get() != self.cfg.epoch
             || h.message_len.get() as usize != len
