@@ -140,6 +140,18 @@ impl Peer {
         let ahead = self.loss.high().max(position) + u64::from(cfg.window_frames);
         ahead.min(position + u64::from(cfg.hold_frames()))
     }
+
+    /// Queues a STATUS to this sender once the limit has moved a quarter window past the
+    /// last one reported, so a sender that never pauses still hears of its receiver's room.
+    /// The general and the direct receive paths both end with this.
+    #[inline(always)]
+    fn report_if_moved(&mut self, cfg: &MemberConfig, status_due: &mut VecDeque<u32>) {
+        let quarter = u64::from(cfg.window_frames / 4).max(1);
+        if !self.status_queued && self.limit(cfg) >= self.reported_limit + quarter {
+            self.status_queued = true;
+            status_due.push_back(self.id);
+        }
+    }
 }
 
 /// The remote senders, in the order first heard. Frames come in runs from one sender (a
@@ -1178,12 +1190,7 @@ impl Member {
                 peer.loss.extend_tail(now_ns, backoff, rng);
             }
         }
-        // STATUS as the limit moves on by a quarter window.
-        let quarter = u64::from(cfg.window_frames / 4).max(1);
-        if !peer.status_queued && peer.limit(cfg) >= peer.reported_limit + quarter {
-            peer.status_queued = true;
-            status_due.push_back(sender);
-        }
+        peer.report_if_moved(cfg, status_due);
     }
 
     /// The common frame of a subscriber, taken without [`on_data`](Self::on_data)'s general
@@ -1240,11 +1247,7 @@ impl Member {
         self.clock = self.clock.max(timestamp);
         peer.addr = from;
         peer.last_heard_ns = now_ns;
-        let quarter = u64::from(self.cfg.window_frames / 4).max(1);
-        if !peer.status_queued && peer.limit(&self.cfg) >= peer.reported_limit + quarter {
-            peer.status_queued = true;
-            self.status_due.push_back(sender);
-        }
+        peer.report_if_moved(&self.cfg, &mut self.status_due);
         self.counters.incr(Counter::MessagesDelivered);
         self.counters.add(Counter::BytesDelivered, len as u64);
         direct(&Output::Message(Delivery {
