@@ -41,8 +41,17 @@ const PREFETCH_MIN_BYTES: usize = 512;
 /// payload up to this length (longer payloads are read in runs the hardware prefetcher follows).
 const PREFETCH_MAX_RECORD: usize = 4096;
 
-/// How far ahead of its claims the single producer asks for cache lines.
+/// How far ahead of its claims the single producer asks for cache lines, at least.
 const WRITE_AHEAD: usize = 4096;
+
+/// Bytes from a claim of `aligned` bytes to the header of a later claim of the same size:
+/// `aligned` times a power of two, from `WRITE_AHEAD` up to twice that (or `aligned` alone
+/// when it is longer). No division on the claim path.
+#[inline]
+fn write_ahead(aligned: usize) -> usize {
+    let log = usize::BITS - 1 - aligned.max(1).leading_zeros();
+    aligned << WRITE_AHEAD.trailing_zeros().saturating_sub(log)
+}
 
 /// Records start at multiples of this many bytes.
 pub const RECORD_ALIGN: usize = 8;
@@ -174,9 +183,12 @@ impl<M: Memory> Producer<M> {
                 return Err(OfferError::WouldBlock);
             }
         }
-        // Ask for the lines a few records on now, so that later claims hit the cache instead of
-        // stalling on a line the consumer last held.
-        self.mem.prefetch_write((offset + WRITE_AHEAD) & (capacity - 1));
+        // Ask for a line a few records on now, so that a later claim hits the cache instead of
+        // stalling on a line the consumer last held: the header of the record as many claims
+        // of this size on as reach about `WRITE_AHEAD` bytes, the one line every claim writes
+        // (a producer may fill only part of a large payload).
+        self.mem
+            .prefetch_write((offset + write_ahead(aligned)) & (capacity - 1));
         // The tail publishes both headers, so they need no ordering of their own.
         let offset = self.write_headers(offset, padding, type_id, record_len as i32, Ordering::Relaxed);
         Ok(Claimed {
@@ -923,6 +935,20 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::VecDeque;
+
+    #[test]
+    fn the_producer_prefetches_the_header_of_a_later_claim_of_the_same_size() {
+        // Every aligned size a claim can have, up to a few pages: the reach is whole claims,
+        // at least `WRITE_AHEAD` bytes (or one claim, when longer), and under twice that.
+        for aligned in (HEADER_LEN..=5 * WRITE_AHEAD).step_by(RECORD_ALIGN) {
+            let ahead = write_ahead(aligned);
+            assert_eq!(ahead % aligned, 0, "{aligned}: {ahead}");
+            assert!(ahead >= WRITE_AHEAD.max(aligned), "{aligned}: {ahead}");
+            assert!(ahead < 2 * WRITE_AHEAD || ahead == aligned, "{aligned}: {ahead}");
+        }
+        assert_eq!(write_ahead(1032), 4128);
+        assert_eq!(write_ahead(24), 6144);
+    }
 
     fn ring(name: &str, capacity: u64) -> (crate::test_dir::TempPath, RecordProducer, RecordConsumer) {
         let path = crate::test_dir::TempPath::new(name);
