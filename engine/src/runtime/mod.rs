@@ -760,20 +760,44 @@ impl Publication {
     /// message inlined; docs/performance.md, twentieth set).
     #[inline]
     pub fn try_claim(&mut self, len: usize) -> Result<Claim<'_>, OfferError> {
+        self.claim(len, None)
+    }
+
+    /// Starts a burst: offers through it signal the worker once, when the burst ends, instead
+    /// of after each message (see [`Burst`]).
+    #[inline]
+    pub fn burst(&mut self) -> Burst<'_> {
+        Burst {
+            publication: self,
+            pending: false,
+        }
+    }
+
+    /// A claim that wakes the worker on commit, or, with `pending`, marks a burst's wake due.
+    #[inline]
+    fn claim<'a>(&'a mut self, len: usize, pending: Option<&'a mut bool>) -> Result<Claim<'a>, OfferError> {
         self.check(len)?;
         let (kind, room) = if self.lend.contains(len) {
             (LENT_RECORD, PUBLICATION_HEADROOM)
         } else {
             (MESSAGE_RECORD, 0)
         };
-        let claim = self
-            .producer
-            .try_claim(kind, room + len)
-            .map_err(|e| offer_error(e, len, self.max_message))?;
+        let claim = match self.producer.try_claim(kind, room + len) {
+            Ok(claim) => claim,
+            Err(e) => {
+                // A burst's publisher may now wait for room: not on a worker that sleeps.
+                if let Some(pending) = pending.filter(|p| **p) {
+                    *pending = false;
+                    self.wake.after_offer();
+                }
+                return Err(offer_error(e, len, self.max_message));
+            }
+        };
         Ok(Claim {
             claim,
             room,
             wake: &self.wake,
+            pending,
         })
     }
 
@@ -792,6 +816,48 @@ impl Publication {
     }
 }
 
+/// Offers of one publication that signal its worker once, as the burst ends (on drop), or
+/// when an offer finds the ring full, instead of after every message.
+///
+/// Telling a worker that may be asleep about a message takes a full memory fence after the
+/// record is published (the worker's `parked` flag is read only after it); for a publisher
+/// that offers many messages in a row, most of what it spends per message. In a burst, the
+/// records are published as they are committed, so a worker that is running takes them at
+/// once; a sleeping one is woken at the end of the burst. Keep bursts short (a loop of tens of
+/// offers): a message waits for the end of its burst if the worker sleeps.
+#[derive(Debug)]
+pub struct Burst<'a> {
+    publication: &'a mut Publication,
+    /// A message was committed since the worker was last signalled.
+    pending: bool,
+}
+
+impl Burst<'_> {
+    /// [`Publication::try_claim`] within the burst. When the ring is full the worker is
+    /// signalled first, so a publisher that then waits for room does not wait on a worker
+    /// that sleeps.
+    #[inline]
+    pub fn try_claim(&mut self, len: usize) -> Result<Claim<'_>, OfferError> {
+        self.publication.claim(len, Some(&mut self.pending))
+    }
+
+    /// [`Publication::offer`] within the burst.
+    pub fn offer(&mut self, message: &[u8]) -> Result<(), OfferError> {
+        let mut claim = self.try_claim(message.len())?;
+        claim.buf().copy_from_slice(message);
+        claim.commit();
+        Ok(())
+    }
+}
+
+impl Drop for Burst<'_> {
+    fn drop(&mut self) {
+        if self.pending {
+            self.publication.wake.after_offer();
+        }
+    }
+}
+
 /// Room for one message in a publication.
 #[derive(Debug)]
 pub struct Claim<'a> {
@@ -799,6 +865,8 @@ pub struct Claim<'a> {
     /// Headroom in front of the message.
     room: usize,
     wake: &'a Wake,
+    /// In a burst: set on commit, and the burst signals the worker.
+    pending: Option<&'a mut bool>,
 }
 
 impl Claim<'_> {
@@ -812,6 +880,87 @@ impl Claim<'_> {
     #[inline]
     pub fn commit(self) {
         self.claim.commit();
-        self.wake.after_offer();
+        match self.pending {
+            Some(pending) => *pending = true,
+            None => self.wake.after_offer(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sys::EventFd;
+
+    /// A publication on a ring of `capacity` bytes, with the wake a worker would hold.
+    fn publication(dir: &tempfile::TempDir, capacity: u64) -> Publication {
+        let path = dir.path().join("ring");
+        intergroup_ring::records::create_with(&path, capacity, Producers::Single).expect("ring");
+        Publication {
+            producer: SingleProducer::open(&path).expect("producer"),
+            wake: Arc::new(Wake {
+                parked: AtomicBool::new(false),
+                closed: AtomicBool::new(false),
+                fd: EventFd::new().expect("eventfd"),
+            }),
+            max_message: 1024,
+            lend: LendLengths::NONE,
+        }
+    }
+
+    #[test]
+    fn a_burst_wakes_a_sleeping_worker_once_as_it_ends() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut p = publication(&dir, 1 << 16);
+        let wake = p.wake.clone();
+        // One offer alone wakes at once.
+        wake.parked.store(true, Ordering::Relaxed);
+        p.offer(&[1; 64]).expect("offer");
+        assert_eq!(wake.fd.drain(), 1);
+        assert!(!wake.parked.load(Ordering::Relaxed));
+        // A burst: nothing until it ends, then once.
+        wake.parked.store(true, Ordering::Relaxed);
+        let mut burst = p.burst();
+        for i in 0..5u8 {
+            burst.offer(&[i; 64]).expect("offer");
+            assert_eq!(wake.fd.drain(), 0, "woken by offer {i}");
+        }
+        assert!(wake.parked.load(Ordering::Relaxed));
+        drop(burst);
+        assert_eq!(wake.fd.drain(), 1);
+        assert!(!wake.parked.load(Ordering::Relaxed));
+        // A burst that committed nothing (a claim dropped uncommitted) signals nothing.
+        wake.parked.store(true, Ordering::Relaxed);
+        let mut burst = p.burst();
+        drop(burst.try_claim(64).expect("claim"));
+        drop(burst);
+        assert_eq!(wake.fd.drain(), 0);
+    }
+
+    #[test]
+    fn a_burst_wakes_a_sleeping_worker_before_its_publisher_waits_for_room() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut p = publication(&dir, 4096);
+        let wake = p.wake.clone();
+        wake.parked.store(true, Ordering::Relaxed);
+        let mut burst = p.burst();
+        let mut offered = 0;
+        let refused = loop {
+            match burst.offer(&[7; 256]) {
+                Ok(()) => offered += 1,
+                Err(e) => break e,
+            }
+            assert_eq!(wake.fd.drain(), 0, "woken by offer {offered}");
+        };
+        assert_eq!(refused, OfferError::BackPressured);
+        assert!(offered > 0);
+        // The full ring woke the worker, which has every committed record to read.
+        assert_eq!(wake.fd.drain(), 1);
+        assert!(!wake.parked.load(Ordering::Relaxed));
+        // Refused again, with nothing committed since: no second signal, and none at the end.
+        wake.parked.store(true, Ordering::Relaxed);
+        assert_eq!(burst.offer(&[7; 256]), Err(OfferError::BackPressured));
+        drop(burst);
+        assert_eq!(wake.fd.drain(), 0);
     }
 }

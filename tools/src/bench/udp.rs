@@ -701,8 +701,11 @@ fn engine_run(a: &UdpArgs, port: u16, tuning: Tuning, label: &str) -> Result<Eng
     let mut seq = 0u64;
     let mut spins = 0u32;
     while start.elapsed().as_secs_f64() < a.duration {
+        // Bursts of 64 offers signal the worker once (see `Burst`), as a raw sender's batch
+        // of datagrams is one system call.
+        let mut burst = publication.burst();
         for _ in 0..64 {
-            match publication.try_claim(a.size) {
+            match burst.try_claim(a.size) {
                 Ok(mut claim) => {
                     super::stamp(claim.buf(), seq);
                     claim.commit();
@@ -728,6 +731,7 @@ fn engine_run(a: &UdpArgs, port: u16, tuning: Tuning, label: &str) -> Result<Eng
                 Err(e) => return Err(e.to_string()),
             }
         }
+        drop(burst);
         engine.invoke();
         tick(&bar, start);
     }
