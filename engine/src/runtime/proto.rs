@@ -182,6 +182,30 @@ impl Proto {
         }
     }
 
+    /// [`handle_datagram_lent`](Self::handle_datagram_lent) for a run of datagrams laid end to
+    /// end at `range`, each `segment` bytes long but the last (a GRO buffer).
+    pub(crate) fn handle_datagrams_lent(
+        &mut self,
+        now: Nanos,
+        from: SocketAddr,
+        lent: &mut Lent<'_>,
+        range: Range<usize>,
+        segment: usize,
+        deliver: &mut dyn FnMut(Order, &Output<'_>),
+    ) {
+        match self {
+            Proto::Plain(m) => {
+                m.handle_datagrams_lent(now, from, lent, range, segment, &mut |o| deliver(Order::Fifo, o))
+            }
+            Proto::Group(_) => {
+                for start in range.clone().step_by(segment.max(1)) {
+                    let end = (start + segment.max(1)).min(range.end);
+                    self.handle_datagram_lent(now, from, lent, start..end, deliver);
+                }
+            }
+        }
+    }
+
     /// Runs due timers; `lent` is the arena [`handle_datagram_lent`](Self::handle_datagram_lent)
     /// is given, so a plain member can hand on frames pinned there.
     pub(crate) fn handle_timeout(&mut self, now: Nanos, lent: &mut Lent<'_>) {
