@@ -49,8 +49,7 @@ const WRITE_AHEAD: usize = 4096;
 /// when it is longer). No division on the claim path.
 #[inline]
 fn write_ahead(aligned: usize) -> usize {
-    let log = usize::BITS - 1 - aligned.max(1).leading_zeros();
-    aligned << WRITE_AHEAD.trailing_zeros().saturating_sub(log)
+    aligned << WRITE_AHEAD.ilog2().saturating_sub(aligned.max(1).ilog2())
 }
 
 /// Records start at multiples of this many bytes.
