@@ -236,6 +236,15 @@ pub struct NakFrame<'a> {
     pub ranges: &'a [NakRange],
 }
 
+/// The datagrams of a run laid end to end (a GRO buffer): `segment` bytes each, the last maybe
+/// shorter. An empty run is one empty datagram, so a receiver rejects it as it would alone.
+pub fn segments(bytes: &[u8], segment: usize) -> impl Iterator<Item = &[u8]> {
+    let segment = segment.max(1);
+    let len = bytes.len();
+    (0..len.div_ceil(segment).max(1))
+        .map(move |i| &bytes[(i * segment).min(len)..((i + 1) * segment).min(len)])
+}
+
 /// Checks a datagram's header and returns it with the frames that follow.
 pub fn decode_datagram(bytes: &[u8]) -> Result<(&DatagramHeader, Frames<'_>), WireError> {
     if bytes.len() > MAX_MTU {
@@ -556,6 +565,18 @@ pub fn encode_data_frame_header(out: &mut [u8], header: &DataHeader, payload_len
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_splits_into_its_segments_and_an_empty_run_is_one_empty_datagram() {
+        let run: Vec<u8> = (0..10).collect();
+        let split = |segment| segments(&run, segment).map(<[u8]>::to_vec).collect::<Vec<_>>();
+        assert_eq!(split(4), [vec![0, 1, 2, 3], vec![4, 5, 6, 7], vec![8, 9]]);
+        assert_eq!(split(5), [vec![0, 1, 2, 3, 4], vec![5, 6, 7, 8, 9]]);
+        assert_eq!(split(10), std::slice::from_ref(&run));
+        assert_eq!(split(64), std::slice::from_ref(&run));
+        assert_eq!(split(0).len(), 10, "a zero segment is taken as one byte");
+        assert_eq!(segments(&[], 4).collect::<Vec<_>>(), [&[] as &[u8]]);
+    }
 
     fn data_header(seq: u64, len: u32, offset: u32) -> DataHeader {
         DataHeader {

@@ -684,16 +684,9 @@ impl Member {
             return;
         };
         self.deliveries.drain(|o| deliver(&o));
-        let mut rest = bytes;
-        loop {
-            // An empty range is one empty datagram (rejected as malformed).
-            let (datagram, after) = rest.split_at(segment.max(1).min(rest.len()));
+        for datagram in wire::segments(bytes, segment) {
             self.handle(now_ns, from, datagram, Some(&mut *deliver), Some(&mut *lent));
             self.deliveries.drain(|o| deliver(&o));
-            if after.is_empty() {
-                break;
-            }
-            rest = after;
         }
     }
 

@@ -744,10 +744,8 @@ impl Publication {
 
     /// Copies `message` into the publication.
     pub fn offer(&mut self, message: &[u8]) -> Result<(), OfferError> {
-        let mut claim = self.try_claim(message.len())?;
-        claim.buf().copy_from_slice(message);
-        claim.commit();
-        Ok(())
+        // A burst of one: the worker is signalled as it ends, right after the commit.
+        self.burst().offer(message)
     }
 
     /// Claims room for a message of `len` bytes, written in place and sent on

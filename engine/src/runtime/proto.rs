@@ -169,17 +169,8 @@ impl Proto {
         range: Range<usize>,
         deliver: &mut dyn FnMut(Order, &Output<'_>),
     ) {
-        match self {
-            Proto::Plain(m) => {
-                m.handle_datagram_lent(now, from, lent, range, &mut |o| deliver(Order::Fifo, o))
-            }
-            Proto::Group(g) => {
-                if let Some(bytes) = lent.arena.get(range) {
-                    g.handle_datagram(now, from, bytes);
-                }
-                drain_group(g, deliver);
-            }
-        }
+        let len = range.len();
+        self.handle_datagrams_lent(now, from, lent, range, len, deliver);
     }
 
     /// [`handle_datagram_lent`](Self::handle_datagram_lent) for a run of datagrams laid end to
@@ -197,12 +188,15 @@ impl Proto {
             Proto::Plain(m) => {
                 m.handle_datagrams_lent(now, from, lent, range, segment, &mut |o| deliver(Order::Fifo, o))
             }
-            Proto::Group(_) => {
-                for start in range.clone().step_by(segment.max(1)) {
-                    let end = (start + segment.max(1)).min(range.end);
-                    self.handle_datagram_lent(now, from, lent, start..end, deliver);
+            Proto::Group(g) => match lent.arena.get(range) {
+                Some(bytes) => {
+                    for datagram in crate::wire::segments(bytes, segment) {
+                        g.handle_datagram(now, from, datagram);
+                        drain_group(g, deliver);
+                    }
                 }
-            }
+                None => drain_group(g, deliver),
+            },
         }
     }
 
