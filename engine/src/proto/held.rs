@@ -152,6 +152,24 @@ impl HeldFrames {
         true
     }
 
+    /// Asks for the first line of the payload of `sequence` if it is held (in the lent arena
+    /// at `arena`, or in its slot). Held frames leave in sequence once their gap is filled,
+    /// long after they came (the repair's round trip), and their reader touches that line
+    /// first: under 5% loss it was 65% of the bench handler's time.
+    fn prefetch(&self, sequence: u64, arena: Option<*const u8>) {
+        let i = (sequence & self.mask) as usize;
+        let Some(m) = self.meta.get(i).filter(|m| m.occupied && m.sequence == sequence) else {
+            return;
+        };
+        match (m.lent, arena) {
+            (true, Some(arena)) => intergroup_ring::hint::prefetch_read_ptr(arena.wrapping_add(m.lent_at)),
+            (true, None) => {}
+            (false, _) => {
+                intergroup_ring::hint::prefetch_read_ptr(self.bytes.as_ptr().wrapping_add(i * self.slot_len))
+            }
+        }
+    }
+
     /// Releases the frame of `sequence` and lends it out; `None` if it is not held, or if it
     /// is held in a lent arena and `lent` is not that arena. A frame held in the arena is
     /// unpinned: its bytes stay valid for the rest of the caller's call.
@@ -165,6 +183,7 @@ impl HeldFrames {
         if !m.occupied || m.sequence != sequence {
             return None;
         }
+        let arena = lent.as_ref().map(|l| l.arena.as_ptr());
         let payload = match m.lent.then_some(m.lent_at) {
             Some(at) => {
                 let l = lent?;
@@ -179,13 +198,16 @@ impl HeldFrames {
             }
         };
         m.occupied = false;
+        let (stream, epoch, timestamp, message_len, fragment_offset) =
+            (m.stream, m.epoch, m.timestamp, m.message_len, m.fragment_offset);
+        self.prefetch(sequence + PREFETCH_SLOTS, arena);
         Some(FrameInfo {
             sequence,
-            stream: m.stream,
-            epoch: m.epoch,
-            timestamp: m.timestamp,
-            message_len: m.message_len,
-            fragment_offset: m.fragment_offset,
+            stream,
+            epoch,
+            timestamp,
+            message_len,
+            fragment_offset,
             payload,
         })
     }
