@@ -149,17 +149,11 @@ unsafe impl Memory for Mapped {
         unsafe { &*self.base.add(offset).cast::<AtomicU64>() }
     }
 
-    #[cfg(target_arch = "x86_64")]
     #[inline]
     fn prefetch(&self, offset: usize) {
         debug_assert!(offset < self.capacity);
-        // SAFETY: a prefetch is only a hint: it never faults and has no effect on memory
-        // contents; the address is inside the mapping anyway.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                self.data.add(offset).cast::<i8>(),
-            )
-        }
+        // `wrapping_add` keeps this safe code; the offset is inside the mapping anyway.
+        crate::hint::prefetch_read_ptr(self.data.wrapping_add(offset));
     }
 
     #[inline]
