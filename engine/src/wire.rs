@@ -236,13 +236,22 @@ pub struct NakFrame<'a> {
     pub ranges: &'a [NakRange],
 }
 
-/// The datagrams of a run laid end to end (a GRO buffer): `segment` bytes each, the last maybe
-/// shorter. An empty run is one empty datagram, so a receiver rejects it as it would alone.
-pub fn segments(bytes: &[u8], segment: usize) -> impl Iterator<Item = &[u8]> {
+/// Where the datagrams of a run laid end to end at `run` (a GRO buffer) lie: `segment` bytes
+/// each, the last maybe shorter. An empty run is one empty datagram, so a receiver rejects it
+/// as it would alone.
+pub fn segment_ranges(
+    run: std::ops::Range<usize>,
+    segment: usize,
+) -> impl ExactSizeIterator<Item = std::ops::Range<usize>> {
     let segment = segment.max(1);
-    let len = bytes.len();
-    (0..len.div_ceil(segment).max(1))
-        .map(move |i| &bytes[(i * segment).min(len)..((i + 1) * segment).min(len)])
+    let (start, end) = (run.start, run.end.max(run.start));
+    (0..(end - start).div_ceil(segment).max(1))
+        .map(move |i| (start + i * segment).min(end)..(start + (i + 1) * segment).min(end))
+}
+
+/// The datagrams of a run laid end to end in `bytes`: see [`segment_ranges`].
+pub fn segments(bytes: &[u8], segment: usize) -> impl Iterator<Item = &[u8]> {
+    segment_ranges(0..bytes.len(), segment).map(move |r| &bytes[r])
 }
 
 /// Checks a datagram's header and returns it with the frames that follow.
@@ -576,6 +585,13 @@ mod tests {
         assert_eq!(split(64), std::slice::from_ref(&run));
         assert_eq!(split(0).len(), 10, "a zero segment is taken as one byte");
         assert_eq!(segments(&[], 4).collect::<Vec<_>>(), [&[] as &[u8]]);
+        assert_eq!(
+            segment_ranges(100..110, 4).collect::<Vec<_>>(),
+            [100..104, 104..108, 108..110]
+        );
+        let empty: Vec<_> = segment_ranges(7..7, 4).map(|r| (r.start, r.end)).collect();
+        assert_eq!(empty, [(7, 7)], "an empty run is one empty datagram");
+        assert_eq!(segment_ranges(0..130, 64).len(), 3);
     }
 
     fn data_header(seq: u64, len: u32, offset: u32) -> DataHeader {

@@ -1013,7 +1013,7 @@ impl Worker {
             if g.loss.is_none() && g.shield.is_none() {
                 // Nothing to drop or open datagram by datagram: the member takes the buffer
                 // whole (one call instead of one per datagram).
-                let n = range.len().div_ceil(segment) as u64;
+                let n = crate::wire::segment_ranges(range.clone(), segment).len() as u64;
                 g.stats.received += n;
                 datagrams += n as usize;
                 let (handlers, sinks, sunk) = (&mut g.handlers, &mut g.sinks, &mut g.sunk);
@@ -1033,8 +1033,7 @@ impl Worker {
                 g.touched = true;
                 return;
             }
-            for start in range.clone().step_by(segment) {
-                let end = (start + segment).min(range.end);
+            for std::ops::Range { start, end } in crate::wire::segment_ranges(range, segment) {
                 g.stats.received += 1;
                 datagrams += 1;
                 if let Some(loss) = g.loss.as_mut() {
