@@ -129,6 +129,9 @@ for p in out["paths"]:
     for side in ("sender", "receiver"):
         c = p["cpu_ns_per_msg"][side]
         assert c["user"] >= 0 and c["system"] >= 0 and c["user"] + c["system"] > 0, (p["path"], side, c)
+    # The host's shares while the path ran: percentages (this host has /proc/stat).
+    h = p["host_cpu"]
+    assert 0 <= h["steal_pct"] <= 100 and 0 <= h["idle_pct"] <= 100, (p["path"], h)
 print(f"raw-udp: ceiling {out['ceiling']}, {out['msgs_per_sec']:.0f} datagrams/s per receiver")
 PY
 for backend in io-uring portable; do
@@ -157,6 +160,9 @@ for who in ("publisher_app", "publisher_worker", "subscriber"):
 # The worker and each subscriber do the protocol's work: neither can be free.
 assert cpu["publisher_worker"]["user"] + cpu["publisher_worker"]["system"] > 0, cpu
 assert all(p["cpu_ns_per_msg"]["user"] + p["cpu_ns_per_msg"]["system"] > 0 for p in out["per_subscriber"]), out["per_subscriber"]
+for phase in ("host_cpu", "raw_host_cpu_before", "raw_host_cpu_after"):
+    h = out[phase]
+    assert 0 <= h["steal_pct"] <= 100 and 0 <= h["idle_pct"] <= 100, (phase, h)
 print(f"udp {backend}: lost 0, {out['msgs_per_sec']:.0f} msgs/s, ratio_to_raw {out['ratio_to_raw']}")
 PY
 done

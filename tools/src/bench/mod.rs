@@ -298,3 +298,83 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
+
+/// The whole host's CPU time as `/proc/stat` counts it (every CPU, in clock ticks), read at the
+/// start and end of a phase. On a virtual machine the hypervisor's share (`steal`) tells
+/// whether a phase ran on the whole machine: a raw phase and an engine phase compared in one
+/// ratio should both have run with little of it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostCpu {
+    total: u64,
+    idle: u64,
+    steal: u64,
+}
+
+impl HostCpu {
+    /// Now; `None` where `/proc/stat` is missing or not understood.
+    pub fn now() -> Option<Self> {
+        Self::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    /// The aggregate `cpu` line of a `/proc/stat` text: user, nice, system, idle, iowait, irq,
+    /// softirq and steal (guest time is already inside user and nice).
+    fn parse(stat: &str) -> Option<Self> {
+        let line = stat
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some("cpu"))?;
+        let mut fields = line.split_whitespace().skip(1).map(|f| f.parse::<u64>());
+        let mut next = || fields.next().and_then(Result::ok);
+        let (user, nice, system, idle, iowait) = (next()?, next()?, next()?, next()?, next()?);
+        let (irq, softirq, steal) = (next().unwrap_or(0), next().unwrap_or(0), next().unwrap_or(0));
+        let total = [user, nice, system, idle, iowait, irq, softirq, steal]
+            .iter()
+            .try_fold(0u64, |sum, &f| sum.checked_add(f))?;
+        Some(Self {
+            total,
+            // A thread asleep in io_uring counts as iowait: idle all the same.
+            idle: idle.checked_add(iowait)?,
+            steal,
+        })
+    }
+
+    /// The host's CPU between `earlier` and `later` as `{steal_pct, idle_pct}` of all CPU time
+    /// (null fields when either reading is missing or no tick passed).
+    pub fn json(earlier: Option<Self>, later: Option<Self>) -> Value {
+        let share = |part: fn(&Self) -> u64| -> Option<f64> {
+            let (a, b) = (earlier?, later?);
+            let total = b.total.checked_sub(a.total).filter(|&t| t > 0)?;
+            let part = part(&b).checked_sub(part(&a))?;
+            Some((part as f64 * 1000.0 / total as f64).round() / 10.0)
+        };
+        json!({ "steal_pct": share(|c| c.steal), "idle_pct": share(|c| c.idle) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_cpu_shares_come_from_the_aggregate_line() {
+        let a = HostCpu::parse("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3 4 5 6 7 8\n").unwrap();
+        let b = HostCpu::parse("cpu  300 0 150 1000 100 0 0 250 0 0\n").unwrap();
+        let v = HostCpu::json(Some(a), Some(b));
+        // 800 ticks passed: 250 stolen, 250 idle or in iowait.
+        assert_eq!(v["steal_pct"], json!(31.3));
+        assert_eq!(v["idle_pct"], json!(31.3));
+        assert_eq!(HostCpu::json(None, Some(b))["steal_pct"], Value::Null);
+        assert_eq!(HostCpu::json(Some(a), Some(a))["idle_pct"], Value::Null);
+    }
+
+    #[test]
+    fn host_cpu_refuses_what_it_does_not_understand() {
+        assert_eq!(HostCpu::parse(""), None);
+        assert_eq!(HostCpu::parse("cpu0 1 2 3 4 5\n"), None);
+        assert_eq!(HostCpu::parse("cpu 1 2 x 4 5\n"), None);
+        assert_eq!(HostCpu::parse("cpu 1 2 3\n"), None);
+        let max = u64::MAX;
+        assert_eq!(HostCpu::parse(&format!("cpu {max} {max} 0 0 0\n")), None);
+        // Old kernels have no steal column.
+        assert!(HostCpu::parse("cpu 1 2 3 4 5\n").is_some());
+    }
+}

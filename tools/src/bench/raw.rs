@@ -3,7 +3,7 @@
 
 use super::{
     header, histogram, histogram_to_json, median, merge_json, mono_ns, percentiles, progress, record_since,
-    say, stamp, stop_on_stdin_eof, tick, ChildProc, MIN_SIZE,
+    say, stamp, stop_on_stdin_eof, tick, ChildProc, HostCpu, MIN_SIZE,
 };
 use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
@@ -113,6 +113,8 @@ pub struct PathResult {
     pub sent: u64,
     /// Each receiver's CPU per datagram it received (see [`mean_per_message`]).
     pub receiver_cpu: Value,
+    /// The host's steal and idle shares while the sender ran (see [`HostCpu::json`]).
+    pub host_cpu: Value,
 }
 
 impl PathResult {
@@ -129,6 +131,7 @@ impl PathResult {
                 "sender": per_message(self.sender_cpu, self.sent),
                 "receiver": self.receiver_cpu,
             },
+            "host_cpu": self.host_cpu,
         });
         merge_objects(&mut v, percentiles(&self.latency));
         v
@@ -230,6 +233,7 @@ pub fn measure(
     let to = group(port);
     let socket = sender_socket(to)?;
     let bar = progress(path.name(), seconds, json);
+    let host_start = HostCpu::now();
     let cpu_start = ThreadCpu::now();
     let start = Instant::now();
     let sent = match path.backend() {
@@ -238,6 +242,7 @@ pub fn measure(
     };
     let elapsed = start.elapsed().as_secs_f64();
     let sender_cpu = ThreadCpu::now().since(cpu_start);
+    let host_cpu = HostCpu::json(host_start, HostCpu::now());
     bar.finish_and_clear();
     std::thread::sleep(Duration::from_millis(200));
     let mut latency = histogram();
@@ -258,6 +263,7 @@ pub fn measure(
         sender_cpu,
         sent,
         receiver_cpu: mean_per_message(&reports),
+        host_cpu,
     })
 }
 

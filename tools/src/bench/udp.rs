@@ -4,7 +4,7 @@
 use super::raw::{self, merge_objects, print_report, RawPath};
 use super::{
     header, histogram, histogram_to_json, median, merge_json, mono_ns, percentiles, progress, record_since,
-    say, stop_on_stdin_eof, tick, ChildProc, MIN_SIZE,
+    say, stop_on_stdin_eof, tick, ChildProc, HostCpu, MIN_SIZE,
 };
 use clap::Args;
 use hdrhistogram::Histogram;
@@ -548,6 +548,8 @@ fn throughput(a: &UdpArgs, port: u16) -> Result<ExitCode, String> {
             "raw_msgs_per_sec": ceiling.per_sec().round(),
             "raw_msgs_per_sec_before": ceiling.before.round(),
             "raw_msgs_per_sec_after": ceiling.after.round(),
+            "raw_host_cpu_before": best.host_cpu,
+            "raw_host_cpu_after": ceiling.after_host_cpu,
             "raw_mb_per_sec": (raw_bytes_per_sec / 1e6 * 10.0).round() / 10.0,
             "raw": raw_results.iter().map(|r| r.to_json(a.size)).collect::<Vec<_>>(),
         }),
@@ -567,6 +569,8 @@ fn throughput(a: &UdpArgs, port: u16) -> Result<ExitCode, String> {
 struct Ceiling {
     before: f64,
     after: f64,
+    /// The host's steal and idle shares while the best path ran again.
+    after_host_cpu: Value,
 }
 
 impl Ceiling {
@@ -576,6 +580,7 @@ impl Ceiling {
         Ok(Self {
             before: best.received_per_sec,
             after: again.received_per_sec,
+            after_host_cpu: again.host_cpu,
         })
     }
 
@@ -696,6 +701,7 @@ fn engine_run(a: &UdpArgs, port: u16, tuning: Tuning, label: &str) -> Result<Eng
     }
     let worker_cpu_start = engine.stats(GROUP).map_err(|e| e.to_string())?.worker_cpu;
     let bar = progress(label, a.duration, a.json);
+    let host_start = HostCpu::now();
     let app_cpu_start = ThreadCpu::now();
     let start = Instant::now();
     let mut seq = 0u64;
@@ -737,6 +743,7 @@ fn engine_run(a: &UdpArgs, port: u16, tuning: Tuning, label: &str) -> Result<Eng
     }
     let published = seq;
     let app_cpu = ThreadCpu::now().since(app_cpu_start);
+    let host_cpu = HostCpu::json(host_start, HostCpu::now());
     let mut end = vec![0u8; MIN_SIZE];
     end[..8].copy_from_slice(&END.to_le_bytes());
     end[8..16].copy_from_slice(&published.to_le_bytes());
@@ -828,7 +835,8 @@ fn engine_run(a: &UdpArgs, port: u16, tuning: Tuning, label: &str) -> Result<Eng
                 "publisher_app": raw::per_message(app_cpu, published),
                 "publisher_worker": raw::per_message(stats.worker_cpu.since(worker_cpu_start), published),
                 "subscriber": raw::mean_per_message(&reports),
-            }
+            },
+            "host_cpu": host_cpu,
         }),
     );
     if let Some(s) = &stats.secure {
@@ -894,6 +902,13 @@ fn print_udp_table(r: &Value) {
         r["raw_msgs_per_sec_before"], r["raw_msgs_per_sec_after"]
     );
     println!("ratio to raw: {}", r["ratio_to_raw"]);
+    let steal = |v: &Value| v["steal_pct"].as_f64().map_or("-".into(), |s| format!("{s}%"));
+    println!(
+        "host CPU stolen by the hypervisor: raw before {}, engine {}, raw after {}",
+        steal(&r["raw_host_cpu_before"]),
+        steal(&r["host_cpu"]),
+        steal(&r["raw_host_cpu_after"])
+    );
     println!(
         "lost: {}   retransmissions: {}   latency us: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
         r["lost"], r["retransmissions"], r["p50"], r["p90"], r["p99"], r["p999"], r["max"]
