@@ -303,7 +303,7 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 /// start and end of a phase. On a virtual machine the hypervisor's share (`steal`) tells
 /// whether a phase ran on the whole machine: a raw phase and an engine phase compared in one
 /// ratio should both have run with little of it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HostCpu {
     total: u64,
     idle: u64,
