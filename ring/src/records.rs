@@ -471,6 +471,11 @@ impl<M: Memory> Consumer<M> {
             }
             pos += align(record_len) as u64;
         }
+        if pos != self.read_pos {
+            // Relaxed: a windowed producer reads it only to pace itself, never to reuse space
+            // (`SingleProducer::set_window`).
+            self.mem.meta(READ_OFFSET).store(pos, Ordering::Relaxed);
+        }
         self.read_pos = pos;
         self.stats.records += handed as u64;
         handed
@@ -547,6 +552,9 @@ pub const HEAD_OFFSET: usize = 384;
 pub const PRODUCERS_OFFSET: usize = 448;
 /// Offset of the single producer's lock: the owning process id, 0 when free.
 pub const PRODUCER_LOCK_OFFSET: usize = 456;
+/// Offset of a single-producer ring's read position: the end of the records its consumer has
+/// handed on, held or released; a windowed producer paces itself by it.
+pub const READ_OFFSET: usize = 464;
 /// Offset of the data area: the header, then the index lines.
 pub const DATA_OFFSET: usize = 512;
 
@@ -814,6 +822,11 @@ impl RecordConsumer {
 /// a lock left by a process that no longer exists is taken over.
 #[derive(Debug)]
 pub struct SingleProducer {
+    /// How far the tail may run ahead of the consumer's read position (see
+    /// [`Self::set_window`]); `u64::MAX` for no bound but the ring's space.
+    window: u64,
+    /// The consumer's read position as last loaded, refreshed only when the window looks full.
+    read_cache: u64,
     inner: Producer<Mapped>,
     file: SharedFile,
 }
@@ -847,6 +860,8 @@ impl SingleProducer {
         Ok(Self {
             inner: Producer { mem: mapped(&file) },
             file,
+            window: u64::MAX,
+            read_cache: 0,
         })
     }
 
@@ -855,9 +870,40 @@ impl SingleProducer {
         max_payload(self.inner.mem.capacity())
     }
 
+    /// Bounds how far this producer may run ahead of what the consumer has read: claims fail
+    /// with [`OfferError::WouldBlock`] while the records committed and not yet read span
+    /// `bytes` or more (padding included). One record is always allowed once everything is
+    /// read, so a window smaller than a record still makes progress. `u64::MAX` (the default)
+    /// leaves only the ring's space as the bound.
+    ///
+    /// A consumer that holds records it has read (for repair) frees their space later; the
+    /// window bounds only the queue in front of it, so what it reads next was written
+    /// recently and is still in a cache. It also bounds the queue's latency under saturation.
+    pub fn set_window(&mut self, bytes: u64) {
+        self.window = bytes.max(1);
+    }
+
+    /// Whether the records not yet read fill the window; refreshes the cached read position
+    /// only when the cached one says so.
+    #[inline]
+    fn window_full(&mut self) -> bool {
+        let tail = self.inner.mem.tail().load(Ordering::Relaxed);
+        // Saturating: the word is shared memory, and a corrupt one must not panic.
+        if tail.saturating_sub(self.read_cache) < self.window {
+            return false;
+        }
+        // Relaxed: the read position only paces this producer. Reusing space is still decided
+        // by `head` (Acquire in the claim), so a stale value here can only refuse a claim.
+        self.read_cache = self.inner.mem.meta(READ_OFFSET).load(Ordering::Relaxed);
+        tail.saturating_sub(self.read_cache) >= self.window
+    }
+
     /// Claims room for a record of `len` payload bytes, to be filled in place.
     #[inline]
     pub fn try_claim(&mut self, type_id: u32, len: usize) -> Result<SingleClaim<'_>, OfferError> {
+        if self.window != u64::MAX && self.window_full() {
+            return Err(OfferError::WouldBlock);
+        }
         let claimed = self.inner.claim_single(type_id, len)?;
         Ok(SingleClaim {
             producer: self,
@@ -868,6 +914,9 @@ impl SingleProducer {
 
     /// Copies `payload` into a new record of `type_id`.
     pub fn offer(&mut self, type_id: u32, payload: &[u8]) -> Result<(), OfferError> {
+        if self.window != u64::MAX && self.window_full() {
+            return Err(OfferError::WouldBlock);
+        }
         self.inner.offer_single(type_id, payload)
     }
 }
@@ -1063,6 +1112,55 @@ mod tests {
         again.offer(1, b"x").unwrap();
         assert_eq!(drain(&mut c), vec![(1, b"x".to_vec())]);
         assert_eq!(c.stats().abandoned, 0);
+    }
+
+    #[test]
+    fn a_windowed_producer_stays_within_its_window_of_the_read_position() {
+        let path = crate::test_dir::TempPath::new("window");
+        create_with(&path, 1024, Producers::Single).unwrap();
+        let mut p = SingleProducer::open(&path).unwrap();
+        let mut c = RecordConsumer::open(&path, Duration::from_millis(50)).unwrap();
+        // 32-byte records, a window of 100 bytes: four fit (96 < 100), the fifth is refused
+        // although the ring has room for 32.
+        p.set_window(100);
+        let mut n = 0u8;
+        while p.offer(1, &[n; 24]).is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, 4);
+        // Read and held (not released): the window opens although the space stays taken.
+        assert_eq!(c.read_held(2, |_, _, _| ()), Some(2));
+        p.offer(1, &[4; 24]).unwrap();
+        p.offer(1, &[5; 24]).unwrap();
+        assert_eq!(p.offer(1, &[6; 24]), Err(OfferError::WouldBlock));
+        assert_eq!(c.read_held(usize::MAX, |_, _, _| ()), Some(4));
+        // A window smaller than a record still lets one through once everything is read.
+        p.set_window(8);
+        p.offer(1, &[0; 200]).unwrap();
+        assert_eq!(p.offer(1, &[0; 24]), Err(OfferError::WouldBlock));
+        // Space is still the ring's: held records are not overwritten whatever the window.
+        p.set_window(u64::MAX);
+        assert_eq!(c.read_held(usize::MAX, |_, _, _| ()), Some(1));
+        let mut more = 0;
+        while p.offer(1, &[0; 24]).is_ok() {
+            more += 1;
+        }
+        // 1024 bytes less the 6 held records (192 bytes) and the 216-byte one: 616 bytes, 19
+        // records of 32 (padding at the wrap may take one).
+        assert!(more == 19 || more == 18, "{more}");
+        // A corrupt read position (beyond the tail) must not panic: the window just opens.
+        c.release(u64::MAX);
+        drain(&mut c);
+        p.set_window(64);
+        let corrupt = mapped_meta(&path);
+        corrupt.store(u64::MAX, Ordering::Relaxed);
+        assert_eq!(p.offer(1, &[0; 24]), Ok(()));
+    }
+
+    /// The read-position word of the ring at `path`, through a mapping of its own.
+    fn mapped_meta(path: &Path) -> &'static AtomicU64 {
+        let file = Box::leak(Box::new(open_checked(path).unwrap()));
+        meta_word(file, READ_OFFSET)
     }
 
     #[test]
