@@ -31,12 +31,15 @@ fn engine(backend: BackendKind) -> Engine {
 }
 
 fn engine_with_ring(backend: BackendKind, publication_ring_bytes: u64) -> Engine {
-    Engine::launch(EngineConfig {
+    engine_with(EngineConfig {
         backend,
         publication_ring_bytes,
         ..EngineConfig::default()
     })
-    .expect("engine starts")
+}
+
+fn engine_with(cfg: EngineConfig) -> Engine {
+    Engine::launch(cfg).expect("engine starts")
 }
 
 /// The size of message `i`: runs of 50 small messages (packed many to a datagram), of 50
@@ -71,8 +74,23 @@ fn one_to_two(backend: BackendKind, count: u64, loss: f64, seed: u64) {
 
 /// As [`one_to_two`], with a publication ring of `ring` bytes.
 fn one_to_two_with_ring(backend: BackendKind, count: u64, loss: f64, seed: u64, ring: u64) {
+    one_to_two_with(
+        EngineConfig {
+            backend,
+            publication_ring_bytes: ring,
+            ..EngineConfig::default()
+        },
+        count,
+        loss,
+        seed,
+    );
+}
+
+/// As [`one_to_two`], with the sender's engine configured by `cfg`.
+fn one_to_two_with(cfg: EngineConfig, count: u64, loss: f64, seed: u64) {
+    let (backend, ring) = (cfg.backend, cfg.publication_ring_bytes);
     let port = port();
-    let sender = engine_with_ring(backend, ring);
+    let sender = engine_with(cfg);
     sender.join(group(1, port, 0.0, seed)).unwrap();
     let mut receivers = Vec::new();
     let (tx, rx) = mpsc::channel::<(u32, Result<u64, String>)>();
@@ -198,6 +216,18 @@ fn io_uring_small_publication_ring_carries_every_message_with_loss() {
 #[test]
 fn portable_small_publication_ring_carries_every_message_with_loss() {
     one_to_two_with_ring(BackendKind::Portable, 30_000, 0.05, 6, 64 << 10);
+}
+
+/// A publication window of 4 KiB, smaller than two of the largest messages: the publisher
+/// waits for its worker to take nearly every message, and nothing stalls or goes missing.
+#[test]
+fn a_publication_window_smaller_than_its_messages_carries_every_message_with_loss() {
+    let cfg = EngineConfig {
+        backend: BackendKind::IoUring,
+        publication_window_bytes: 4096,
+        ..EngineConfig::default()
+    };
+    one_to_two_with(cfg, 30_000, 0.05, 7);
 }
 
 #[test]

@@ -307,6 +307,9 @@ gso = true
 gro = true
 # Bytes of each embedded publication's ring (clients of the daemon use publication_log_bytes).
 publication_ring_bytes = 16777216
+# How far an embedded publication may run ahead of its worker, bytes; 0 for no bound but
+# the ring (see EngineConfig::publication_window_bytes).
+publication_window_bytes = 1048576
 # Longest an idle worker sleeps, microseconds: bounds how long a message published by a
 # client waits before the engine sends it to remote members.
 max_idle_us = 1000

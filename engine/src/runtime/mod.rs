@@ -78,6 +78,16 @@ pub struct EngineConfig {
     /// One-frame messages are sent and retransmitted from the ring where they lie, so it also
     /// holds up to half its bytes of sent messages for repair (see docs/architecture.md).
     pub publication_ring_bytes: u64,
+    /// How far a publication may run ahead of its worker, in bytes of its ring (Aeron's
+    /// publication window): offers are back-pressured while the messages the worker has not
+    /// yet taken span this many. 0 leaves only the ring's space as the bound.
+    ///
+    /// The ring also holds sent messages for repair, so without a window a saturating
+    /// publisher queues up to half the ring in front of the worker: latency under saturation
+    /// grows with the ring, and the worker sends messages written milliseconds before, no
+    /// longer in any cache. A publisher that sleeps long when back-pressured wants a window
+    /// of at least what the worker sends during its sleep (docs/performance.md).
+    pub publication_window_bytes: u64,
     /// Where publication rings are created (they are unlinked once mapped); default /dev/shm.
     pub ring_dir: Option<PathBuf>,
     /// No worker thread: the application runs the duty cycle itself by calling
@@ -99,6 +109,7 @@ impl Default for EngineConfig {
             gso: true,
             gro: true,
             publication_ring_bytes: 16 << 20,
+            publication_window_bytes: 1 << 20,
             ring_dir: None,
             invoker: false,
             max_idle_us: 50_000,
@@ -505,7 +516,14 @@ impl Engine {
         ));
         intergroup_ring::records::create_with(&path, self.cfg.publication_ring_bytes, Producers::Single)
             .map_err(|e| EngineError::Ring(e.to_string()))?;
-        let producer = SingleProducer::open(&path).map_err(|e| EngineError::Ring(e.to_string()));
+        let producer = SingleProducer::open(&path)
+            .map(|mut p| {
+                if self.cfg.publication_window_bytes > 0 {
+                    p.set_window(self.cfg.publication_window_bytes);
+                }
+                p
+            })
+            .map_err(|e| EngineError::Ring(e.to_string()));
         let opened = producer.and_then(|p| {
             self.ask(group, |tx| Command::Publication {
                 group,
