@@ -153,6 +153,8 @@ assert not missing, f"bench udp JSON lacks {missing}"
 assert out["raw_msgs_per_sec"] == max(out["raw_msgs_per_sec_before"], out["raw_msgs_per_sec_after"]) > 0, out
 assert out["backend"] == backend, out["backend"]
 assert out["lost"] == 0 and out["complete"], f"bench udp lost messages: {out}"
+# The engine's default publication window, reported as run.
+assert out["publication_window"] == 1 << 20 and out["ring_bytes"] == 16 << 20, out
 assert out["retransmissions"] > 0, "5% loss was injected but nothing was retransmitted"
 cpu = out["cpu_ns_per_msg"]
 for who in ("publisher_app", "publisher_worker", "subscriber"):

@@ -60,6 +60,10 @@ pub struct UdpArgs {
     /// adds latency under saturation. The engine's default.
     #[arg(long, default_value_t = 16 << 20)]
     ring_bytes: u64,
+    /// How far the publisher may run ahead of its worker, in bytes of the ring; 0 for no bound
+    /// but the ring. The engine's default (`publication_window_bytes`).
+    #[arg(long, default_value_t = 1 << 20)]
+    publication_window: u64,
     /// I/O backend of every engine.
     #[arg(long, default_value = "auto", value_parser = parse_backend)]
     backend: BackendKind,
@@ -679,6 +683,7 @@ fn engine_run(a: &UdpArgs, port: u16, tuning: Tuning, label: &str) -> Result<Eng
     let engine = Engine::launch(EngineConfig {
         invoker: a.invoker,
         publication_ring_bytes: a.ring_bytes,
+        publication_window_bytes: a.publication_window,
         ..engine_config(a.backend, a.busy_poll)
     })
     .map_err(|e| e.to_string())?;
@@ -725,11 +730,14 @@ fn engine_run(a: &UdpArgs, port: u16, tuning: Tuning, label: &str) -> Result<Eng
                     }
                 }
                 Err(OfferError::BackPressured) => {
-                    // Full: the engine is the bottleneck. Sleeping, rather than yielding in a
-                    // loop, leaves the cores to the engines.
+                    // The engine is the bottleneck: wait for the worker as Aeron's throughput
+                    // tests do, spinning, then yielding the core to any thread with work. A
+                    // sleep would have to outlast the publication window's worth of sending
+                    // to keep the worker fed, and leaves a vCPU idle, which the host then
+                    // gives away (docs/performance.md, twenty-fourth set).
                     spins += 1;
                     if spins > 16 {
-                        std::thread::sleep(Duration::from_micros(500));
+                        std::thread::yield_now();
                     } else {
                         std::hint::spin_loop();
                     }
@@ -809,6 +817,8 @@ fn engine_run(a: &UdpArgs, port: u16, tuning: Tuning, label: &str) -> Result<Eng
         "gro": stats.gro,
         "processes": a.processes,
         "loss": a.loss,
+        "ring_bytes": a.ring_bytes,
+        "publication_window": a.publication_window,
         "published": published,
         "msgs_per_sec": msgs.round(),
         "mb_per_sec": (bytes_per_sec / 1e6 * 10.0).round() / 10.0,
