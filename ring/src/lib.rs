@@ -98,6 +98,32 @@ pub mod loom_support {
         }
     }
 
+    /// A single producer held to a window of the consumer's read position (the real window
+    /// and single-producer code).
+    #[derive(Debug)]
+    pub struct WindowedProducer {
+        mem: Arc<LoomMemory>,
+        window: crate::records::Window,
+    }
+
+    impl WindowedProducer {
+        /// A producer of the single-producer ring in `mem`, `bytes` ahead of its reads at most.
+        pub fn new(mem: &Arc<LoomMemory>, bytes: u64) -> Self {
+            Self {
+                mem: mem.clone(),
+                window: crate::records::Window::new(bytes),
+            }
+        }
+
+        /// Offers one record, refused while the unread records fill the window.
+        pub fn offer(&mut self, type_id: u32, payload: &[u8]) -> Result<(), crate::OfferError> {
+            if self.window.full(&self.mem) {
+                return Err(crate::OfferError::WouldBlock);
+            }
+            crate::records::Producer { mem: &*self.mem }.offer_single(type_id, payload)
+        }
+    }
+
     /// Reads through the real single-producer consumer code.
     pub fn read_single(mem: &LoomMemory, limit: usize, f: impl FnMut(u32, &[u8])) -> usize {
         crate::records::Consumer::new(mem, std::time::Duration::from_secs(3600)).read_single(limit, f)

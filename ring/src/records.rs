@@ -818,15 +818,55 @@ impl RecordConsumer {
     }
 }
 
+/// A single producer's bound on how far its tail may run ahead of the consumer's read position
+/// ([`READ_OFFSET`]), with its cached copy of that position.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Window {
+    /// `u64::MAX` for no bound but the ring's space.
+    bytes: u64,
+    /// The read position as last loaded, refreshed only when the window looks full.
+    read_cache: u64,
+}
+
+impl Window {
+    pub(crate) const NONE: Self = Self {
+        bytes: u64::MAX,
+        read_cache: 0,
+    };
+
+    pub(crate) fn new(bytes: u64) -> Self {
+        Self {
+            bytes: bytes.max(1),
+            read_cache: 0,
+        }
+    }
+
+    /// Whether the records of the ring in `mem` not yet read fill the window.
+    #[inline]
+    pub(crate) fn full<M: Memory>(&mut self, mem: &M) -> bool {
+        if self.bytes == u64::MAX {
+            return false;
+        }
+        // The producer's own tail. Saturating: the read position is shared memory, and a
+        // corrupt one must not panic.
+        let tail = mem.tail().load(Ordering::Relaxed);
+        if tail.saturating_sub(self.read_cache) < self.bytes {
+            return false;
+        }
+        // Relaxed: the read position only paces this producer. Reusing space is still decided
+        // by `head` (Acquire in the claim), so a stale value here can only refuse a claim.
+        self.read_cache = mem.meta(READ_OFFSET).load(Ordering::Relaxed);
+        tail.saturating_sub(self.read_cache) >= self.bytes
+    }
+}
+
 /// The one producer of a single-producer record ring. Opening takes the ring's producer lock;
 /// a lock left by a process that no longer exists is taken over.
 #[derive(Debug)]
 pub struct SingleProducer {
     /// How far the tail may run ahead of the consumer's read position (see
-    /// [`Self::set_window`]); `u64::MAX` for no bound but the ring's space.
-    window: u64,
-    /// The consumer's read position as last loaded, refreshed only when the window looks full.
-    read_cache: u64,
+    /// [`Self::set_window`]).
+    window: Window,
     inner: Producer<Mapped>,
     file: SharedFile,
 }
@@ -860,8 +900,7 @@ impl SingleProducer {
         Ok(Self {
             inner: Producer { mem: mapped(&file) },
             file,
-            window: u64::MAX,
-            read_cache: 0,
+            window: Window::NONE,
         })
     }
 
@@ -880,28 +919,13 @@ impl SingleProducer {
     /// window bounds only the queue in front of it, so what it reads next was written
     /// recently and is still in a cache. It also bounds the queue's latency under saturation.
     pub fn set_window(&mut self, bytes: u64) {
-        self.window = bytes.max(1);
-    }
-
-    /// Whether the records not yet read fill the window; refreshes the cached read position
-    /// only when the cached one says so.
-    #[inline]
-    fn window_full(&mut self) -> bool {
-        let tail = self.inner.mem.tail().load(Ordering::Relaxed);
-        // Saturating: the word is shared memory, and a corrupt one must not panic.
-        if tail.saturating_sub(self.read_cache) < self.window {
-            return false;
-        }
-        // Relaxed: the read position only paces this producer. Reusing space is still decided
-        // by `head` (Acquire in the claim), so a stale value here can only refuse a claim.
-        self.read_cache = self.inner.mem.meta(READ_OFFSET).load(Ordering::Relaxed);
-        tail.saturating_sub(self.read_cache) >= self.window
+        self.window = Window::new(bytes);
     }
 
     /// Claims room for a record of `len` payload bytes, to be filled in place.
     #[inline]
     pub fn try_claim(&mut self, type_id: u32, len: usize) -> Result<SingleClaim<'_>, OfferError> {
-        if self.window != u64::MAX && self.window_full() {
+        if self.window.full(&self.inner.mem) {
             return Err(OfferError::WouldBlock);
         }
         let claimed = self.inner.claim_single(type_id, len)?;
@@ -914,7 +938,7 @@ impl SingleProducer {
 
     /// Copies `payload` into a new record of `type_id`.
     pub fn offer(&mut self, type_id: u32, payload: &[u8]) -> Result<(), OfferError> {
-        if self.window != u64::MAX && self.window_full() {
+        if self.window.full(&self.inner.mem) {
             return Err(OfferError::WouldBlock);
         }
         self.inner.offer_single(type_id, payload)

@@ -159,6 +159,55 @@ fn single_producer_reuses_only_released_held_records() {
     });
 }
 
+/// A single producer held to a window of one record by the consumer's read position, while
+/// the consumer thread reads, holds and releases: the producer goes on only once the
+/// consumer's read position (published relaxed) lets it, reuses only released space, and every
+/// record arrives once, in order; loom reports any unsynchronised access.
+#[test]
+fn a_windowed_single_producer_paces_itself_by_the_read_position() {
+    use intergroup_ring::loom_support::{HeldConsumer, WindowedProducer};
+    loom::model(|| {
+        // Records of 8 header + 16 payload = 24 bytes; the window is one record.
+        let mem = ring(128);
+        let mut producer = WindowedProducer::new(&mem, 24);
+        producer.offer(1, &[1; 16]).unwrap();
+        assert!(
+            producer.offer(2, &[2; 16]).is_err(),
+            "one record fills the window"
+        );
+        let consumer = {
+            let mem = mem.clone();
+            thread::spawn(move || {
+                let mut c = HeldConsumer::new(&mem);
+                let mut got = Vec::new();
+                c.read_held(8, |_, t, p| {
+                    p[1] = 0xee;
+                    got.push((t, p[0]));
+                });
+                c.release(u64::MAX);
+                got
+            })
+        };
+        let mut sent = Vec::new();
+        for id in 2..=3u8 {
+            if producer.offer(u32::from(id), &[id; 16]).is_ok() {
+                sent.push(id);
+            }
+        }
+        let got = consumer.join().unwrap();
+        let mut rest = Vec::new();
+        HeldConsumer::new(&mem).read_held(8, |_, t, p| rest.push((t, p[0])));
+        let all: Vec<(u32, u8)> = got.into_iter().chain(rest).collect();
+        let want: Vec<(u32, u8)> = std::iter::once(1)
+            .chain(sent.iter().copied())
+            .map(|id| (u32::from(id), id))
+            .collect();
+        assert_eq!(all, want);
+        // The window held the producer to one unread record: it never had two offers accepted.
+        assert!(sent.len() <= 1, "{sent:?}");
+    });
+}
+
 /// Reliable broadcast: a reader thread polls while the producer publishes (record 4) and while
 /// it must wait for the reader's released position before wrapping over it (record 5). The
 /// reader gets every record whole and in order; loom reports any unsynchronised access.
