@@ -916,8 +916,8 @@ impl SingleProducer {
     /// leaves only the ring's space as the bound.
     ///
     /// A consumer that holds records it has read (for repair) frees their space later; the
-    /// window bounds only the queue in front of it, so what it reads next was written
-    /// recently and is still in a cache. It also bounds the queue's latency under saturation.
+    /// window bounds only the queue in front of it, and so the queue's latency under
+    /// saturation.
     pub fn set_window(&mut self, bytes: u64) {
         self.window = Window::new(bytes);
     }
