@@ -84,7 +84,7 @@ pub struct EngineConfig {
     ///
     /// The ring also holds sent messages for repair, so without a window a saturating
     /// publisher queues up to half the ring in front of the worker: latency under saturation
-    /// grows with the ring (3.6-4.5 ms at 1 KiB with 16 MiB, against 0.3-1.0 ms with this
+    /// grows with the ring (3.6-4.5 ms at 1 KiB with 16 MiB, against 0.25-1.0 ms with this
     /// default). A publisher that sleeps long when back-pressured wants a window of at least
     /// what the worker sends during its sleep (docs/performance.md, twenty-fourth set).
     pub publication_window_bytes: u64,
