@@ -1030,6 +1030,15 @@ mod tests {
         (path, p, c)
     }
 
+    /// A single-producer ring of `capacity` bytes with its producer and consumer.
+    fn single_ring(name: &str, capacity: u64) -> (crate::test_dir::TempPath, SingleProducer, RecordConsumer) {
+        let path = crate::test_dir::TempPath::new(name);
+        create_with(&path, capacity, Producers::Single).unwrap();
+        let p = SingleProducer::open(&path).unwrap();
+        let c = RecordConsumer::open(&path, Duration::from_millis(50)).unwrap();
+        (path, p, c)
+    }
+
     fn drain(c: &mut RecordConsumer) -> Vec<(u32, Vec<u8>)> {
         let mut out = Vec::new();
         c.read(usize::MAX, |t, p| out.push((t, p.to_vec())));
@@ -1140,10 +1149,7 @@ mod tests {
 
     #[test]
     fn a_windowed_producer_stays_within_its_window_of_the_read_position() {
-        let path = crate::test_dir::TempPath::new("window");
-        create_with(&path, 1024, Producers::Single).unwrap();
-        let mut p = SingleProducer::open(&path).unwrap();
-        let mut c = RecordConsumer::open(&path, Duration::from_millis(50)).unwrap();
+        let (path, mut p, mut c) = single_ring("window", 1024);
         // 32-byte records, a window of 100 bytes: four fit (96 < 100), the fifth is refused
         // although the ring has room for 32.
         p.set_window(100);
@@ -1183,10 +1189,7 @@ mod tests {
 
     #[test]
     fn held_records_keep_their_space_and_edits_until_released() {
-        let path = crate::test_dir::TempPath::new("held");
-        create_with(&path, 256, Producers::Single).unwrap();
-        let mut p = SingleProducer::open(&path).unwrap();
-        let mut c = RecordConsumer::open(&path, Duration::from_millis(50)).unwrap();
+        let (_path, mut p, mut c) = single_ring("held", 256);
         assert_eq!(c.capacity(), 256);
         let mut n = 0u8;
         while p.offer(1, &[n; 24]).is_ok() {

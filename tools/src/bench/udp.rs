@@ -58,11 +58,11 @@ pub struct UdpArgs {
     invoker: bool,
     /// Bytes of the publication's ring (a power of two); a deeper ring queues more and so
     /// adds latency under saturation. The engine's default.
-    #[arg(long, default_value_t = 16 << 20)]
+    #[arg(long, default_value_t = EngineConfig::default().publication_ring_bytes)]
     ring_bytes: u64,
     /// How far the publisher may run ahead of its worker, in bytes of the ring; 0 for no bound
     /// but the ring. The engine's default (`publication_window_bytes`).
-    #[arg(long, default_value_t = 1 << 20)]
+    #[arg(long, default_value_t = EngineConfig::default().publication_window_bytes)]
     publication_window: u64,
     /// I/O backend of every engine.
     #[arg(long, default_value = "auto", value_parser = parse_backend)]
