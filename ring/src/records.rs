@@ -925,9 +925,7 @@ impl SingleProducer {
     /// Claims room for a record of `len` payload bytes, to be filled in place.
     #[inline]
     pub fn try_claim(&mut self, type_id: u32, len: usize) -> Result<SingleClaim<'_>, OfferError> {
-        if self.window.full(&self.inner.mem) {
-            return Err(OfferError::WouldBlock);
-        }
+        self.within_window()?;
         let claimed = self.inner.claim_single(type_id, len)?;
         Ok(SingleClaim {
             producer: self,
@@ -938,10 +936,18 @@ impl SingleProducer {
 
     /// Copies `payload` into a new record of `type_id`.
     pub fn offer(&mut self, type_id: u32, payload: &[u8]) -> Result<(), OfferError> {
-        if self.window.full(&self.inner.mem) {
-            return Err(OfferError::WouldBlock);
-        }
+        self.within_window()?;
         self.inner.offer_single(type_id, payload)
+    }
+
+    /// Refuses a claim while the records not yet read fill the window.
+    #[inline]
+    fn within_window(&mut self) -> Result<(), OfferError> {
+        if self.window.full(&self.inner.mem) {
+            Err(OfferError::WouldBlock)
+        } else {
+            Ok(())
+        }
     }
 }
 
