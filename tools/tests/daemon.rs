@@ -53,11 +53,20 @@ impl Setup {
             .stderr(Stdio::null())
             .spawn()
             .expect("start the engine");
+        let pid = child.id();
         let guard = Guard(Some(child));
-        until("the engine's control file", || {
-            self.dir.join("cnc").exists() && stat(&self.dir).is_some()
-        });
+        self.until_running(pid);
         guard
+    }
+
+    /// Waits until the engine with this `pid` runs on the directory. A killed engine leaves
+    /// its control file behind, and `stat` answers from it too (not alive), so a file and an
+    /// answer alone do not say that a new engine has taken the directory yet.
+    fn until_running(&self, pid: u32) {
+        until("the engine's control file", || {
+            stat(&self.dir)
+                .is_some_and(|v| v["engine_pid"].as_u64() == Some(u64::from(pid)) && v["alive"] == true)
+        });
     }
 }
 
@@ -120,6 +129,30 @@ fn terminate(mut g: Guard) -> std::process::ExitStatus {
     // SAFETY: signals a child this test started.
     unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
     c.wait().unwrap()
+}
+
+/// Runs an engine on `s` that is expected to refuse and exit, and returns its output. One
+/// that runs instead is killed (by PID) after 20 s and fails the test rather than hang it.
+fn refused_engine(s: &Setup) -> std::process::Output {
+    let mut child = bin()
+        .args(["engine", "--dir", s.dir(), "--config", s.config.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the engine");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the engine ran instead of refusing: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
 }
 
 fn kill9(c: &mut Child) {
@@ -258,10 +291,7 @@ fn a_killed_engine_is_a_clear_error_for_its_clients_and_leaves_a_directory_the_n
     );
     // A second engine refuses a directory in use, and takes over a dead one's.
     let next = s.engine();
-    let out = bin()
-        .args(["engine", "--dir", s.dir(), "--config", s.config.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = refused_engine(&s);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("another engine"));
     assert!(terminate(next).success());
@@ -271,10 +301,7 @@ fn a_killed_engine_is_a_clear_error_for_its_clients_and_leaves_a_directory_the_n
 fn a_bad_config_is_refused_with_its_line() {
     let s = Setup::new("badconfig", 3);
     std::fs::write(&s.config, "client_timeout_ms = 500\n[network]\nttl = \"high\"\n").unwrap();
-    let out = bin()
-        .args(["engine", "--dir", s.dir(), "--config", s.config.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = refused_engine(&s);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(":3:"), "names line 3: {err}");
@@ -440,10 +467,7 @@ fn a_secured_group_starts_from_a_signed_policy_and_rolls_out_a_new_version_on_si
     };
     write_config(&secret1, 1);
     // This engine's key is not in the policy yet: refused, saying why.
-    let out = bin()
-        .args(["engine", "--dir", s.dir(), "--config", s.config.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = refused_engine(&s);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a member of the policy"), "{err}");
@@ -456,6 +480,7 @@ fn a_secured_group_starts_from_a_signed_policy_and_rolls_out_a_new_version_on_si
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
+    let pid = child.id();
     let guard = Guard(Some(child));
     let lines = std::sync::Arc::new(Mutex::new(Vec::<String>::new()));
     let sink = lines.clone();
@@ -464,9 +489,7 @@ fn a_secured_group_starts_from_a_signed_policy_and_rolls_out_a_new_version_on_si
             sink.lock().unwrap().push(line);
         }
     });
-    until("the engine's control file", || {
-        s.dir.join("cnc").exists() && stat(&s.dir).is_some()
-    });
+    s.until_running(pid);
     // A publication joins the group: its datagrams (heartbeats at least) leave sealed.
     let mut publisher = client(&s, "pub", "vault", &[])
         .stdin(Stdio::piped())
@@ -477,7 +500,7 @@ fn a_secured_group_starts_from_a_signed_policy_and_rolls_out_a_new_version_on_si
     until("sealed datagrams", || {
         counter(&s.dir, "secure_sealed").unwrap_or(0) > 0
     });
-    let pid = guard.0.as_ref().unwrap().id() as i32;
+    let pid = pid as i32;
     let saw = |what: &str| lines.lock().unwrap().iter().any(|l| l.contains(what));
 
     // Version 3 drops the other member, under a new secret, as epoch 2: rolled out.
