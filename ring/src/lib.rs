@@ -117,9 +117,7 @@ pub mod loom_support {
 
         /// Offers one record, refused while the unread records fill the window.
         pub fn offer(&mut self, type_id: u32, payload: &[u8]) -> Result<(), crate::OfferError> {
-            if self.window.full(&self.mem) {
-                return Err(crate::OfferError::WouldBlock);
-            }
+            self.window.admit(&*self.mem)?;
             crate::records::Producer { mem: &*self.mem }.offer_single(type_id, payload)
         }
     }

@@ -858,6 +858,16 @@ impl Window {
         self.read_cache = mem.meta(READ_OFFSET).load(Ordering::Relaxed);
         tail.saturating_sub(self.read_cache) >= self.bytes
     }
+
+    /// Refuses a claim on the ring in `mem` while the records not yet read fill the window.
+    #[inline]
+    pub(crate) fn admit<M: Memory>(&mut self, mem: &M) -> Result<(), OfferError> {
+        if self.full(mem) {
+            Err(OfferError::WouldBlock)
+        } else {
+            Ok(())
+        }
+    }
 }
 
 /// The one producer of a single-producer record ring. Opening takes the ring's producer lock;
@@ -925,7 +935,7 @@ impl SingleProducer {
     /// Claims room for a record of `len` payload bytes, to be filled in place.
     #[inline]
     pub fn try_claim(&mut self, type_id: u32, len: usize) -> Result<SingleClaim<'_>, OfferError> {
-        self.within_window()?;
+        self.window.admit(&self.inner.mem)?;
         let claimed = self.inner.claim_single(type_id, len)?;
         Ok(SingleClaim {
             producer: self,
@@ -936,18 +946,8 @@ impl SingleProducer {
 
     /// Copies `payload` into a new record of `type_id`.
     pub fn offer(&mut self, type_id: u32, payload: &[u8]) -> Result<(), OfferError> {
-        self.within_window()?;
+        self.window.admit(&self.inner.mem)?;
         self.inner.offer_single(type_id, payload)
-    }
-
-    /// Refuses a claim while the records not yet read fill the window.
-    #[inline]
-    fn within_window(&mut self) -> Result<(), OfferError> {
-        if self.window.full(&self.inner.mem) {
-            Err(OfferError::WouldBlock)
-        } else {
-            Ok(())
-        }
     }
 }
 
