@@ -41,15 +41,22 @@ impl Setup {
         self.dir.to_str().unwrap()
     }
 
+    /// `intergroup engine` on this setup's directory and config.
+    fn engine_command(&self) -> Command {
+        let mut cmd = bin();
+        cmd.args([
+            "engine",
+            "--dir",
+            self.dir(),
+            "--config",
+            self.config.to_str().unwrap(),
+        ]);
+        cmd
+    }
+
     fn engine(&self) -> Guard {
-        let child = bin()
-            .args([
-                "engine",
-                "--dir",
-                self.dir(),
-                "--config",
-                self.config.to_str().unwrap(),
-            ])
+        let child = self
+            .engine_command()
             .stderr(Stdio::null())
             .spawn()
             .expect("start the engine");
@@ -134,8 +141,8 @@ fn terminate(mut g: Guard) -> std::process::ExitStatus {
 /// Runs an engine on `s` that is expected to refuse and exit, and returns its output. One
 /// that runs instead is killed (by PID) after 20 s and fails the test rather than hang it.
 fn refused_engine(s: &Setup) -> std::process::Output {
-    let mut child = bin()
-        .args(["engine", "--dir", s.dir(), "--config", s.config.to_str().unwrap()])
+    let mut child = s
+        .engine_command()
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -474,11 +481,7 @@ fn a_secured_group_starts_from_a_signed_policy_and_rolls_out_a_new_version_on_si
 
     add_member(&engine);
     cli(&["policy", "sign", "--policy", &policy, "--key", &admin_key]);
-    let mut child = bin()
-        .args(["engine", "--dir", s.dir(), "--config", s.config.to_str().unwrap()])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = s.engine_command().stderr(Stdio::piped()).spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
     let pid = child.id();
     let guard = Guard(Some(child));
