@@ -230,6 +230,41 @@ fn a_publication_window_smaller_than_its_messages_carries_every_message_with_los
     one_to_two_with(cfg, 30_000, 0.05, 7);
 }
 
+/// Publication rings as files in a directory (`ring_dir`) instead of the process's memory: the
+/// same messages arrive, and the files are gone once both ends have mapped them.
+#[test]
+fn publication_rings_in_a_ring_dir_carry_every_message_and_leave_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = EngineConfig {
+        backend: BackendKind::Portable,
+        ring_dir: Some(dir.path().to_path_buf()),
+        ..EngineConfig::default()
+    };
+    // While a publication lives, its ring is a mapped file of that directory, already unlinked;
+    // by default it is no file at all.
+    let mapped_from = |e: &Engine, dir: &str| {
+        let _publication = e.publication(9, 1).unwrap();
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        maps.lines()
+            .filter(|l| l.contains(dir) && l.contains("intergroup-pub-"))
+            .map(|l| l.ends_with("(deleted)"))
+            .collect::<Vec<_>>()
+    };
+    let in_dir = engine_with(cfg.clone());
+    in_dir.join(group(1, port(), 0.0, 1)).unwrap();
+    assert_eq!(
+        mapped_from(&in_dir, dir.path().to_str().unwrap()),
+        vec![true, true]
+    );
+    drop(in_dir);
+    let default = engine(BackendKind::Portable);
+    default.join(group(1, port(), 0.0, 1)).unwrap();
+    assert_eq!(mapped_from(&default, "/"), Vec::<bool>::new());
+    one_to_two_with(cfg, 20_000, 0.05, 8);
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "ring files left behind: {left:?}");
+}
+
 #[test]
 fn closed_engine_refuses_offers_and_unknown_groups_are_errors() {
     let e = engine(BackendKind::Auto);

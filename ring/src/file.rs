@@ -92,12 +92,8 @@ impl SharedFile {
             path: name.clone(),
             what,
         };
-        check_capacity(capacity).map_err(&bad)?;
-        check_alignment(record_alignment).map_err(&bad)?;
-        let unit = 64.max(record_alignment as usize);
-        let data_offset = (HEADER_LEN + metadata_len).div_ceil(unit) * unit;
-        let data_offset = u32::try_from(data_offset).map_err(|_| bad("metadata too large".into()))?;
-        let file_len = u64::from(data_offset) + capacity;
+        let header = new_header(kind, capacity, record_alignment, metadata_len).map_err(&bad)?;
+        let file_len = header.file_len.get();
         let io = |source| Error::Io {
             path: name.clone(),
             source,
@@ -110,20 +106,74 @@ impl SharedFile {
             .open(path)
             .map_err(io)?;
         file.set_len(file_len).map_err(io)?;
-        let mut map = map_file(&file).map_err(io)?;
-        let header = FileHeader {
-            magic: MAGIC,
-            version: LAYOUT_VERSION.into(),
-            kind: (kind as u32).into(),
-            capacity: capacity.into(),
-            record_alignment: record_alignment.into(),
-            data_offset: data_offset.into(),
-            file_len: file_len.into(),
-            reserved: [0; 24],
+        let map = map_file(&file).map_err(io)?;
+        Self::with_header(map, header).map_err(bad)
+    }
+
+    /// A ring of `kind` like [`create`](Self::create)'s, in this process's own memory instead
+    /// of a file: for a producer and a consumer that are threads of one process (an embedded
+    /// engine's publications), which share it through an `Arc`. No other process can open it,
+    /// and a child made by `fork` does not inherit it.
+    ///
+    /// Where the kernel allows (transparent huge pages in `madvise` mode or `always`) it is
+    /// backed by 2 MiB pages: a data path that streams through a ring of several MiB, in a
+    /// virtual machine where every TLB miss walks two sets of page tables, pays for 4 KiB pages
+    /// on every fourth 1 KiB record (docs/performance.md, twenty-sixth set). A file in
+    /// `/dev/shm` gets no huge pages unless the tmpfs is mounted with `huge=`.
+    pub fn anonymous(
+        kind: RingKind,
+        capacity: u64,
+        record_alignment: u32,
+        metadata_len: usize,
+    ) -> Result<Self, Error> {
+        let name = "(anonymous ring)";
+        let bad = |what: String| Error::BadLayout {
+            path: name.into(),
+            what,
         };
+        let header = new_header(kind, capacity, record_alignment, metadata_len).map_err(&bad)?;
+        let len =
+            usize::try_from(header.file_len.get()).map_err(|_| bad("too large for this machine".into()))?;
+        // Mapped as a whole number of huge pages, so that the kernel aligns the mapping to one;
+        // the bytes past `file_len` are never touched, so never allocated.
+        let huge = len / HUGE_PAGE * HUGE_PAGE;
+        let len = if huge > 0 {
+            len.div_ceil(HUGE_PAGE) * HUGE_PAGE
+        } else {
+            len
+        };
+        let io = |source| Error::Io {
+            path: name.into(),
+            source,
+        };
+        let map = memmap2::MmapOptions::new().len(len).map_anon().map_err(io)?;
+        // Both are hints. A kernel without transparent huge pages, or with them off, refuses the
+        // first, and the ring works on small pages. It covers only whole huge pages of the
+        // ring: a 16 MiB data area after its 512 bytes of header would otherwise take a ninth
+        // huge page for its last 512 bytes. The second keeps a child of `fork` from sharing the
+        // pages copy-on-write (the first write after each fork would copy them).
+        #[cfg(target_os = "linux")]
+        {
+            if huge > 0 {
+                let _ = map.advise_range(memmap2::Advice::HugePage, 0, huge);
+            }
+            let _ = map.advise(memmap2::Advice::DontFork);
+        }
+        Self::with_header(map, header).map_err(bad)
+    }
+
+    /// Writes `header` at the start of `map` (at least `header.file_len` bytes long).
+    fn with_header(mut map: MmapMut, header: FileHeader) -> Result<Self, String> {
+        if (map.len() as u64) < header.file_len.get() {
+            return Err(format!(
+                "{} bytes mapped for a ring of {}",
+                map.len(),
+                header.file_len
+            ));
+        }
         header
             .write_to_prefix(&mut map[..])
-            .map_err(|_| bad("file shorter than its header".into()))?;
+            .map_err(|_| "file shorter than its header".to_string())?;
         let base = map.as_mut_ptr();
         Ok(Self { map, base, header })
     }
@@ -162,7 +212,7 @@ impl SharedFile {
     /// The data area, `capacity` bytes.
     pub fn data(&self) -> &[u8] {
         let start = self.header.data_offset.get() as usize;
-        &self.map[start..]
+        &self.map[start..start + self.header.capacity.get() as usize]
     }
 
     /// The ring metadata between the header and the data area.
@@ -179,6 +229,34 @@ fn map_file(file: &std::fs::File) -> std::io::Result<MmapMut> {
     // every value it reads from it; a concurrent truncation by a hostile process can at worst
     // raise SIGBUS, which no safe API can prevent for shared mappings.
     unsafe { MmapMut::map_mut(file) }
+}
+
+/// Bytes of a transparent huge page on x86-64 and most arm64 kernels.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// The header of a new ring of `kind`: a data area of `capacity` bytes after `metadata_len`
+/// bytes of ring metadata, records aligned to `record_alignment`.
+fn new_header(
+    kind: RingKind,
+    capacity: u64,
+    record_alignment: u32,
+    metadata_len: usize,
+) -> Result<FileHeader, String> {
+    check_capacity(capacity)?;
+    check_alignment(record_alignment)?;
+    let unit = 64.max(record_alignment as usize);
+    let data_offset = (HEADER_LEN + metadata_len).div_ceil(unit) * unit;
+    let data_offset = u32::try_from(data_offset).map_err(|_| "metadata too large".to_string())?;
+    Ok(FileHeader {
+        magic: MAGIC,
+        version: LAYOUT_VERSION.into(),
+        kind: (kind as u32).into(),
+        capacity: capacity.into(),
+        record_alignment: record_alignment.into(),
+        data_offset: data_offset.into(),
+        file_len: (u64::from(data_offset) + capacity).into(),
+        reserved: [0; 24],
+    })
 }
 
 fn check_capacity(capacity: u64) -> Result<(), String> {

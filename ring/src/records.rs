@@ -31,6 +31,7 @@ use crate::memory::{Mapped, Memory};
 use crate::primitive::{fence, AtomicU64, Ordering};
 use crate::Error;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How many records ahead the single-producer consumer prefetches...
@@ -601,9 +602,10 @@ impl Producer<Mapped> {
 
 fn mapped(file: &SharedFile) -> Mapped {
     let h = file.header();
-    // SAFETY: `SharedFile::open`/`create` checked that the mapping holds `data_offset + capacity`
-    // bytes; DATA_OFFSET puts every index below the data area, 8-aligned; the mapping lives in
-    // `file`, which each handle keeps beside its `Mapped`.
+    // SAFETY: `SharedFile::open`/`create`/`anonymous` made sure the mapping holds
+    // `data_offset + capacity` bytes; DATA_OFFSET puts every index below the data area,
+    // 8-aligned; the mapping lives in `file`, which each handle keeps (shared through an `Arc`)
+    // beside its `Mapped`.
     unsafe {
         Mapped::new(
             file.base_ptr(),
@@ -653,6 +655,42 @@ pub fn create_with(path: &Path, capacity: u64, producers: Producers) -> Result<(
     let mode = u64::from(producers == Producers::Single);
     meta_word(&file, PRODUCERS_OFFSET).store(mode, Ordering::Release);
     Ok(())
+}
+
+/// A single-producer ring of `capacity` bytes in this process's own memory, not a file
+/// ([`SharedFile::anonymous`]: on huge pages where the kernel allows), and both its ends: for a
+/// producer and a consumer that are threads of this process. It behaves as a ring made by
+/// [`create_with`] and opened with [`SingleProducer::open`] and [`RecordConsumer::open`].
+pub fn anonymous_single(
+    capacity: u64,
+    abandon_timeout: Duration,
+) -> Result<(SingleProducer, RecordConsumer), Error> {
+    if capacity > MAX_RECORD_CAPACITY {
+        return Err(Error::BadLayout {
+            path: "(anonymous ring)".into(),
+            what: format!("capacity {capacity} exceeds {MAX_RECORD_CAPACITY}"),
+        });
+    }
+    let file = Arc::new(SharedFile::anonymous(
+        RingKind::Records,
+        capacity,
+        RECORD_ALIGN as u32,
+        DATA_OFFSET - crate::file::HEADER_LEN,
+    )?);
+    meta_word(&file, PRODUCERS_OFFSET).store(1, Ordering::Release);
+    // The producer lock, as `SingleProducer::open` takes it: no other process can see it.
+    meta_word(&file, PRODUCER_LOCK_OFFSET).store(u64::from(std::process::id()), Ordering::Release);
+    let producer = SingleProducer {
+        inner: Producer { mem: mapped(&file) },
+        file: file.clone(),
+        window: Window::NONE,
+    };
+    let consumer = RecordConsumer {
+        inner: Consumer::new(mapped(&file), abandon_timeout),
+        producers: Producers::Single,
+        _file: file,
+    };
+    Ok((producer, consumer))
 }
 
 /// A producer of a record ring; many may exist at once, in any processes.
@@ -743,14 +781,14 @@ impl Drop for RecordClaim<'_> {
 pub struct RecordConsumer {
     inner: Consumer<Mapped>,
     producers: Producers,
-    _file: SharedFile,
+    _file: Arc<SharedFile>,
 }
 
 impl RecordConsumer {
     /// Maps the record ring at `path`. A claim not committed within `abandon_timeout` is
     /// treated as the work of a dead producer and skipped.
     pub fn open(path: &Path, abandon_timeout: Duration) -> Result<Self, Error> {
-        let file = open_checked(path)?;
+        let file = Arc::new(open_checked(path)?);
         Ok(Self {
             inner: Consumer::new(mapped(&file), abandon_timeout),
             producers: producers_of(&file),
@@ -878,7 +916,7 @@ pub struct SingleProducer {
     /// [`Self::set_window`]).
     window: Window,
     inner: Producer<Mapped>,
-    file: SharedFile,
+    file: Arc<SharedFile>,
 }
 
 impl SingleProducer {
@@ -909,7 +947,7 @@ impl SingleProducer {
         }
         Ok(Self {
             inner: Producer { mem: mapped(&file) },
-            file,
+            file: Arc::new(file),
             window: Window::NONE,
         })
     }
@@ -1151,6 +1189,59 @@ mod tests {
         again.offer(1, b"x").unwrap();
         assert_eq!(drain(&mut c), vec![(1, b"x".to_vec())]);
         assert_eq!(c.stats().abandoned, 0);
+    }
+
+    #[test]
+    fn an_anonymous_ring_carries_records_between_threads_as_a_file_ring_does() {
+        assert!(matches!(
+            anonymous_single(1000, Duration::from_secs(1)),
+            Err(Error::BadLayout { .. })
+        ));
+        assert!(anonymous_single(MAX_RECORD_CAPACITY * 2, Duration::from_secs(1)).is_err());
+        // Small: wraps, full, and the window, as the file ring in the test above.
+        let (mut p, mut c) = anonymous_single(256, Duration::from_millis(50)).unwrap();
+        for round in 0..50u8 {
+            let mut claim = p.try_claim(2, 13).unwrap();
+            claim.buf().fill(round);
+            claim.commit();
+            assert_eq!(drain(&mut c), vec![(2, vec![round; 13])]);
+        }
+        let mut n = 0;
+        while p.offer(1, &[0; 24]).is_ok() {
+            n += 1;
+        }
+        assert!(n == 7 || n == 8, "{n}");
+        assert_eq!(drain(&mut c).len(), n);
+        // Larger than a huge page, across two threads: every record arrives, in order.
+        let (mut p, mut c) = anonymous_single(4 << 20, Duration::from_secs(1)).unwrap();
+        p.set_window(1 << 20);
+        const N: u64 = 200_000;
+        let producer = std::thread::spawn(move || {
+            for i in 0..N {
+                let mut claim = loop {
+                    match p.try_claim(1, 1000) {
+                        Ok(claim) => break claim,
+                        Err(OfferError::WouldBlock) => std::thread::yield_now(),
+                        Err(e) => panic!("{e}"),
+                    }
+                };
+                claim.buf()[..8].copy_from_slice(&i.to_le_bytes());
+                claim.commit();
+            }
+        });
+        let mut next = 0u64;
+        while next < N {
+            let read = c.read(usize::MAX, |t, payload| {
+                assert_eq!((t, payload.len()), (1, 1000));
+                assert_eq!(u64::from_le_bytes(payload[..8].try_into().unwrap()), next);
+                next += 1;
+            });
+            if read == 0 {
+                std::thread::yield_now();
+            }
+        }
+        producer.join().unwrap();
+        assert_eq!(c.stats().corrupt, 0);
     }
 
     #[test]

@@ -313,7 +313,8 @@ publication_window_bytes = 1048576
 # Longest an idle worker sleeps, microseconds: bounds how long a message published by a
 # client waits before the engine sends it to remote members.
 max_idle_us = 1000
-# Where embedded publication rings are made (default /dev/shm).
+# Where embedded publication rings are made as files; by default they are the process's own
+# memory (on transparent huge pages where the kernel allows), not files.
 # ring_dir = "/dev/shm"
 # Run the duty cycle on the application's thread (embedded engines only).
 invoker = false

@@ -88,7 +88,12 @@ pub struct EngineConfig {
     /// default). A publisher that sleeps long when back-pressured wants a window of at least
     /// what the worker sends during its sleep (docs/performance.md, twenty-fourth set).
     pub publication_window_bytes: u64,
-    /// Where publication rings are created (they are unlinked once mapped); default /dev/shm.
+    /// Where publication rings are created as files (unlinked once mapped). Unset (the
+    /// default), they are this process's own memory, on transparent huge pages where the kernel
+    /// allows: both ends of an embedded publication are threads of one process, and a file in
+    /// /dev/shm gets no huge pages unless that tmpfs is mounted with `huge=`. The ring is what
+    /// the worker streams through and sends from, so its pages count (docs/performance.md,
+    /// twenty-sixth set).
     pub ring_dir: Option<PathBuf>,
     /// No worker thread: the application runs the duty cycle itself by calling
     /// [`Engine::invoke`] (Aeron's invoker mode). A single-threaded publisher then keeps its
@@ -497,44 +502,49 @@ impl Engine {
         })
     }
 
-    /// A publication of `group` on `stream`: a single-producer ring the owning worker reads.
+    /// A publication of `group` on `stream`: a single-producer ring the owning worker reads,
+    /// in this process's memory, or a file in [`EngineConfig::ring_dir`] when that is set.
     pub fn publication(&self, group: u32, stream: u32) -> Result<Publication, EngineError> {
-        let dir = self.cfg.ring_dir.clone().unwrap_or_else(|| {
-            let shm = PathBuf::from("/dev/shm");
-            if shm.is_dir() {
-                shm
-            } else {
-                std::env::temp_dir()
+        let ring_error = |e: intergroup_ring::Error| EngineError::Ring(e.to_string());
+        // The worker's consumer treats a claim left uncommitted this long as abandoned; the
+        // producer is this process, so that never happens while it lives.
+        let abandon = std::time::Duration::from_secs(3600);
+        let (mut producer, consumer) = match &self.cfg.ring_dir {
+            None => intergroup_ring::records::anonymous_single(self.cfg.publication_ring_bytes, abandon)
+                .map_err(ring_error)?,
+            Some(dir) => {
+                let path = dir.join(format!(
+                    "intergroup-pub-{}-{}-{}-{}",
+                    std::process::id(),
+                    group,
+                    stream,
+                    RING_COUNTER.fetch_add(1, Ordering::Relaxed)
+                ));
+                intergroup_ring::records::create_with(
+                    &path,
+                    self.cfg.publication_ring_bytes,
+                    Producers::Single,
+                )
+                .map_err(ring_error)?;
+                let ends = SingleProducer::open(&path).and_then(|p| {
+                    intergroup_ring::records::RecordConsumer::open(&path, abandon).map(|c| (p, c))
+                });
+                // Both ends hold the mapping now (or failed): the name is no longer needed.
+                let _ = std::fs::remove_file(&path);
+                ends.map_err(ring_error)?
             }
-        });
-        let path = dir.join(format!(
-            "intergroup-pub-{}-{}-{}-{}",
-            std::process::id(),
-            group,
-            stream,
-            RING_COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        intergroup_ring::records::create_with(&path, self.cfg.publication_ring_bytes, Producers::Single)
-            .map_err(|e| EngineError::Ring(e.to_string()))?;
-        let producer = SingleProducer::open(&path)
-            .map(|mut p| {
-                if self.cfg.publication_window_bytes > 0 {
-                    p.set_window(self.cfg.publication_window_bytes);
-                }
-                p
-            })
-            .map_err(|e| EngineError::Ring(e.to_string()));
-        let opened = producer.and_then(|p| {
-            self.ask(group, |tx| Command::Publication {
+        };
+        if self.cfg.publication_window_bytes > 0 {
+            producer.set_window(self.cfg.publication_window_bytes);
+        }
+        let opened = self
+            .ask(group, |tx| Command::Publication {
                 group,
                 stream,
-                path: path.clone(),
+                consumer: Box::new(consumer),
                 reply: tx,
             })
-            .map(|max| (p, max))
-        });
-        // Both sides hold the mapping now (or failed): the name is no longer needed.
-        let _ = std::fs::remove_file(&path);
+            .map(|max| (producer, max));
         let (producer, (member_max, lend)) = opened?;
         let max = member_max.min(producer.max_payload().saturating_sub(PUBLICATION_HEADROOM));
         Ok(Publication {

@@ -115,8 +115,9 @@ pub enum Command {
         group: u32,
         /// Stream the ring's messages go on.
         stream: u32,
-        /// The ring file (unlinked once the reply is sent).
-        path: PathBuf,
+        /// The ring's consumer end, opened by the engine (the ring is this process's memory,
+        /// or a file it has mapped and unlinks once the reply is sent).
+        consumer: Box<RecordConsumer>,
         /// Reply: the group's largest message, and which messages the worker sends from the
         /// ring (so their records carry headroom).
         reply: Sender<Result<(usize, LendLengths), EngineError>>,
@@ -557,30 +558,27 @@ impl Worker {
             Command::Publication {
                 group,
                 stream,
-                path,
+                consumer,
                 reply,
             } => {
                 let r = match self.group_index(group) {
                     None => Err(EngineError::UnknownGroup(group)),
-                    Some(i) => match RecordConsumer::open(&path, Duration::from_secs(3600)) {
-                        Ok(consumer) => {
-                            let g = &mut self.groups[i];
-                            g.publications
-                                .push(Publication::new(stream, Source::Ring(consumer)));
-                            let cfg = g.proto.config();
-                            let max_frame = cfg.max_frame_payload();
-                            let lend = if g.lends {
-                                LendLengths {
-                                    above: max_frame / 2,
-                                    max: max_frame,
-                                }
-                            } else {
-                                LendLengths::NONE
-                            };
-                            Ok((cfg.max_message_bytes, lend))
-                        }
-                        Err(e) => Err(EngineError::Ring(e.to_string())),
-                    },
+                    Some(i) => {
+                        let g = &mut self.groups[i];
+                        g.publications
+                            .push(Publication::new(stream, Source::Ring(*consumer)));
+                        let cfg = g.proto.config();
+                        let max_frame = cfg.max_frame_payload();
+                        let lend = if g.lends {
+                            LendLengths {
+                                above: max_frame / 2,
+                                max: max_frame,
+                            }
+                        } else {
+                            LendLengths::NONE
+                        };
+                        Ok((cfg.max_message_bytes, lend))
+                    }
                 };
                 let _ = reply.send(r);
             }
