@@ -126,7 +126,7 @@ impl SharedFile {
         record_alignment: u32,
         metadata_len: usize,
     ) -> Result<Self, Error> {
-        let name = "(anonymous ring)";
+        let name = ANONYMOUS;
         let bad = |what: String| Error::BadLayout {
             path: name.into(),
             what,
@@ -230,6 +230,9 @@ fn map_file(file: &std::fs::File) -> std::io::Result<MmapMut> {
     // raise SIGBUS, which no safe API can prevent for shared mappings.
     unsafe { MmapMut::map_mut(file) }
 }
+
+/// What errors about a ring in a process's own memory name instead of a path.
+pub(crate) const ANONYMOUS: &str = "(anonymous ring)";
 
 /// Bytes of a transparent huge page on x86-64 and most arm64 kernels.
 const HUGE_PAGE: usize = 2 << 20;

@@ -2,7 +2,9 @@
 //!
 //! Every ring file starts with a [`FileHeader`] that is checked before anything in the file is
 //! trusted. [`records`] is the many-to-one record ring, [`broadcast`] the one-to-many log.
-//! No networking, no protocol.
+//! A single-producer record ring whose producer and consumer are threads of one process can
+//! live in that process's own memory instead ([`records::anonymous_single`]), with the same
+//! header and layout. No networking, no protocol.
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]

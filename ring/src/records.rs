@@ -667,7 +667,7 @@ pub fn anonymous_single(
 ) -> Result<(SingleProducer, RecordConsumer), Error> {
     if capacity > MAX_RECORD_CAPACITY {
         return Err(Error::BadLayout {
-            path: "(anonymous ring)".into(),
+            path: crate::file::ANONYMOUS.into(),
             what: format!("capacity {capacity} exceeds {MAX_RECORD_CAPACITY}"),
         });
     }
@@ -1198,7 +1198,7 @@ mod tests {
             Err(Error::BadLayout { .. })
         ));
         assert!(anonymous_single(MAX_RECORD_CAPACITY * 2, Duration::from_secs(1)).is_err());
-        // Small: wraps, full, and the window, as the file ring in the test above.
+        // Small: it wraps and fills as the file ring in the test above does.
         let (mut p, mut c) = anonymous_single(256, Duration::from_millis(50)).unwrap();
         for round in 0..50u8 {
             let mut claim = p.try_claim(2, 13).unwrap();
