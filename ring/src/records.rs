@@ -639,12 +639,7 @@ pub fn create(path: &Path, capacity: u64) -> Result<(), Error> {
 
 /// Creates a record-ring file for `producers` producers; see [`create`].
 pub fn create_with(path: &Path, capacity: u64, producers: Producers) -> Result<(), Error> {
-    if capacity > MAX_RECORD_CAPACITY {
-        return Err(Error::BadLayout {
-            path: path.display().to_string(),
-            what: format!("capacity {capacity} exceeds {MAX_RECORD_CAPACITY}"),
-        });
-    }
+    check_record_capacity(&path.display().to_string(), capacity)?;
     let file = SharedFile::create(
         path,
         RingKind::Records,
@@ -665,12 +660,7 @@ pub fn anonymous_single(
     capacity: u64,
     abandon_timeout: Duration,
 ) -> Result<(SingleProducer, RecordConsumer), Error> {
-    if capacity > MAX_RECORD_CAPACITY {
-        return Err(Error::BadLayout {
-            path: crate::file::ANONYMOUS.into(),
-            what: format!("capacity {capacity} exceeds {MAX_RECORD_CAPACITY}"),
-        });
-    }
+    check_record_capacity(crate::file::ANONYMOUS, capacity)?;
     let file = Arc::new(SharedFile::anonymous(
         RingKind::Records,
         capacity,
@@ -680,17 +670,21 @@ pub fn anonymous_single(
     meta_word(&file, PRODUCERS_OFFSET).store(1, Ordering::Release);
     // The producer lock, as `SingleProducer::open` takes it: no other process can see it.
     meta_word(&file, PRODUCER_LOCK_OFFSET).store(u64::from(std::process::id()), Ordering::Release);
-    let producer = SingleProducer {
-        inner: Producer { mem: mapped(&file) },
-        file: file.clone(),
-        window: Window::NONE,
-    };
-    let consumer = RecordConsumer {
-        inner: Consumer::new(mapped(&file), abandon_timeout),
-        producers: Producers::Single,
-        _file: file,
-    };
-    Ok((producer, consumer))
+    Ok((
+        SingleProducer::on(file.clone()),
+        RecordConsumer::on(file, abandon_timeout),
+    ))
+}
+
+/// Refuses a data area larger than a record ring can index.
+fn check_record_capacity(name: &str, capacity: u64) -> Result<(), Error> {
+    if capacity > MAX_RECORD_CAPACITY {
+        return Err(Error::BadLayout {
+            path: name.into(),
+            what: format!("capacity {capacity} exceeds {MAX_RECORD_CAPACITY}"),
+        });
+    }
+    Ok(())
 }
 
 /// A producer of a record ring; many may exist at once, in any processes.
@@ -788,12 +782,16 @@ impl RecordConsumer {
     /// Maps the record ring at `path`. A claim not committed within `abandon_timeout` is
     /// treated as the work of a dead producer and skipped.
     pub fn open(path: &Path, abandon_timeout: Duration) -> Result<Self, Error> {
-        let file = Arc::new(open_checked(path)?);
-        Ok(Self {
+        Ok(Self::on(Arc::new(open_checked(path)?), abandon_timeout))
+    }
+
+    /// The consumer of the checked ring in `file`.
+    fn on(file: Arc<SharedFile>, abandon_timeout: Duration) -> Self {
+        Self {
             inner: Consumer::new(mapped(&file), abandon_timeout),
             producers: producers_of(&file),
             _file: file,
-        })
+        }
     }
 
     /// Hands up to `limit` records to `f(type_id, payload)` in place and releases them.
@@ -945,11 +943,16 @@ impl SingleProducer {
                 }
             }
         }
-        Ok(Self {
+        Ok(Self::on(Arc::new(file)))
+    }
+
+    /// The producer of the checked single-producer ring in `file`, whose lock it holds.
+    fn on(file: Arc<SharedFile>) -> Self {
+        Self {
             inner: Producer { mem: mapped(&file) },
-            file: Arc::new(file),
+            file,
             window: Window::NONE,
-        })
+        }
     }
 
     /// Largest payload one record can carry.
