@@ -116,10 +116,11 @@ assert out["msgs_per_sec"] > 0 and out["fifo"]["msgs_per_sec"] > 0, out
 print(f"bench order: total {out['msgs_per_sec']:.0f} msgs/s at every member, ratio_to_fifo {out['ratio_to_fifo']}")
 PY
 echo "== intergroup bench contract (raw-udp and udp on both backends over loopback, short runs; speed is not judged here)"
-out=$("$bin" bench raw-udp --subscribers 2 --size 1024 --duration 0.3 --json)
-python3 - "$out" <<'PY'
+core=$(python3 -c 'import os; print(min(os.sched_getaffinity(0)))')
+out=$("$bin" bench raw-udp --subscribers 2 --size 1024 --duration 0.3 --sender-core "$core" --json)
+python3 - "$out" "$core" <<'PY'
 import json, sys
-out = json.loads(sys.argv[1])
+out, core = json.loads(sys.argv[1]), int(sys.argv[2])
 need = ["msgs_per_sec", "mb_per_sec", "lost", "retransmissions", "p50", "p90", "p99", "p999", "max", "ceiling", "paths"]
 missing = [k for k in need if k not in out]
 assert not missing, f"bench raw-udp JSON lacks {missing}"
@@ -132,25 +133,39 @@ for p in out["paths"]:
     # The host's shares while the path ran: percentages (this host has /proc/stat).
     h = p["host_cpu"]
     assert 0 <= h["steal_pct"] <= 100 and 0 <= h["idle_pct"] <= 100, (p["path"], h)
+    assert p["sender_core"] == core, (p["path"], p["sender_core"])
 print(f"raw-udp: ceiling {out['ceiling']}, {out['msgs_per_sec']:.0f} datagrams/s per receiver")
 PY
+if "$bin" bench raw-udp --duration 0.1 --sender-core 100000 --json >/dev/null 2>/tmp/intergroup-core.err; then
+  echo "bench raw-udp accepted a core this process may not use" >&2; exit 1
+fi
+grep -q "core 100000 is not one this process may run on" /tmp/intergroup-core.err
 for backend in io-uring portable; do
   # The portable run also sets the loss-recovery timings (they reach the subscriber children):
-  # the slower ones of the engine before 2026-11-28.
+  # the slower ones of the engine before 2026-11-28, and pins nothing.
   recovery=()
   if [ "$backend" = portable ]; then
-    recovery=(--nak-backoff-us 250 --nak-retry-us 500 --retransmit-linger-us 300)
+    recovery=(--nak-backoff-us 250 --nak-retry-us 500 --retransmit-linger-us 300 --no-pin)
   fi
   out=$("$bin" bench udp --subscribers 2 --size 1024 --duration 1 --raw-duration 0.2 --loss 0.05 --backend "$backend" "${recovery[@]}" --json)
   python3 - "$backend" "$out" <<'PY'
-import json, sys
+import json, os, sys
 backend, out = sys.argv[1], json.loads(sys.argv[2])
 need = ["msgs_per_sec", "mb_per_sec", "lost", "retransmissions", "p50", "p90", "p99", "p999", "max", "ratio_to_raw",
-        "raw_msgs_per_sec", "raw_msgs_per_sec_before", "raw_msgs_per_sec_after"]
+        "raw_msgs_per_sec", "raw_msgs_per_sec_before", "raw_msgs_per_sec_after", "raw_msgs_per_sec_pinned",
+        "publisher_core"]
 missing = [k for k in need if k not in out]
 assert not missing, f"bench udp JSON lacks {missing}"
-# The ceiling is the higher of the best path's rate before and after the engine.
-assert out["raw_msgs_per_sec"] == max(out["raw_msgs_per_sec_before"], out["raw_msgs_per_sec_after"]) > 0, out
+# By default the publishing side is pinned to the first core this process may use, when it may
+# use two or more; --no-pin (the portable run) pins nothing.
+cores = sorted(os.sched_getaffinity(0))
+expected = cores[0] if backend == "io-uring" and len(cores) >= 2 else None
+assert out["publisher_core"] == expected, (out["publisher_core"], cores)
+# The ceiling is the highest of the best path's rate before and after the engine, and, with
+# the publisher pinned, of the same path with its sender pinned there.
+assert (out["raw_msgs_per_sec_pinned"] is None) == (expected is None), out
+rates = [out["raw_msgs_per_sec_before"], out["raw_msgs_per_sec_after"], out["raw_msgs_per_sec_pinned"] or 0]
+assert out["raw_msgs_per_sec"] == max(rates) > 0, out
 assert out["backend"] == backend, out["backend"]
 assert out["lost"] == 0 and out["complete"], f"bench udp lost messages: {out}"
 # The engine's default publication window, reported as run.

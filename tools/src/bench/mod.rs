@@ -93,6 +93,47 @@ pub fn run_child(args: ChildArgs) -> Result<ExitCode, String> {
     }
 }
 
+/// The core the publishing side of a throughput bench runs on by default: the first one this
+/// process may use, when it may use two or more (on one core there is nothing to place).
+pub fn default_publisher_core() -> Option<usize> {
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    (cores.len() >= 2).then(|| cores[0].id)
+}
+
+/// Checks that `core` is one this process may run on.
+pub fn check_core(core: Option<usize>) -> Result<Option<usize>, String> {
+    let Some(core) = core else { return Ok(None) };
+    let cores: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    if cores.contains(&core) {
+        Ok(Some(core))
+    } else {
+        Err(format!(
+            "core {core} is not one this process may run on (it may use {cores:?})"
+        ))
+    }
+}
+
+/// Runs `f` on a thread of its own pinned to `core`, or here when `core` is `None`: the
+/// pinning ends with `f`, and processes spawned before or after keep this thread's cores.
+pub fn on_core<T: Send>(core: Option<usize>, f: impl FnOnce() -> T + Send) -> Result<T, String> {
+    let Some(id) = core else { return Ok(f()) };
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            if core_affinity::set_for_current(core_affinity::CoreId { id }) {
+                Ok(f())
+            } else {
+                Err(format!("could not pin a thread to core {id}"))
+            }
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
 /// Nanoseconds of CLOCK_MONOTONIC: comparable between processes of this host.
 pub fn mono_ns() -> u64 {
     let mut ts = libc::timespec {

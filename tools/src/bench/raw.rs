@@ -89,6 +89,10 @@ pub struct RawArgs {
     /// Multicast port (default: one derived from the process id).
     #[arg(long)]
     port: Option<u16>,
+    /// Pin the sending thread to this core (the receivers stay where the scheduler puts
+    /// them), as `bench udp` places its publisher; by default nothing is pinned.
+    #[arg(long)]
+    sender_core: Option<usize>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -115,6 +119,8 @@ pub struct PathResult {
     pub receiver_cpu: Value,
     /// The host's steal and idle shares while the sender ran (see [`HostCpu::json`]).
     pub host_cpu: Value,
+    /// The core the sending thread was pinned to, if any.
+    pub sender_core: Option<usize>,
 }
 
 impl PathResult {
@@ -132,6 +138,7 @@ impl PathResult {
                 "receiver": self.receiver_cpu,
             },
             "host_cpu": self.host_cpu,
+            "sender_core": self.sender_core,
         });
         merge_objects(&mut v, percentiles(&self.latency));
         v
@@ -217,6 +224,7 @@ pub fn measure(
     seconds: f64,
     port: u16,
     json: bool,
+    sender_core: Option<usize>,
 ) -> Result<PathResult, String> {
     let mut children = Vec::with_capacity(k);
     for _ in 0..k {
@@ -233,16 +241,24 @@ pub fn measure(
     let to = group(port);
     let socket = sender_socket(to)?;
     let bar = progress(path.name(), seconds, json);
-    let host_start = HostCpu::now();
-    let cpu_start = ThreadCpu::now();
-    let start = Instant::now();
-    let sent = match path.backend() {
-        None => send_plain(&socket, to, size, seconds, &bar)?,
-        Some(kind) => send_batched(&socket, kind, path.offload(), to, size, seconds, &bar)?,
-    };
-    let elapsed = start.elapsed().as_secs_f64();
-    let sender_cpu = ThreadCpu::now().since(cpu_start);
-    let host_cpu = HostCpu::json(host_start, HostCpu::now());
+    // The receivers are spawned above, so a pinned sender does not pin them.
+    let (sent, elapsed, sender_cpu, host_cpu) = super::on_core(sender_core, || {
+        let host_start = HostCpu::now();
+        let cpu_start = ThreadCpu::now();
+        let start = Instant::now();
+        let sent = match path.backend() {
+            None => send_plain(&socket, to, size, seconds, &bar)?,
+            Some(kind) => send_batched(&socket, kind, path.offload(), to, size, seconds, &bar)?,
+        };
+        let elapsed = start.elapsed().as_secs_f64();
+        let sender_cpu = ThreadCpu::now().since(cpu_start);
+        Ok::<_, String>((
+            sent,
+            elapsed,
+            sender_cpu,
+            HostCpu::json(host_start, HostCpu::now()),
+        ))
+    })??;
     bar.finish_and_clear();
     std::thread::sleep(Duration::from_millis(200));
     let mut latency = histogram();
@@ -264,6 +280,7 @@ pub fn measure(
         sent,
         receiver_cpu: mean_per_message(&reports),
         host_cpu,
+        sender_core,
     })
 }
 
@@ -619,7 +636,16 @@ pub fn run(a: RawArgs) -> Result<ExitCode, String> {
     } else {
         a.paths.clone()
     };
-    let results = measure_all(&paths, a.size, a.subscribers, a.duration, port, a.json)?;
+    let sender_core = super::check_core(a.sender_core)?;
+    let results = measure_all(
+        &paths,
+        a.size,
+        a.subscribers,
+        a.duration,
+        port,
+        a.json,
+        sender_core,
+    )?;
     let best = best(&results).ok_or("no path measured")?;
     let mut report = best.to_json(a.size);
     merge_objects(
@@ -653,10 +679,11 @@ pub fn measure_all(
     seconds: f64,
     port: u16,
     json: bool,
+    sender_core: Option<usize>,
 ) -> Result<Vec<PathResult>, String> {
     paths
         .iter()
-        .map(|&p| measure(p, size, k, seconds, port, json))
+        .map(|&p| measure(p, size, k, seconds, port, json, sender_core))
         .collect()
 }
 

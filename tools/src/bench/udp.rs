@@ -84,6 +84,16 @@ pub struct UdpArgs {
     /// Multicast port (default: one derived from the process id).
     #[arg(long)]
     port: Option<u16>,
+    /// The core of the publishing side: the thread that offers and its engine's worker share
+    /// it, so the hand-off through the publication ring stays in one core's caches and a
+    /// publisher waiting for room yields to its own worker. Default: the first core this
+    /// process may use, when it may use two or more. The subscribers are not pinned. The
+    /// ceiling then also includes the best raw path with its sender pinned to the same core.
+    #[arg(long)]
+    publisher_core: Option<usize>,
+    /// Pin nothing: every thread goes where the scheduler puts it.
+    #[arg(long, conflicts_with = "publisher_core")]
+    no_pin: bool,
     #[command(flatten)]
     recovery: Recovery,
     /// Seal every datagram (AES-256-GCM, the Secure Group Layer's data plane) under a fresh
@@ -100,6 +110,14 @@ pub struct UdpArgs {
 }
 
 impl UdpArgs {
+    /// The core the publishing side runs on, if any (see `--publisher-core`).
+    fn publisher_core(&self) -> Result<Option<usize>, String> {
+        if self.no_pin {
+            return Ok(None);
+        }
+        super::check_core(self.publisher_core.or_else(super::default_publisher_core))
+    }
+
     fn tuning(&self) -> Tuning {
         Tuning {
             mtu: self.mtu,
@@ -491,6 +509,7 @@ struct EngineRun {
 fn throughput(a: &UdpArgs, port: u16) -> Result<ExitCode, String> {
     // The raw paths' port, apart from the engines' (`port`, and `port + 4` for `--secure`).
     let raw_port = port + 8;
+    let core = a.publisher_core()?;
     let raw_results = raw::measure_all(
         &RawPath::ALL,
         a.size,
@@ -498,6 +517,7 @@ fn throughput(a: &UdpArgs, port: u16) -> Result<ExitCode, String> {
         a.raw_duration,
         raw_port,
         a.json,
+        None,
     )?;
     let best = raw::best(&raw_results).ok_or("no raw path measured")?;
     let ratio = |x: f64, of: f64| {
@@ -508,8 +528,8 @@ fn throughput(a: &UdpArgs, port: u16) -> Result<ExitCode, String> {
         }
     };
 
-    let plain = engine_run(a, port, a.tuning(), "engine")?;
-    let ceiling = Ceiling::after_engine(a, best, raw_port)?;
+    let plain = engine_run(a, port, a.tuning(), "engine", core)?;
+    let ceiling = Ceiling::after_engine(a, best, raw_port, core)?;
     let raw_bytes_per_sec = ceiling.per_sec() * a.size as f64;
     let (mut report, ok) = if a.secure {
         let aead = aead_rate(a.size, a.aead_duration);
@@ -519,7 +539,7 @@ fn throughput(a: &UdpArgs, port: u16) -> Result<ExitCode, String> {
             ..a.tuning()
         };
         // A port of its own, so nothing of the plaintext run is heard.
-        let secure = engine_run(a, port + 4, tuning, "secure engine")?;
+        let secure = engine_run(a, port + 4, tuning, "secure engine", core)?;
         let mut report = secure.report;
         merge_objects(
             &mut report,
@@ -552,6 +572,8 @@ fn throughput(a: &UdpArgs, port: u16) -> Result<ExitCode, String> {
             "raw_msgs_per_sec": ceiling.per_sec().round(),
             "raw_msgs_per_sec_before": ceiling.before.round(),
             "raw_msgs_per_sec_after": ceiling.after.round(),
+            "raw_msgs_per_sec_pinned": ceiling.pinned.map(f64::round),
+            "publisher_core": core,
             "raw_host_cpu_before": best.host_cpu,
             "raw_host_cpu_after": ceiling.after_host_cpu,
             "raw_mb_per_sec": (raw_bytes_per_sec / 1e6 * 10.0).round() / 10.0,
@@ -569,27 +591,53 @@ fn throughput(a: &UdpArgs, port: u16) -> Result<ExitCode, String> {
 /// The best raw path's rate per receiver, measured before the engine runs (with every other
 /// path) and once more right after it: this host's speed swings within minutes, and a raw
 /// phase caught in a slow spell alone would make a low ceiling and a ratio too good (seen: a
-/// `ratio_to_raw` above 1). The ceiling is the higher of the two.
+/// `ratio_to_raw` above 1). When the publisher was pinned, the best path runs a third time
+/// with its sender pinned to the same core, so the engine's placement is never one the
+/// ceiling did not get. The ceiling is the highest of them.
 struct Ceiling {
     before: f64,
     after: f64,
     /// The host's steal and idle shares while the best path ran again.
     after_host_cpu: Value,
+    /// The best path with its sender on the publisher's core.
+    pinned: Option<f64>,
 }
 
 impl Ceiling {
-    /// Measures `best` again on `raw_port`, the port of the first raw phase.
-    fn after_engine(a: &UdpArgs, best: &raw::PathResult, raw_port: u16) -> Result<Self, String> {
-        let again = raw::measure(best.path, a.size, a.subscribers, a.raw_duration, raw_port, a.json)?;
+    /// Measures `best` again on `raw_port`, the port of the first raw phase, unpinned and, with
+    /// `core`, pinned there.
+    fn after_engine(
+        a: &UdpArgs,
+        best: &raw::PathResult,
+        raw_port: u16,
+        core: Option<usize>,
+    ) -> Result<Self, String> {
+        let measure = |core| {
+            raw::measure(
+                best.path,
+                a.size,
+                a.subscribers,
+                a.raw_duration,
+                raw_port,
+                a.json,
+                core,
+            )
+        };
+        let again = measure(None)?;
+        let pinned = match core {
+            Some(c) => Some(measure(Some(c))?.received_per_sec),
+            None => None,
+        };
         Ok(Self {
             before: best.received_per_sec,
             after: again.received_per_sec,
             after_host_cpu: again.host_cpu,
+            pinned,
         })
     }
 
     fn per_sec(&self) -> f64 {
-        self.before.max(self.after)
+        self.before.max(self.after).max(self.pinned.unwrap_or(0.0))
     }
 }
 
@@ -634,7 +682,15 @@ fn shield_json(s: &ShieldStats) -> Value {
     })
 }
 
-fn engine_run(a: &UdpArgs, port: u16, tuning: Tuning, label: &str) -> Result<EngineRun, String> {
+/// One publisher engine -> `a.subscribers` subscriber engines. With `core`, the publishing
+/// thread and the publisher's worker run on it (the subscribers, started first, do not).
+fn engine_run(
+    a: &UdpArgs,
+    port: u16,
+    tuning: Tuning,
+    label: &str,
+    core: Option<usize>,
+) -> Result<EngineRun, String> {
     let mut subs = Vec::new();
     for i in 0..a.subscribers {
         let id = i as u32 + 2;
@@ -680,114 +736,129 @@ fn engine_run(a: &UdpArgs, port: u16, tuning: Tuning, label: &str) -> Result<Eng
             )?))
         });
     }
-    let engine = Engine::launch(EngineConfig {
-        invoker: a.invoker,
-        publication_ring_bytes: a.ring_bytes,
-        publication_window_bytes: a.publication_window,
-        ..engine_config(a.backend, a.busy_poll)
-    })
-    .map_err(|e| e.to_string())?;
-    engine
-        .join(group_config(1, port, tuning, 0.0, a.seed))
-        .map_err(|e| e.to_string())?;
-    let mut publication = engine
-        .publication(GROUP, DATA_STREAM)
-        .map_err(|e| e.to_string())?;
-    // Every subscriber reports before the clock starts: flow control protects only receivers
-    // the publisher has heard from, and one slow to start must not miss the first messages.
-    if !engine
-        .wait_receivers(GROUP, a.subscribers, Duration::from_secs(30))
-        .map_err(|e| e.to_string())?
-    {
-        return Err(format!(
-            "{label}: the {} subscribers did not report within 30 s",
-            a.subscribers
-        ));
-    }
-    let worker_cpu_start = engine.stats(GROUP).map_err(|e| e.to_string())?.worker_cpu;
-    let bar = progress(label, a.duration, a.json);
-    let host_start = HostCpu::now();
-    let app_cpu_start = ThreadCpu::now();
-    let start = Instant::now();
-    let mut seq = 0u64;
-    let mut spins = 0u32;
-    while start.elapsed().as_secs_f64() < a.duration {
-        // Bursts of 64 offers signal the worker once (see `Burst`), as a raw sender's batch
-        // of datagrams is one system call.
-        let mut burst = publication.burst();
-        for _ in 0..64 {
-            match burst.try_claim(a.size) {
-                Ok(mut claim) => {
-                    super::stamp(claim.buf(), seq);
-                    claim.commit();
-                    seq += 1;
-                    spins = 0;
-                }
-                Err(OfferError::BackPressured) if a.invoker => {
-                    // Full: this thread is the engine; run it until there is room.
-                    if !engine.invoke() {
-                        engine.idle(Duration::from_millis(1));
-                    }
-                }
-                Err(OfferError::BackPressured) => {
-                    // The engine is the bottleneck: wait for the worker as Aeron's throughput
-                    // tests do, spinning, then yielding the core to any thread with work. A
-                    // sleep would have to outlast the publication window's worth of sending
-                    // to keep the worker fed, and leaves a vCPU idle, which the host then
-                    // gives away (docs/performance.md, twenty-fourth set).
-                    spins += 1;
-                    if spins > 16 {
-                        std::thread::yield_now();
-                    } else {
-                        std::hint::spin_loop();
-                    }
-                }
-                Err(e) => return Err(e.to_string()),
+    // On the publisher's core, with `core`: the engine pins its worker there, `on_core` this
+    // thread, and an invoker engine is made and run by the thread that pins it.
+    let (published, app_cpu, host_cpu, worker_cpu_start, acknowledged, reports, stats) =
+        super::on_core(core, move || -> Result<_, String> {
+            let engine = Engine::launch(EngineConfig {
+                invoker: a.invoker,
+                publication_ring_bytes: a.ring_bytes,
+                publication_window_bytes: a.publication_window,
+                cores: core.into_iter().collect(),
+                ..engine_config(a.backend, a.busy_poll)
+            })
+            .map_err(|e| e.to_string())?;
+            engine
+                .join(group_config(1, port, tuning, 0.0, a.seed))
+                .map_err(|e| e.to_string())?;
+            let mut publication = engine
+                .publication(GROUP, DATA_STREAM)
+                .map_err(|e| e.to_string())?;
+            // Every subscriber reports before the clock starts: flow control protects only receivers
+            // the publisher has heard from, and one slow to start must not miss the first messages.
+            if !engine
+                .wait_receivers(GROUP, a.subscribers, Duration::from_secs(30))
+                .map_err(|e| e.to_string())?
+            {
+                return Err(format!(
+                    "{label}: the {} subscribers did not report within 30 s",
+                    a.subscribers
+                ));
             }
-        }
-        drop(burst);
-        engine.invoke();
-        tick(&bar, start);
-    }
-    let published = seq;
-    let app_cpu = ThreadCpu::now().since(app_cpu_start);
-    let host_cpu = HostCpu::json(host_start, HostCpu::now());
-    let mut end = vec![0u8; MIN_SIZE];
-    end[..8].copy_from_slice(&END.to_le_bytes());
-    end[8..16].copy_from_slice(&published.to_le_bytes());
-    loop {
-        match publication.offer(&end) {
-            Ok(()) => break,
-            Err(OfferError::BackPressured) => {
+            let worker_cpu_start = engine.stats(GROUP).map_err(|e| e.to_string())?.worker_cpu;
+            let bar = progress(label, a.duration, a.json);
+            let host_start = HostCpu::now();
+            let app_cpu_start = ThreadCpu::now();
+            let start = Instant::now();
+            let mut seq = 0u64;
+            let mut spins = 0u32;
+            while start.elapsed().as_secs_f64() < a.duration {
+                // Bursts of 64 offers signal the worker once (see `Burst`), as a raw sender's batch
+                // of datagrams is one system call.
+                let mut burst = publication.burst();
+                for _ in 0..64 {
+                    match burst.try_claim(a.size) {
+                        Ok(mut claim) => {
+                            super::stamp(claim.buf(), seq);
+                            claim.commit();
+                            seq += 1;
+                            spins = 0;
+                        }
+                        Err(OfferError::BackPressured) if a.invoker => {
+                            // Full: this thread is the engine; run it until there is room.
+                            if !engine.invoke() {
+                                engine.idle(Duration::from_millis(1));
+                            }
+                        }
+                        Err(OfferError::BackPressured) => {
+                            // The engine is the bottleneck: wait for the worker as Aeron's throughput
+                            // tests do, spinning, then yielding the core to any thread with work. A
+                            // sleep would have to outlast the publication window's worth of sending
+                            // to keep the worker fed, and leaves a vCPU idle, which the host then
+                            // gives away (docs/performance.md, twenty-fourth set).
+                            spins += 1;
+                            if spins > 16 {
+                                std::thread::yield_now();
+                            } else {
+                                std::hint::spin_loop();
+                            }
+                        }
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+                drop(burst);
                 engine.invoke();
-                std::thread::yield_now();
+                tick(&bar, start);
             }
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-    bar.finish_and_clear();
-    let acknowledged = engine
-        .wait_acknowledged(GROUP, a.subscribers, Duration::from_secs(60))
-        .map_err(|e| e.to_string())?;
-    let never = AtomicBool::new(false);
-    let mut reports = Vec::new();
-    for s in subs {
-        reports.push(match s {
-            // The child prints its report once the end arrived (closing stdin then lets it
-            // exit); when the run did not complete, closing stdin makes it report what it has.
-            Sub::Process(mut c) if acknowledged => {
-                let line = c.line()?;
-                drop(c);
-                serde_json::from_str::<Value>(&line)
-                    .map_err(|e| format!("subscriber report {line:?}: {e}"))?
+            let published = seq;
+            let app_cpu = ThreadCpu::now().since(app_cpu_start);
+            let host_cpu = HostCpu::json(host_start, HostCpu::now());
+            let mut end = vec![0u8; MIN_SIZE];
+            end[..8].copy_from_slice(&END.to_le_bytes());
+            end[8..16].copy_from_slice(&published.to_le_bytes());
+            loop {
+                match publication.offer(&end) {
+                    Ok(()) => break,
+                    Err(OfferError::BackPressured) => {
+                        engine.invoke();
+                        std::thread::yield_now();
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
             }
-            Sub::Process(c) => c.finish()?,
-            Sub::Local(s) => s.wait_report(&never, Duration::from_secs(10)),
-        });
-    }
-    let stats = engine.stats(GROUP).map_err(|e| e.to_string())?;
-    drop(publication);
-    engine.close();
+            bar.finish_and_clear();
+            let acknowledged = engine
+                .wait_acknowledged(GROUP, a.subscribers, Duration::from_secs(60))
+                .map_err(|e| e.to_string())?;
+            let never = AtomicBool::new(false);
+            let mut reports = Vec::new();
+            for s in subs {
+                reports.push(match s {
+                    // The child prints its report once the end arrived (closing stdin then lets it
+                    // exit); when the run did not complete, closing stdin makes it report what it has.
+                    Sub::Process(mut c) if acknowledged => {
+                        let line = c.line()?;
+                        drop(c);
+                        serde_json::from_str::<Value>(&line)
+                            .map_err(|e| format!("subscriber report {line:?}: {e}"))?
+                    }
+                    Sub::Process(c) => c.finish()?,
+                    Sub::Local(s) => s.wait_report(&never, Duration::from_secs(10)),
+                });
+            }
+            let stats = engine.stats(GROUP).map_err(|e| e.to_string())?;
+            drop(publication);
+            engine.close();
+            Ok((
+                published,
+                app_cpu,
+                host_cpu,
+                worker_cpu_start,
+                acknowledged,
+                reports,
+                stats,
+            ))
+        })??;
 
     let mut latency = histogram();
     let mut rates = Vec::new();
@@ -907,11 +978,23 @@ fn print_udp_table(r: &Value) {
         r["raw_msgs_per_sec"].to_string(),
         r["raw_mb_per_sec"].to_string()
     );
-    println!(
-        "  (the higher of {} before and {} after the engine)",
-        r["raw_msgs_per_sec_before"], r["raw_msgs_per_sec_after"]
-    );
+    match r["publisher_core"].as_u64() {
+        Some(core) => println!(
+            "  (the highest of {} before and {} after the engine, and {} with its sender on core {core})",
+            r["raw_msgs_per_sec_before"], r["raw_msgs_per_sec_after"], r["raw_msgs_per_sec_pinned"]
+        ),
+        None => println!(
+            "  (the higher of {} before and {} after the engine)",
+            r["raw_msgs_per_sec_before"], r["raw_msgs_per_sec_after"]
+        ),
+    }
     println!("ratio to raw: {}", r["ratio_to_raw"]);
+    match r["publisher_core"].as_u64() {
+        Some(core) => {
+            println!("publishing thread and its worker pinned to core {core}; subscribers unpinned")
+        }
+        None => println!("nothing pinned"),
+    }
     let steal = |v: &Value| v["steal_pct"].as_f64().map_or("-".into(), |s| format!("{s}%"));
     println!(
         "host CPU stolen by the hypervisor: raw before {}, engine {}, raw after {}",
