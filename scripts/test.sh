@@ -177,7 +177,7 @@ for who in ("publisher_app", "publisher_worker", "subscriber"):
 # The worker and each subscriber do the protocol's work: neither can be free.
 assert cpu["publisher_worker"]["user"] + cpu["publisher_worker"]["system"] > 0, cpu
 assert all(p["cpu_ns_per_msg"]["user"] + p["cpu_ns_per_msg"]["system"] > 0 for p in out["per_subscriber"]), out["per_subscriber"]
-for phase in ("host_cpu", "raw_host_cpu_before", "raw_host_cpu_after"):
+for phase in ["host_cpu", "raw_host_cpu_before", "raw_host_cpu_after"] + (["raw_host_cpu_pinned"] if expected is not None else []):
     h = out[phase]
     assert 0 <= h["steal_pct"] <= 100 and 0 <= h["idle_pct"] <= 100, (phase, h)
 print(f"udp {backend}: lost 0, {out['msgs_per_sec']:.0f} msgs/s, ratio_to_raw {out['ratio_to_raw']}")

@@ -89,6 +89,7 @@ pub struct UdpArgs {
     /// publisher waiting for room yields to its own worker. Default: the first core this
     /// process may use, when it may use two or more. The subscribers are not pinned. The
     /// ceiling then also includes the best raw path with its sender pinned to the same core.
+    /// Throughput runs only: `--pingpong` pins nothing.
     #[arg(long)]
     publisher_core: Option<usize>,
     /// Pin nothing: every thread goes where the scheduler puts it.
@@ -572,7 +573,8 @@ fn throughput(a: &UdpArgs, port: u16) -> Result<ExitCode, String> {
             "raw_msgs_per_sec": ceiling.per_sec().round(),
             "raw_msgs_per_sec_before": ceiling.before.round(),
             "raw_msgs_per_sec_after": ceiling.after.round(),
-            "raw_msgs_per_sec_pinned": ceiling.pinned.map(f64::round),
+            "raw_msgs_per_sec_pinned": ceiling.pinned.as_ref().map(|p| p.0.round()),
+            "raw_host_cpu_pinned": ceiling.pinned.as_ref().map(|p| &p.1),
             "publisher_core": core,
             "raw_host_cpu_before": best.host_cpu,
             "raw_host_cpu_after": ceiling.after_host_cpu,
@@ -599,8 +601,8 @@ struct Ceiling {
     after: f64,
     /// The host's steal and idle shares while the best path ran again.
     after_host_cpu: Value,
-    /// The best path with its sender on the publisher's core.
-    pinned: Option<f64>,
+    /// The best path with its sender on the publisher's core, and the host's shares then.
+    pinned: Option<(f64, Value)>,
 }
 
 impl Ceiling {
@@ -625,7 +627,10 @@ impl Ceiling {
         };
         let again = measure(None)?;
         let pinned = match core {
-            Some(c) => Some(measure(Some(c))?.received_per_sec),
+            Some(c) => {
+                let r = measure(Some(c))?;
+                Some((r.received_per_sec, r.host_cpu))
+            }
             None => None,
         };
         Ok(Self {
@@ -637,7 +642,8 @@ impl Ceiling {
     }
 
     fn per_sec(&self) -> f64 {
-        self.before.max(self.after).max(self.pinned.unwrap_or(0.0))
+        let pinned = self.pinned.as_ref().map_or(0.0, |p| p.0);
+        self.before.max(self.after).max(pinned)
     }
 }
 
