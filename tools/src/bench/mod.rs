@@ -93,21 +93,26 @@ pub fn run_child(args: ChildArgs) -> Result<ExitCode, String> {
     }
 }
 
+/// The cores this process may run on.
+fn usable_cores() -> Vec<usize> {
+    core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect()
+}
+
 /// The core the publishing side of a throughput bench runs on by default: the first one this
 /// process may use, when it may use two or more (on one core there is nothing to place).
 pub fn default_publisher_core() -> Option<usize> {
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
-    (cores.len() >= 2).then(|| cores[0].id)
+    let cores = usable_cores();
+    (cores.len() >= 2).then(|| cores[0])
 }
 
 /// Checks that `core` is one this process may run on.
 pub fn check_core(core: Option<usize>) -> Result<Option<usize>, String> {
     let Some(core) = core else { return Ok(None) };
-    let cores: Vec<usize> = core_affinity::get_core_ids()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|c| c.id)
-        .collect();
+    let cores = usable_cores();
     if cores.contains(&core) {
         Ok(Some(core))
     } else {
